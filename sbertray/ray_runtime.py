@@ -1,0 +1,45 @@
+"""Connecting to Ray the same way in every job: the cluster named by ``--address`` or
+``$RAY_ADDRESS`` (set by ``ray job submit``), else a local Ray on this machine."""
+
+from __future__ import annotations
+
+import os
+
+# Caps a local Ray's CPUs (tests, laptops shared with other work); unset: all cores.
+NUM_CPUS_ENV = "SBERTRAY_RAY_NUM_CPUS"
+
+
+# Ray's "single machine" switch (named for macOS/Windows laptops): a local Ray then binds and
+# talks over 127.0.0.1 instead of the machine's network address. Read when `ray` is imported.
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def prefer_loopback(address: str | None = None) -> None:
+    """Keeps a local Ray on loopback; call before `ray` is imported. No effect when joining a
+    cluster (``address``/``$RAY_ADDRESS``), which needs the node's real address."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(_LOCAL_ONLY_ENV, "0")
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    num_cpus = os.environ.get(NUM_CPUS_ENV)
+    ray.init(
+        num_cpus=int(num_cpus) if num_cpus else None,
+        include_dashboard=False,
+        # Workers must never reach for the Hugging Face hub mid-job; models are resolved
+        # (and downloaded from object storage if needed) by sbertray itself.
+        runtime_env={
+            "env_vars": {
+                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        },
+    )

@@ -1,0 +1,221 @@
+"""One place that turns a URL (local path, ``file://``, ``s3://``, ``gs://``, any fsspec URL) into a
+pyarrow filesystem, and the few file operations training and embedding need on top of it.
+
+S3 endpoints come from ``storage.endpoint_url`` in a config or from ``AWS_ENDPOINT_URL``;
+credentials come from the usual AWS environment/credential chain and are never logged or
+written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from sbertray.config import StorageConfig
+
+# Fail fast when an endpoint is down instead of pyarrow's multi-minute defaults; the retry
+# strategy still rides out short outages and throttling (SlowDown / 503) with backoff.
+_S3_CONNECT_TIMEOUT_S = 5.0
+_S3_REQUEST_TIMEOUT_S = 60.0
+_S3_MAX_ATTEMPTS = 5
+
+_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class StorageError(OSError):
+    """An object-storage or filesystem operation failed; the message names the URL."""
+
+
+def is_url(path: str) -> bool:
+    return bool(_SCHEME_RE.match(str(path)))
+
+
+def is_local(path: str) -> bool:
+    return not is_url(path) or str(path).startswith("file://")
+
+
+def redact(url: str) -> str:
+    """Drops any ``user:secret@`` part so URLs can be logged and written to manifests."""
+    return re.sub(r"(://)[^/@]+@", r"\1", str(url))
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url).rstrip("/")
+    return "/".join([url, *(p.strip("/") for p in parts if p)])
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus the path inside it that a URL points at."""
+
+    fs: pafs.FileSystem
+    path: str
+    url: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, *parts: str) -> Location:
+        return Location(self.fs, join(self.path, *parts), join(self.url, *parts))
+
+
+def endpoint_url(storage: StorageConfig | None) -> str | None:
+    if storage is not None and storage.endpoint_url:
+        return storage.endpoint_url
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "connect_timeout": _S3_CONNECT_TIMEOUT_S,
+        "request_timeout": _S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
+        "region": (storage.region if storage and storage.region else None)
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+    }
+    endpoint = endpoint_url(storage)
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    if storage is not None and storage.anonymous:
+        kwargs["anonymous"] = True
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(url: str | os.PathLike, storage: StorageConfig | None = None) -> Location:
+    """Returns the filesystem and in-filesystem path for ``url``."""
+    url = str(url)
+    if not is_url(url) or url.startswith("file://"):
+        local = url[len("file://") :] if url.startswith("file://") else url
+        return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local)), url)
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("s3", "s3a"):
+        return Location(_s3_filesystem(storage), url.split("://", 1)[1].rstrip("/"), url)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return Location(pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/"), url)
+
+
+def _wrap(action: str, loc: Location, exc: Exception) -> StorageError:
+    return StorageError(f"could not {action} {redact(loc.url)}: {exc}")
+
+
+def exists(loc: Location) -> bool:
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise _wrap("check", loc, exc) from exc
+
+
+def list_files(loc: Location) -> list[pafs.FileInfo]:
+    """All files below ``loc`` (recursive), sorted by path; hidden/underscore files skipped."""
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    except OSError as exc:
+        raise _wrap("list", loc, exc) from exc
+    files = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(loc.path) :].lstrip("/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        files.append(info)
+    return sorted(files, key=lambda i: i.path)
+
+
+def read_bytes(loc: Location) -> bytes:
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except OSError as exc:
+        raise _wrap("read", loc, exc) from exc
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Writes ``data`` so that readers see the old object or the whole new one, never a part.
+
+    S3 PUTs are atomic per object already; on local/POSIX filesystems we write a sibling temp
+    file and rename it over the target.
+    """
+    try:
+        parent = loc.path.rsplit("/", 1)[0]
+        loc.fs.create_dir(parent, recursive=True)
+        if loc.is_local:
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+            with loc.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        else:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+    except OSError as exc:
+        raise _wrap("write", loc, exc) from exc
+
+
+def delete(loc: Location, *, missing_ok: bool = True) -> None:
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.Directory:
+            loc.fs.delete_dir(loc.path)
+        elif info.type == pafs.FileType.File:
+            loc.fs.delete_file(loc.path)
+        elif not missing_ok:
+            raise FileNotFoundError(loc.path)
+    except OSError as exc:
+        raise _wrap("delete", loc, exc) from exc
+
+
+def move(src: Location, dst: Location) -> None:
+    """Commits ``src`` as ``dst``. Local: an atomic rename. S3: copy then delete (a single
+    object becomes visible at ``dst`` only when the copy completes)."""
+    try:
+        dst.fs.create_dir(dst.path.rsplit("/", 1)[0], recursive=True)
+        src.fs.move(src.path, dst.path)
+    except OSError as exc:
+        raise _wrap(f"commit {redact(src.url)} as", dst, exc) from exc
+
+
+def upload_dir(local_dir: str | Path, dst: Location) -> None:
+    """Copies a local directory tree to ``dst`` (replacing files with the same names)."""
+    if dst.is_local:
+        shutil.copytree(local_dir, dst.path, dirs_exist_ok=True)
+        return
+    try:
+        dst.fs.create_dir(dst.path, recursive=True)
+        pafs.copy_files(
+            str(local_dir),
+            dst.path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=dst.fs,
+        )
+    except OSError as exc:
+        raise _wrap("upload to", dst, exc) from exc
+
+
+def download_dir(src: Location, local_dir: str | Path) -> Path:
+    """Copies the tree under ``src`` into ``local_dir`` and returns it."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(
+            src.path,
+            str(local_dir),
+            source_filesystem=src.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+    except OSError as exc:
+        raise _wrap("download", src, exc) from exc
+    return local_dir

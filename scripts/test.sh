@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command (README and CI): set up, then run the whole suite on a 2-CPU local Ray with
+# a real S3 server (SeaweedFS) that the fixtures start and stop. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Keep local Ray on 127.0.0.1 (read when ray is imported).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+unset RAY_ADDRESS
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing on purpose" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,85 @@
+"""Shared fixtures: a 2-CPU local Ray, a real S3 server (SeaweedFS on loopback), the bundled
+model, and paths to the shared STS-B data."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STSB_DIR = REPO.parent / "shared" / "data" / "stsb"
+
+# Tests never reach for the Hugging Face hub: the default model is bundled.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Keep every local Ray (this process's and the CLI subprocesses') on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def stsb_dir() -> Path:
+    if not (STSB_DIR / "train.tsv").exists():
+        pytest.fail(f"STS-B data not found at {STSB_DIR} (expected ../shared/data/stsb)")
+    return STSB_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_2cpu(s3_server):
+    """One local Ray for the session with exactly 2 CPUs, like this machine and CI. Started
+    after the S3 server so its workers inherit the endpoint and credentials, as cluster nodes
+    get them from their environment."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (SeaweedFS) on free loopback ports; credentials exported to the env
+    so pyarrow, s3fs and Ray workers find them like they would on a cluster."""
+    from sbertray.local_s3 import LocalS3
+
+    server = LocalS3().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    server.create_bucket("sbertray-test")
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server) -> str:
+    """A fresh s3:// prefix per test in the session bucket."""
+    return f"s3://sbertray-test/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    from sbertray.modeling import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def base_model(bundled_model_path):
+    """The real all-MiniLM-L6-v2, loaded once per session (fp32, CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(bundled_model_path, device="cpu")

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from sbertray.config import ConfigError, TrainConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "jobs" / "configs"
+
+# (recipe, global batch, epochs, max_seq_length, Normalize) exactly as the seed cards state.
+SEED_RECIPES = [
+    ("courses.yaml", 32, 3, 256, True),  # seed 000
+    ("stsb.yaml", 16, 16, 256, True),  # seed 001
+    ("concepts.yaml", 10, 5, 256, True),  # seed 002
+    ("web_sections.yaml", 16, 5, 512, False),  # seed 003
+    ("resume_roles.yaml", 8, 3, 256, True),  # seed 004
+]
+
+
+@pytest.mark.parametrize("recipe,batch,epochs,max_seq,normalize", SEED_RECIPES)
+def test_seed_recipes_reproduce_card_hyperparameters(recipe, batch, epochs, max_seq, normalize):
+    config = load_config(TrainConfig, RECIPES / recipe)
+    t = config.training
+    assert (t.batch_size, t.epochs, t.max_seq_length, t.normalize) == (
+        batch,
+        epochs,
+        max_seq,
+        normalize,
+    )
+    assert (t.learning_rate, t.lr_scheduler, t.seed, t.max_grad_norm) == (5e-5, "linear", 42, 1.0)
+    assert (t.warmup_ratio, t.warmup_steps, t.weight_decay) == (0.0, 0, 0.0)
+    assert config.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _minimal(**extra) -> dict:
+    return {"name": "x", "train": {"path": "a.csv"}, "output": {"model": "out"}, **extra}
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(
+        ConfigError, match=r"unknown key `training.epoch` \(did you mean `epochs`\?\)"
+    ):
+        parse_config(TrainConfig, _minimal(training={"epoch": 3}))
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match="missing required key `output`"):
+        parse_config(TrainConfig, {"name": "x", "train": {"path": "a.csv"}})
+
+
+def test_batch_size_must_divide_across_workers():
+    with pytest.raises(
+        ConfigError,
+        match=r"`training.batch_size` \(10\) must be divisible by `scaling.num_workers` \(4\)",
+    ):
+        parse_config(TrainConfig, _minimal(training={"batch_size": 10}, scaling={"num_workers": 4}))
+
+
+def test_half_precision_needs_gpu():
+    with pytest.raises(ConfigError, match="needs `scaling.use_gpu: true`"):
+        parse_config(TrainConfig, _minimal(training={"precision": "bf16"}))
+    cfg = parse_config(
+        TrainConfig, _minimal(training={"precision": "bf16"}, scaling={"use_gpu": True})
+    )
+    assert cfg.training.precision == "bf16"
+
+
+def test_bad_literal_shows_value():
+    with pytest.raises(ConfigError, match=r"`train.on_bad_row`.*got 'ignore'"):
+        parse_config(TrainConfig, _minimal(train={"path": "a.csv", "on_bad_row": "ignore"}))
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntrain: {path: a.csv}\noutput: {model: out}\n")
+    cfg = load_config(
+        TrainConfig, path, ["training.epochs=2", "scaling.num_workers=2", "train.limit=100"]
+    )
+    assert cfg.training.epochs == 2 and cfg.scaling.num_workers == 2 and cfg.train.limit == 100
+    with pytest.raises(ConfigError, match="must look like `key.path=value`"):
+        load_config(TrainConfig, path, ["training.epochs"])
+
+
+def test_env_references(tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: x\ntrain: {path: '${DATA_ROOT}/a.csv'}\noutput: {model: out}\n"
+        "storage: {endpoint_url: '${S3_ENDPOINT:-http://127.0.0.1:9000}'}\n"
+    )
+    monkeypatch.setenv("DATA_ROOT", "s3://bucket")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.train.path == "s3://bucket/a.csv"
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    monkeypatch.delenv("DATA_ROOT")
+    with pytest.raises(ConfigError, match=r"`train.path` references \$\{DATA_ROOT\}"):
+        load_config(TrainConfig, path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config(TrainConfig, "nope.yaml")
