@@ -239,3 +239,79 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return parse_config(model, apply_overrides(data, overrides or []), source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding job
+
+
+class EmbedInputConfig(_Strict):
+    """Parquet shards to embed.
+
+    | column          | type                          |
+    |-----------------|-------------------------------|
+    | id_column       | any scalar, unique per row    |
+    | text_column     | string (binary: decoded UTF-8)|
+    | pair_column     | string, in pair mode          |
+    | passthrough     | copied unchanged              |
+    """
+
+    path: str | list[str]  # directory (hive partitions kept), glob, file, or list; local/s3://
+    text_column: str = "text"
+    pair_column: str | None = None  # pair mode: also embed this column and score cosine
+    # None: a stable generated id, "<file relative path>#<row number>".
+    id_column: str | None = "id"
+    passthrough: list[str] = Field(default_factory=list)
+
+
+class EmbedOutputConfig(_Strict):
+    path: str  # output prefix; local or s3://
+    rows_per_file: int = Field(100_000, gt=0)  # input row groups are grouped into files this big
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class ReferenceConfig(_Strict):
+    """A reference set embedded once per run; each input row gets its top-k most similar."""
+
+    path: str | list[str]
+    id_column: str = "id"
+    text_column: str = "text"
+    top_k: int = Field(5, gt=0)
+
+
+class BadInputConfig(_Strict):
+    on_null_text: Literal["fail", "skip", "empty"] = "fail"  # null or non-string text
+    on_invalid_utf8: Literal["fail", "replace"] = "fail"
+    on_bad_file: Literal["fail", "skip"] = "fail"  # unreadable / corrupt Parquet
+
+
+class ComputeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
+    # auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Padded tokens per forward pass; texts are sorted by length inside each block first, so
+    # short texts go many to a batch and long ones few.
+    token_budget: int = Field(16_384, gt=0)
+    max_batch_rows: int = Field(512, gt=0)
+    num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
+    cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
+    max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
+
+
+class EmbedConfig(_Strict):
+    name: str = "embed"
+    model: str = DEFAULT_BASE_MODEL  # training output, local path, s3:// path, or hub id
+    input: EmbedInputConfig
+    output: EmbedOutputConfig
+    reference: ReferenceConfig | None = None
+    bad_input: BadInputConfig = Field(default_factory=BadInputConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
+        if self.reference is not None and self.input.pair_column is not None:
+            raise ValueError("set either `input.pair_column` (pair mode) or `reference`, not both")
+        if self.compute.device == "cpu" and self.compute.precision == "fp16":
+            raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
+        return self

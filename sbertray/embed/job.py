@@ -1,0 +1,407 @@
+"""The embed job: plan the input, size the pool, run ``EmbedStage`` actors with Ray Data, check
+the invariant, and commit the manifest.
+
+    ray job submit --working-dir . -- python jobs/embed.py --config jobs/configs/embed_demo.yaml
+
+Invariant asserted at the end of every run: output rows + bad rows = input rows, ids unique.
+Nothing is marked done (``_manifest.json`` + ``_SUCCESS``) unless it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import sbertray
+from sbertray import storage
+from sbertray.config import EmbedConfig
+from sbertray.embed import manifest
+from sbertray.embed.encoder import resolve_precision
+from sbertray.embed.pool import PoolPlan, plan_pool
+from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
+from sbertray.embed.stage import TMP_PREFIX, UnitResult
+from sbertray.modeling import model_hash, resolve_model_path
+from sbertray.ray_runtime import init_ray
+
+
+class InvariantError(RuntimeError):
+    """Output rows + bad rows != input rows, or duplicate ids: the run is not committed."""
+
+
+@dataclass
+class EmbedSummary:
+    output_url: str
+    input_files: int
+    input_rows: int
+    output_rows: int
+    bad_rows: int
+    bad_files: list[str]
+    truncated: int
+    seconds: float
+    skipped_files: int = 0  # already done in an earlier run (incremental)
+    units: list[dict] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.output_rows / self.seconds if self.seconds else 0.0
+
+    def closing_line(self) -> str:
+        bad_files = f", {len(self.bad_files)} bad files skipped" if self.bad_files else ""
+        return (
+            f"[sbertray] embedded {self.output_rows:,} rows from {self.input_files} files in "
+            f"{self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); bad rows: {self.bad_rows}"
+            f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}"
+        )
+
+
+def describe_model(model_path: str) -> dict:
+    """Model facts recorded in every output file and the manifest."""
+    from sbertray.modeling import load_model
+
+    model = load_model(model_path, device="cpu")
+    if os.path.isdir(model_path):
+        digest = model_hash(model_path)
+    else:  # a hub id: the id is what identifies it
+        digest = hashlib.sha256(f"hub:{model_path}".encode()).hexdigest()
+    return {
+        "model": model_path,
+        "model_hash": digest,
+        "dim": int(model.get_embedding_dimension()),
+        "normalized": any(type(m).__name__ == "Normalize" for m in model),
+        "max_seq_length": int(model.max_seq_length),
+    }
+
+
+def _probe_writable(out: storage.Location) -> None:
+    """Fails before any work if the output location is unreachable or read-only."""
+    probe = out.child(f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"output location is not writable: {exc}") from None
+
+
+class _EmbedActor:
+    """Ray Data adapter: one EmbedStage per actor; each batch is one work unit index."""
+
+    def __init__(
+        self,
+        config_dict: dict,
+        refs: list,
+        model_path: str,
+        device: str,
+        precision: str,
+        torch_threads: int,
+        schema_metadata: dict,
+    ):
+        import ray
+
+        from sbertray.embed.stage import EmbedStage
+        from sbertray.modeling import resolve_model_path as resolve
+
+        config = EmbedConfig.model_validate(config_dict)
+        self.units, reference = ray.get(refs)
+        self.stage = EmbedStage(
+            config,
+            model_path=resolve(model_path, config.storage),
+            device=device,
+            precision=precision,
+            torch_threads=torch_threads,
+            schema_metadata=schema_metadata,
+            reference=reference,
+        )
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.stage.process(self.units[int(i)]).to_row() for i in batch["unit"]]
+        return {key: [r[key] for r in rows] for key in rows[0]}
+
+
+def _embed_reference(
+    config: EmbedConfig, model_path: str, device: str, precision: str, torch_threads: int
+):
+    """Reads and embeds the reference set once per run (in a Ray task sized like an actor)."""
+    import torch
+
+    from sbertray.embed.encoder import TextEncoder
+    from sbertray.embed.shards import discover, read_footer
+    from sbertray.embed.stage import ReferenceSet
+    from sbertray.modeling import load_model
+
+    torch.set_num_threads(torch_threads)
+    ref = config.reference
+    fs, files = discover(ref.path, config.storage)
+    ids, texts = [], []
+    for f in files:
+        checked, schema = read_footer(fs, f)
+        if checked.error:
+            raise EmbedInputError(f"reference: {checked.error}")
+        for col in (ref.id_column, ref.text_column):
+            if col not in schema.names:
+                raise EmbedInputError(
+                    f"reference {f.url}: missing column `{col}`; the file has {schema.names}"
+                )
+        with fs.open_input_file(f.path) as handle:
+            table = pq.read_table(handle, columns=[ref.id_column, ref.text_column])
+        for i, (rid, text) in enumerate(
+            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        ):
+            if rid is None or not isinstance(text, str):
+                raise EmbedInputError(
+                    f"reference {f.url}: row {i}: {'null id' if rid is None else 'null or non-string text'}"
+                )
+        ids.append(table.column(0))
+        texts.extend(table.column(1).to_pylist())
+    if not texts:
+        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}` has no rows")
+    all_ids = pa.chunked_array([c for chunk in ids for c in chunk.chunks]).combine_chunks()
+    if pc.count_distinct(all_ids).as_py() != len(all_ids):
+        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}`: ids are not unique")
+    encoder = TextEncoder(
+        load_model(model_path, device=device),
+        device=device,
+        precision=precision,
+        token_budget=config.compute.token_budget,
+        max_batch_rows=config.compute.max_batch_rows,
+    )
+    return ReferenceSet(ids=all_ids, embeddings=encoder.encode(texts).embeddings)
+
+
+def _run_units(
+    config: EmbedConfig,
+    plan: InputPlan,
+    pool: PoolPlan,
+    precision: str,
+    model_path: str,
+    schema_metadata: dict,
+) -> list[UnitResult]:
+    import ray
+
+    reference_ref = None
+    if config.reference is not None:
+        task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
+            _embed_reference
+        )
+        reference_ref = task.remote(config, model_path, pool.device, precision, pool.torch_threads)
+    refs = [ray.put(plan.units), reference_ref if reference_ref is not None else ray.put(None)]
+    ds = ray.data.from_items(
+        [{"unit": i} for i in range(len(plan.units))], override_num_blocks=len(plan.units)
+    )
+    ds = ds.map_batches(
+        _EmbedActor,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor,
+        fn_constructor_kwargs={
+            "config_dict": config.model_dump(),
+            "refs": refs,
+            "model_path": model_path,
+            "device": pool.device,
+            "precision": precision,
+            "torch_threads": pool.torch_threads,
+            "schema_metadata": schema_metadata,
+        },
+        # A killed or crashed actor is restarted and its unit retried; retries are safe
+        # because a unit always rewrites the same output name with the same rows.
+        max_restarts=config.compute.max_retries,
+        max_task_retries=config.compute.max_retries,
+    )
+    return [UnitResult.from_row(row) for row in ds.take_all()]
+
+
+def _check_invariant(out: storage.Location, plan: InputPlan, results: list[UnitResult]) -> int:
+    """Counts committed output rows from the files themselves and checks rows and ids."""
+    ids, written = [], 0
+    for r in results:
+        if r.output is None:
+            continue
+        with out.fs.open_input_file(out.child(r.output).path) as handle:
+            table = pq.read_table(handle, columns=["id"])
+        written += table.num_rows
+        ids.append(table.column("id"))
+    dropped = sum(r.rows_dropped for r in results)
+    expected = sum(u.num_rows for u in plan.units)
+    if written + dropped != expected:
+        raise InvariantError(f"output rows {written} + bad rows {dropped} != input rows {expected}")
+    if ids:
+        all_ids = pa.chunked_array([c for col in ids for c in col.chunks])
+        distinct = pc.count_distinct(all_ids).as_py()
+        if distinct != len(all_ids):
+            raise InvariantError(f"{len(all_ids) - distinct} duplicate ids in the output")
+    return written
+
+
+def _cleanup_tmp(out: storage.Location, results: list[UnitResult]) -> None:
+    """Removes temp files left by killed attempts (never visible to readers, but they cost)."""
+    dirs = {out.child(r.output).path.rsplit("/", 1)[0] for r in results if r.output}
+    for directory in dirs:
+        for info in out.fs.get_file_info(
+            storage.pafs.FileSelector(directory, allow_not_found=True)
+        ):
+            if info.base_name.startswith(TMP_PREFIX):
+                out.fs.delete_file(info.path)
+
+
+def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSummary:
+    """Embeds ``config.input`` into ``config.output.path`` and commits the manifest.
+
+    Raises:
+        ModelError: the model cannot be found (before any data is read).
+        EmbedInputError: missing column, bad file (``on_bad_file: fail``), bad rows (``fail``).
+        StorageError: output not writable / endpoint down.
+        InvariantError: output does not account for every input row exactly once.
+    """
+    started = time.time()
+    out = storage.resolve(config.output.path, config.storage)
+    model_path = resolve_model_path(config.model, config.storage)
+    model_info = describe_model(model_path)
+    _, plan = plan_input(config)
+    _probe_writable(out)
+    config_dict = config.model_dump()
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    schema_metadata = {
+        **model_info,
+        "model": storage.redact(config.model),
+        "config_hash": manifest.config_hash(config_dict),
+        "run_id": run_id,
+        "sbertray_version": sbertray.__version__,
+    }
+
+    results: list[UnitResult] = []
+    pool = precision = None
+    if plan.units:
+        init_ray(ray_address)
+        import ray
+
+        pool = plan_pool(ray.cluster_resources(), config.compute, len(plan.units))
+        precision = resolve_precision(config.compute.precision, pool.device)
+        print(
+            f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows in {len(plan.units)} "
+            f"units; pool: {pool.describe()}; precision {precision}",
+            flush=True,
+        )
+        results = _run_units(config, plan, pool, precision, model_path, schema_metadata)
+    else:
+        print(
+            f"[sbertray] no input rows under {storage.redact(str(config.input.path))}: "
+            "nothing to embed",
+            flush=True,
+        )
+
+    row_errors = [r.error for r in results if r.error_kind == "bad_rows"]
+    file_errors = [r for r in results if r.error_kind == "bad_file"]
+    if row_errors:
+        raise EmbedInputError("\n".join(row_errors))
+    if file_errors and config.bad_input.on_bad_file == "fail":
+        raise EmbedInputError(
+            "\n".join(r.error for r in file_errors)
+            + "\n(set `bad_input.on_bad_file: skip` to embed the other files)"
+        )
+    failed_files = {r.file for r in file_errors}
+    committed = [r for r in results if r.file not in failed_files]
+    kept_plan = InputPlan(
+        files=[f for f in plan.files if f.rel not in failed_files],
+        units=[u for u in plan.units if u.file.rel not in failed_files],
+    )
+    written = _check_invariant(out, kept_plan, committed)
+    _cleanup_tmp(out, committed)
+
+    seconds = time.time() - started
+    bad_files = [f.url for f in plan.bad_files] + sorted(
+        next(f.url for f in plan.files if f.rel == rel) for rel in failed_files
+    )
+    summary = EmbedSummary(
+        output_url=storage.redact(out.url),
+        input_files=len(kept_plan.files),
+        input_rows=sum(u.num_rows for u in kept_plan.units),
+        output_rows=written,
+        bad_rows=sum(r.rows_dropped for r in committed),
+        bad_files=bad_files,
+        truncated=sum(r.truncated for r in committed),
+        seconds=round(seconds, 2),
+        units=[asdict(r) for r in committed],
+    )
+    manifest.write(
+        out,
+        _manifest(
+            config_dict,
+            run_id,
+            schema_metadata,
+            kept_plan,
+            committed,
+            summary,
+            pool,
+            precision,
+            started,
+        ),
+    )
+    return summary
+
+
+def _manifest(config_dict, run_id, model_meta, plan, results, summary, pool, precision, started):
+    by_file: dict[str, list[UnitResult]] = {}
+    for r in results:
+        by_file.setdefault(r.file, []).append(r)
+    files = []
+    for f in plan.files:
+        rs = by_file.get(f.rel, [])
+        bad: dict[str, int] = {}
+        for r in rs:
+            for reason, n in r.bad_rows.items():
+                bad[reason] = bad.get(reason, 0) + n
+        files.append(
+            {
+                "path": f.url,
+                "rel": f.rel,
+                **f.fingerprint,
+                "rows": f.num_rows,
+                "outputs": [{"path": r.output, "rows": r.rows_out} for r in rs],
+                "rows_out": sum(r.rows_out for r in rs),
+                "bad_rows": sum(r.rows_dropped for r in rs),
+                "bad_reasons": bad,
+                "truncated": sum(r.truncated for r in rs),
+            }
+        )
+    return {
+        "version": manifest.MANIFEST_VERSION,
+        "run_id": run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            k: model_meta[k] for k in ("model", "model_hash", "dim", "normalized", "max_seq_length")
+        },
+        "precision": precision,
+        "pool": asdict(pool) if pool else None,
+        "config_hash": model_meta["config_hash"],
+        "config": _redacted(config_dict),
+        "files": files,
+        "bad_files": summary.bad_files,
+        "totals": {
+            "input_files": summary.input_files,
+            "input_rows": summary.input_rows,
+            "output_rows": summary.output_rows,
+            "bad_rows": summary.bad_rows,
+            "truncated": summary.truncated,
+        },
+        "timings": {
+            "seconds": summary.seconds,
+            "rows_per_s": round(summary.rows_per_s, 1),
+            "unit_seconds": sum(r.seconds for r in results),
+        },
+    }
+
+
+def _redacted(value):
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return storage.redact(value) if isinstance(value, str) else value

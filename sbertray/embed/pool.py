@@ -1,0 +1,79 @@
+"""Sizing the embedding actor pool from the resources Ray reports.
+
+Reads and writes happen inside the actors (each reads its unit's row groups and commits its own
+output file), so the pipeline has no separate read/write tasks waiting for a CPU: a pool that
+fits in the cluster can always run to completion. A pool that does not fit would wait forever
+for actors that can never start, so that is an error here, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sbertray.config import ComputeConfig
+
+# A GPU actor still tokenizes, reads and writes Parquet on the CPU.
+CPUS_PER_GPU_ACTOR = 1.0
+
+
+class PoolSizeError(ValueError):
+    """The requested pool cannot run on this cluster."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    num_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    torch_threads: int
+    device: str  # "cpu" | "cuda"
+
+    def describe(self) -> str:
+        each = f"{self.cpus_per_actor:g} CPU" + (
+            f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        )
+        return f"{self.num_actors} {self.device} actor(s), {each} each, {self.torch_threads} torch thread(s)"
+
+
+def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int) -> PoolPlan:
+    """Returns the pool for ``num_units`` work units on a cluster with ``cluster`` resources
+    (``ray.cluster_resources()``).
+
+    GPU actors: one per GPU (half precision). CPU actors: as many as there are CPUs (and units),
+    each with an equal share of CPUs as torch threads, so actors never oversubscribe cores.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    units = max(1, num_units)
+    if compute.device == "cuda" and gpus < 1:
+        raise PoolSizeError("`compute.device: cuda` but the Ray cluster reports no GPUs")
+    if compute.device != "cpu" and gpus >= 1:
+        per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
+        wanted = compute.num_actors or int(gpus)
+        if wanted > gpus:
+            raise PoolSizeError(
+                f"`compute.num_actors: {wanted}` GPU actors but the cluster has {gpus:g} GPUs"
+            )
+        actors = min(wanted, units)
+        _check_cpus(actors, per_cpu, cpus)
+        return PoolPlan(actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda")
+
+    if cpus < 1:
+        raise PoolSizeError(
+            f"the Ray cluster reports {cpus:g} CPUs; an embedding actor needs at least 1"
+        )
+    if compute.cpus_per_actor:
+        per_cpu = compute.cpus_per_actor
+    else:
+        # Fewer units than CPUs: give each actor more threads instead of idling cores.
+        per_cpu = float(max(1, int(cpus // min(compute.num_actors or units, units, int(cpus)))))
+    actors = min(compute.num_actors or max(1, int(cpus // per_cpu)), units)
+    _check_cpus(actors, per_cpu, cpus)
+    return PoolPlan(actors, per_cpu, 0.0, max(1, int(per_cpu)), "cpu")
+
+
+def _check_cpus(actors: int, per_cpu: float, cpus: float) -> None:
+    if actors * per_cpu > cpus:
+        raise PoolSizeError(
+            f"{actors} actors x {per_cpu:g} CPUs = {actors * per_cpu:g} CPUs, but the cluster has "
+            f"{cpus:g}: the pool could never start. Lower `compute.num_actors` or `compute.cpus_per_actor`"
+        )

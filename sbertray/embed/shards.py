@@ -1,0 +1,232 @@
+"""Finding input Parquet shards, checking them before any work, and cutting them into work units.
+
+Only Parquet footers are read here (row counts, row groups, schema): cheap even for thousands
+of shards in object storage, and enough to fail on a missing column before any actor starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sbertray import storage
+from sbertray.config import EmbedConfig, StorageConfig
+
+_GLOB_CHARS = "*?["
+_TEXT_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_null,
+)
+
+
+class EmbedInputError(ValueError):
+    """The input cannot be embedded as configured; names the file and column/row."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str  # redacted, for messages and the manifest
+    path: str  # inside `fs`
+    rel: str  # relative to the input root: output name and generated ids derive from it
+    size: int
+    mtime: str | None
+    num_rows: int = 0
+    row_group_rows: tuple[int, ...] = ()
+    partitions: tuple[tuple[str, str], ...] = ()  # hive `key=value` directories above the file
+    error: str | None = None  # unreadable footer: the file is bad
+
+    @property
+    def fingerprint(self) -> dict:
+        """What says "this input changed" for incremental runs."""
+        return {"size": self.size, "mtime": self.mtime}
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A run of consecutive row groups of one file, written as one output file."""
+
+    file: InputFile
+    part: int
+    row_groups: tuple[int, ...]
+    first_row: int
+    num_rows: int
+
+    @property
+    def unit_id(self) -> str:
+        return f"{self.file.rel}#part-{self.part:04d}"
+
+    @property
+    def output_rel(self) -> str:
+        stem = (
+            self.file.rel[: -len(".parquet")]
+            if self.file.rel.endswith(".parquet")
+            else self.file.rel
+        )
+        return f"{stem}.part-{self.part:04d}.parquet"
+
+
+@dataclass
+class InputPlan:
+    files: list[InputFile]
+    units: list[WorkUnit]
+    bad_files: list[InputFile] = field(default_factory=list)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+def _hive_partitions(rel: str) -> tuple[tuple[str, str], ...]:
+    parts = rel.split("/")[:-1]
+    return tuple(tuple(p.split("=", 1)) for p in parts if "=" in p)  # type: ignore[misc]
+
+
+def _file_info_to_input(loc: storage.Location, info: pafs.FileInfo, rel: str) -> InputFile:
+    url = (
+        storage.redact(storage.join(loc.url, rel)) if rel != info.path else storage.redact(loc.url)
+    )
+    mtime = info.mtime.isoformat() if info.mtime is not None else None
+    return InputFile(
+        url=url,
+        path=info.path,
+        rel=rel,
+        size=info.size or 0,
+        mtime=mtime,
+        partitions=_hive_partitions(rel),
+    )
+
+
+def _list_one(spec: str, storage_config: StorageConfig | None) -> list[InputFile]:
+    if any(c in spec for c in _GLOB_CHARS):
+        root = spec[: min(spec.index(c) for c in _GLOB_CHARS if c in spec)].rsplit("/", 1)[0]
+        loc = storage.resolve(root, storage_config)
+        pattern = spec[len(root) :].lstrip("/")
+        if loc.is_local:
+            matches = sorted(globlib.glob(f"{loc.path}/{pattern}", recursive=True))
+            infos = loc.fs.get_file_info(matches)
+        else:
+            infos = [
+                i
+                for i in storage.list_files(loc)
+                if fnmatch.fnmatch(i.path[len(loc.path) :].lstrip("/"), pattern)
+            ]
+        return [
+            _file_info_to_input(loc, i, i.path[len(loc.path) :].lstrip("/"))
+            for i in infos
+            if i.type == pafs.FileType.File
+        ]
+    loc = storage.resolve(spec, storage_config)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise EmbedInputError(f"input `{storage.redact(spec)}`: no such file or directory")
+    if info.type == pafs.FileType.File:
+        return [_file_info_to_input(loc, info, loc.path.rsplit("/", 1)[-1])]
+    return [
+        _file_info_to_input(loc, i, i.path[len(loc.path) :].lstrip("/"))
+        for i in storage.list_files(loc)
+        if i.path.endswith(".parquet")
+    ]
+
+
+def discover(
+    path: str | list[str], storage_config: StorageConfig | None
+) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Lists the Parquet files an input spec names, sorted, with unique relative names."""
+    specs = [path] if isinstance(path, str) else list(path)
+    files: list[InputFile] = []
+    for spec in specs:
+        files.extend(_list_one(spec, storage_config))
+    seen: dict[str, str] = {}
+    for f in files:
+        if f.rel in seen and seen[f.rel] != f.url:
+            raise EmbedInputError(
+                f"input files {seen[f.rel]} and {f.url} would write the same output "
+                f"`{f.rel}`: list a common parent directory instead"
+            )
+        seen[f.rel] = f.url
+    fs = storage.resolve(specs[0] if specs else ".", storage_config).fs
+    return fs, sorted({f.url: f for f in files}.values(), key=lambda f: f.rel)
+
+
+def read_footer(fs: pafs.FileSystem, f: InputFile) -> tuple[InputFile, pa.Schema | None]:
+    try:
+        with fs.open_input_file(f.path) as handle:
+            meta = pq.read_metadata(handle)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as exc:
+        return InputFile(
+            **{**f.__dict__, "error": f"{f.url}: not a readable Parquet file: {exc}"}
+        ), None
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return InputFile(**{**f.__dict__, "num_rows": meta.num_rows, "row_group_rows": rows}), schema
+
+
+def check_columns(config: EmbedConfig, f: InputFile, schema: pa.Schema) -> None:
+    """Raises EmbedInputError if a configured column is missing or cannot hold text."""
+    inp = config.input
+    partition_keys = {k for k, _ in f.partitions}
+    wanted = [("text_column", inp.text_column)]
+    if inp.pair_column:
+        wanted.append(("pair_column", inp.pair_column))
+    if inp.id_column:
+        wanted.append(("id_column", inp.id_column))
+    wanted += [("passthrough", c) for c in inp.passthrough]
+    for key, column in wanted:
+        if column not in schema.names and not (key == "passthrough" and column in partition_keys):
+            raise EmbedInputError(
+                f"{f.url}: missing column `{column}` (input.{key}); the file has {schema.names}"
+            )
+    if config.bad_input.on_null_text == "fail":
+        for column in filter(None, [inp.text_column, inp.pair_column]):
+            col_type = schema.field(column).type
+            if not any(check(col_type) for check in _TEXT_TYPES):
+                raise EmbedInputError(
+                    f"{f.url}: column `{column}` has type {col_type}, not text; convert it, or "
+                    "set `bad_input.on_null_text: skip|empty` to drop or blank those rows"
+                )
+
+
+def plan_units(files: list[InputFile], rows_per_file: int) -> list[WorkUnit]:
+    """Groups consecutive row groups into units of about ``rows_per_file`` rows. Deterministic:
+    the same file and setting always give the same units and output names."""
+    units = []
+    for f in files:
+        part, first, groups, rows = 0, 0, [], 0
+        for index, n in enumerate(f.row_group_rows):
+            groups.append(index)
+            rows += n
+            if rows >= rows_per_file:
+                units.append(WorkUnit(f, part, tuple(groups), first, rows))
+                part, first, groups, rows = part + 1, first + rows, [], 0
+        if rows:
+            units.append(WorkUnit(f, part, tuple(groups), first, rows))
+    return units
+
+
+def plan_input(config: EmbedConfig) -> tuple[pafs.FileSystem, InputPlan]:
+    """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
+    aside (``skip``); a missing column always raises, before any work."""
+    fs, found = discover(config.input.path, config.storage)
+    good, bad = [], []
+    for f in found:
+        checked, schema = read_footer(fs, f)
+        if checked.error:
+            if config.bad_input.on_bad_file == "fail":
+                raise EmbedInputError(
+                    f"{checked.error}\n(set `bad_input.on_bad_file: skip` to embed the other files)"
+                )
+            bad.append(checked)
+            continue
+        check_columns(config, checked, schema)
+        good.append(checked)
+    return fs, InputPlan(
+        files=good, units=plan_units(good, config.output.rows_per_file), bad_files=bad
+    )
