@@ -92,6 +92,9 @@ class TrainingConfig(_Strict):
     logging_steps: int = Field(50, gt=0)
     eval_every: Literal["epoch", "end"] = "epoch"  # dev evaluation after each epoch, or at the end
     checkpoint_steps: int | None = Field(default=None, gt=0)  # None: one checkpoint per epoch
+    # Keep the epoch with the best dev Spearman instead of the last one (needs `dev`; evaluates
+    # and checkpoints every epoch). transformers' load_best_model_at_end does the bookkeeping.
+    select_best: bool = False
     keep_checkpoints: int = Field(2, gt=0)
 
 
@@ -134,6 +137,10 @@ class TrainConfig(_Strict):
                 f"`training.batch_size` ({self.training.batch_size}) must be divisible by "
                 f"`scaling.num_workers` ({n}): it is the global batch per optimizer step"
             )
+        if self.training.select_best and (self.dev is None or self.training.eval_every != "epoch"):
+            raise ValueError("`training.select_best` needs a `dev` set and `training.eval_every: epoch`")
+        if self.training.select_best and self.training.checkpoint_steps:
+            raise ValueError("`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`")
         if self.training.precision != "fp32" and not self.scaling.use_gpu:
             raise ValueError(
                 f"`training.precision: {self.training.precision}` needs `scaling.use_gpu: true`; "

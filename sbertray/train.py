@@ -170,7 +170,9 @@ def _make_report_callback(rank: int):
     return _RayTrainReport()
 
 
-def _training_arguments(config: TrainConfig, output_dir: str, world_size: int, has_dev: bool):
+def _training_arguments(
+    config: TrainConfig, output_dir: str, world_size: int, dev_name: str | None
+):
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     t = config.training
@@ -191,10 +193,13 @@ def _training_arguments(config: TrainConfig, output_dir: str, world_size: int, h
         fp16=t.precision == "fp16",
         bf16=t.precision == "bf16",
         logging_steps=t.logging_steps,
-        eval_strategy="epoch" if has_dev and t.eval_every == "epoch" else "no",
+        eval_strategy="epoch" if dev_name and t.eval_every == "epoch" else "no",
         save_strategy="steps" if t.checkpoint_steps else "epoch",
         save_steps=t.checkpoint_steps or 500,
         save_total_limit=t.keep_checkpoints,
+        load_best_model_at_end=t.select_best,
+        metric_for_best_model=f"eval_{dev_name}_spearman_cosine" if t.select_best else None,
+        greater_is_better=True if t.select_best else None,
         report_to="none",
         use_cpu=not config.scaling.use_gpu,
         ddp_find_unused_parameters=False,
@@ -275,7 +280,9 @@ def _train_worker(loop_config: dict) -> None:
 
     trainer = SentenceTransformerTrainer(
         model=model,
-        args=_training_arguments(config, str(local_root / "hf"), world, evaluator is not None),
+        args=_training_arguments(
+            config, str(local_root / "hf"), world, dev_name if evaluator is not None else None
+        ),
         train_dataset=train_ds,
         loss=CosineSimilarityLoss(model),
         evaluator=evaluator,
