@@ -138,9 +138,13 @@ class TrainConfig(_Strict):
                 f"`scaling.num_workers` ({n}): it is the global batch per optimizer step"
             )
         if self.training.select_best and (self.dev is None or self.training.eval_every != "epoch"):
-            raise ValueError("`training.select_best` needs a `dev` set and `training.eval_every: epoch`")
+            raise ValueError(
+                "`training.select_best` needs a `dev` set and `training.eval_every: epoch`"
+            )
         if self.training.select_best and self.training.checkpoint_steps:
-            raise ValueError("`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`")
+            raise ValueError(
+                "`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`"
+            )
         if self.training.precision != "fp32" and not self.scaling.use_gpu:
             raise ValueError(
                 f"`training.precision: {self.training.precision}` needs `scaling.use_gpu: true`; "

@@ -1,0 +1,388 @@
+"""The embed job end to end on a 2-CPU local Ray: real model, real Parquet, real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from sbertray import storage
+from sbertray.config import EmbedConfig, parse_config
+from sbertray.embed.job import run_embed
+from sbertray.embed.shards import EmbedInputError
+from sbertray.modeling import ModelError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sentences(stsb_dir) -> list[str]:
+    lines = (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    out = []
+    for line in lines:
+        a, b, _ = line.split("\t")
+        out += [a, b]
+    return out
+
+
+def _config(inp, out, **overrides) -> EmbedConfig:
+    data = {
+        "input": {"path": inp, "id_column": "id", "text_column": "text", "passthrough": ["group"]},
+        "output": {"path": out},
+        "compute": {"precision": "fp32"},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(EmbedConfig, data)
+
+
+def _write_shards(
+    fs: pafs.FileSystem,
+    root: str,
+    texts: list[str],
+    sizes: list[int],
+    row_group_size: int = 64,
+    pairs: list[str] | None = None,
+) -> list[int]:
+    """Shards of the given (uneven, possibly zero) sizes; ids are globally unique ints."""
+    start, ids = 0, []
+    fs.create_dir(root, recursive=True)
+    for n, size in enumerate(sizes):
+        cols = {
+            "id": pa.array(range(start, start + size), pa.int64()),
+            "text": texts[start : start + size],
+            "group": [f"g{i % 3}" for i in range(start, start + size)],
+        }
+        if pairs is not None:
+            cols["text_b"] = pairs[start : start + size]
+        with fs.open_output_stream(f"{root}/shard-{n:02d}.parquet") as f:
+            pq.write_table(pa.table(cols), f, row_group_size=row_group_size)
+        ids += list(range(start, start + size))
+        start += size
+    return ids
+
+
+def _read_output(out_dir: str, fs=None) -> pa.Table:
+    fs = fs or pafs.LocalFileSystem()
+    files = sorted(
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(out_dir, recursive=True))
+        if i.path.endswith(".parquet")
+    )
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_local_to_local_matches_encode_and_keeps_every_row(
+    ray_2cpu, base_model, sentences, tmp_path
+):
+    texts = sentences[:700] + ["", "word " * 400]  # empty text is valid; a long one is truncated
+    sizes = [300, 0, 17, 385]  # uneven, one empty shard
+    ids = _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), texts, sizes)
+    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), output__rows_per_file=128)
+    summary = run_embed(config)
+
+    assert summary.input_rows == summary.output_rows == len(ids) == 702
+    assert summary.bad_rows == 0 and summary.truncated == 1
+    table = _read_output(str(tmp_path / "out")).sort_by("id")
+    assert table.column("id").to_pylist() == ids
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    ref = base_model.encode(texts, batch_size=64)
+    assert _cos(emb, ref).min() >= 0.9999
+    assert table.column("group").to_pylist() == [f"g{i % 3}" for i in ids]
+
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    # Deterministic names: row groups of 64 grouped into files of >= 128 rows, per shard.
+    assert files == [
+        "_SUCCESS",
+        "_manifest.json",
+        "shard-00.part-0000.parquet",
+        "shard-00.part-0001.parquet",
+        "shard-00.part-0002.parquet",  # 128 + 128 + 44
+        "shard-02.part-0000.parquet",  # 17
+        "shard-03.part-0000.parquet",
+        "shard-03.part-0001.parquet",
+        "shard-03.part-0002.parquet",
+        "shard-03.part-0003.parquet",
+    ]  # 3 x 128 + 1
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["totals"]["input_rows"] == manifest["totals"]["output_rows"] == 702
+    assert [f["rows"] for f in manifest["files"]] == sizes
+    assert manifest["model"]["dim"] == 384 and manifest["model"]["normalized"] is True
+    meta = json.loads(
+        pq.read_schema(tmp_path / "out" / "shard-02.part-0000.parquet").metadata[b"sbertray"]
+    )
+    assert meta["model_hash"] == manifest["model"]["model_hash"] and meta["dim"] == 384
+
+    import duckdb  # readable as written, with no schema hints
+
+    [(count, dims)] = duckdb.sql(
+        f"select count(*), min(len(embedding)) from read_parquet('{tmp_path}/out/*.parquet')"
+    ).fetchall()
+    assert (count, dims) == (702, 384)
+
+
+def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences):
+    fs = s3_server.filesystem()
+    a, b = sentences[0:400:2], sentences[1:400:2]
+    _write_shards(fs, f"{s3_prefix[5:]}/in", a, [120, 80], pairs=b)
+    config = _config(f"{s3_prefix}/in", f"{s3_prefix}/out", input__pair_column="text_b")
+    summary = run_embed(config)
+    assert summary.output_rows == 200
+    out = _read_output(f"{s3_prefix[5:]}/out", fs).sort_by("id")
+    ea = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))
+    eb = np.stack(out.column("embedding_pair").to_numpy(zero_copy_only=False))
+    expected = _cos(ea, eb)
+    np.testing.assert_allclose(out.column("cosine").to_numpy(), expected, atol=1e-5)
+    names = {
+        i.path.rsplit("/", 1)[-1]
+        for i in fs.get_file_info(pafs.FileSelector(f"{s3_prefix[5:]}/out"))
+    }
+    assert {"_SUCCESS", "_manifest.json"} <= names
+    assert not any(n.startswith("_inprogress") for n in names)
+    import pandas as pd
+
+    df = pd.read_parquet(
+        f"{s3_prefix}/out/shard-00.part-0000.parquet",
+        storage_options={"client_kwargs": {"endpoint_url": s3_server.endpoint_url}},
+    )
+    assert len(df) == 120
+
+
+def test_reference_topk_equals_brute_force(ray_2cpu, base_model, sentences, tmp_path):
+    queries, refs = sentences[:150], sentences[1000:1300]
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), queries, [150])
+    pq.write_table(
+        pa.table({"rid": [f"r{i}" for i in range(len(refs))], "name": refs}),
+        tmp_path / "ref.parquet",
+    )
+    config = _config(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        reference={
+            "path": str(tmp_path / "ref.parquet"),
+            "id_column": "rid",
+            "text_column": "name",
+            "top_k": 5,
+        },
+    )
+    run_embed(config)
+    out = _read_output(str(tmp_path / "out")).sort_by("id")
+    q = base_model.encode(queries)
+    r = base_model.encode(refs)
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        r / np.linalg.norm(r, axis=1, keepdims=True)
+    ).T
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    got = np.array([[int(x[1:]) for x in row] for row in out.column("topk_ids").to_pylist()])
+    # Exact top-k: the same references, except where two scores tie within fp32 noise.
+    agree = (got == expected).mean()
+    assert agree >= 0.99, agree
+    got_scores = np.stack(out.column("topk_scores").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got_scores, np.take_along_axis(scores, expected, 1), atol=2e-4)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_missing_column_fails_before_any_work(tmp_path, sentences):
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences, [5, 5])
+    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), input__text_column="body")
+    with pytest.raises(
+        EmbedInputError, match=r"shard-00\.parquet: missing column `body` \(input\.text_column\)"
+    ):
+        run_embed(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_fails_before_reading_data(tmp_path):
+    config = _config(
+        str(tmp_path / "nope"), str(tmp_path / "out"), model=str(tmp_path / "no-model")
+    )
+    with pytest.raises(ModelError, match="no-model`: no such directory"):
+        run_embed(config)
+    (tmp_path / "not-a-model").mkdir()
+    config = _config(
+        str(tmp_path / "nope"), str(tmp_path / "out"), model=str(tmp_path / "not-a-model")
+    )
+    with pytest.raises(ModelError, match="not a sentence-transformers model directory"):
+        run_embed(config)
+
+
+def test_empty_input_writes_empty_manifest(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    summary = run_embed(_config(str(tmp_path / "in"), str(tmp_path / "out")))
+    assert summary.output_rows == 0
+    assert "nothing to embed" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["files"] == [] and manifest["totals"]["input_rows"] == 0
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_output_not_writable(tmp_path, sentences):
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences, [5])
+    (tmp_path / "occupied").write_text("a file where the output directory should go")
+    config = _config(str(tmp_path / "in"), str(tmp_path / "occupied" / "out"))
+    with pytest.raises(storage.StorageError, match="output location is not writable"):
+        run_embed(config)
+
+
+def test_s3_endpoint_down_is_a_clear_error(tmp_path, sentences):
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences, [5])
+    config = _config(
+        str(tmp_path / "in"), "s3://bucket/out", storage={"endpoint_url": "http://127.0.0.1:9"}
+    )
+    with pytest.raises(
+        storage.StorageError,
+        match="output location is not writable: could not write s3://bucket/out",
+    ):
+        run_embed(config)
+
+
+def test_corrupt_file_fails_or_is_skipped(ray_2cpu, tmp_path, sentences):
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences, [40, 30])
+    good = (tmp_path / "in" / "shard-01.parquet").read_bytes()
+    (tmp_path / "in" / "shard-01.parquet").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(EmbedInputError, match=r"shard-01\.parquet: not a readable Parquet file"):
+        run_embed(_config(str(tmp_path / "in"), str(tmp_path / "out")))
+    summary = run_embed(
+        _config(str(tmp_path / "in"), str(tmp_path / "out"), bad_input={"on_bad_file": "skip"})
+    )
+    assert summary.output_rows == 40
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert any(p.endswith("shard-01.parquet") for p in manifest["bad_files"])
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_null_text_policies(ray_2cpu, base_model, tmp_path):
+    table = pa.table({"id": [1, 2, 3, 4], "text": ["alpha", None, "", "delta"], "group": ["a"] * 4})
+    _write_table(tmp_path / "in" / "x.parquet", table)
+    with pytest.raises(EmbedInputError, match=r"x\.parquet: row 1: column `text`: null text"):
+        run_embed(_config(str(tmp_path / "in"), str(tmp_path / "o1")))
+    assert not list((tmp_path / "o1").glob("*.parquet"))  # nothing half-written visible
+
+    skipped = run_embed(
+        _config(str(tmp_path / "in"), str(tmp_path / "o2"), bad_input={"on_null_text": "skip"})
+    )
+    assert (skipped.output_rows, skipped.bad_rows) == (3, 1)
+    assert sorted(_read_output(str(tmp_path / "o2")).column("id").to_pylist()) == [1, 3, 4]
+    manifest = json.loads((tmp_path / "o2" / "_manifest.json").read_text())
+    assert manifest["files"][0]["bad_reasons"] == {"null text": 1}
+
+    blank = run_embed(
+        _config(str(tmp_path / "in"), str(tmp_path / "o3"), bad_input={"on_null_text": "empty"})
+    )
+    assert blank.output_rows == 4
+    out = _read_output(str(tmp_path / "o3")).sort_by("id")
+    emb = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))
+    assert _cos(emb[1:2], base_model.encode([""]))[0] >= 0.9999
+
+
+def test_invalid_utf8_fails_or_is_replaced(ray_2cpu, tmp_path):
+    table = pa.table(
+        {
+            "id": [1, 2],
+            "text": pa.array([b"fine", b"bad \xff\xfe bytes"], pa.binary()),
+            "group": ["a", "b"],
+        }
+    )
+    _write_table(tmp_path / "in" / "b.parquet", table)
+    with pytest.raises(EmbedInputError, match=r"b\.parquet: row 1: column `text`: invalid UTF-8"):
+        run_embed(_config(str(tmp_path / "in"), str(tmp_path / "o1")))
+    summary = run_embed(
+        _config(
+            str(tmp_path / "in"), str(tmp_path / "o2"), bad_input={"on_invalid_utf8": "replace"}
+        )
+    )
+    assert summary.output_rows == 2
+
+
+def test_non_string_column_is_named(tmp_path):
+    _write_table(
+        tmp_path / "in" / "n.parquet", pa.table({"id": [1], "text": [3.5], "group": ["a"]})
+    )
+    with pytest.raises(
+        EmbedInputError, match=r"n\.parquet: column `text` has type double, not text"
+    ):
+        run_embed(_config(str(tmp_path / "in"), str(tmp_path / "o")))
+
+
+def test_generated_ids_and_hive_partitions(ray_2cpu, tmp_path, sentences):
+    for part, n in (("day=2026-11-01", 7), ("day=2026-11-02", 5)):
+        _write_table(
+            tmp_path / "in" / part / "data.parquet",
+            pa.table({"text": sentences[:n], "group": ["x"] * n}),
+        )
+    config = _config(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        input__id_column=None,
+        input__passthrough=["group", "day"],
+    )
+    run_embed(config)
+    out = _read_output(str(tmp_path / "out"))
+    ids = sorted(out.column("id").to_pylist())
+    assert ids[0] == "day=2026-11-01/data.parquet#0" and len(set(ids)) == 12
+    assert sorted(set(out.column("day").to_pylist())) == ["2026-11-01", "2026-11-02"]
+    assert (tmp_path / "out" / "day=2026-11-02" / "data.part-0000.parquet").exists()
+
+
+# --- recovery -------------------------------------------------------------------------------
+
+
+def _kill_one_actor_after_first_commit(out_dir: Path, done: threading.Event, killed: list):
+    import psutil
+
+    deadline = time.time() + 240
+    while not done.is_set() and time.time() < deadline:
+        if list(out_dir.glob("*.parquet")):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "MapWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.05)
+
+
+def test_killed_actor_still_gives_complete_duplicate_free_output(ray_2cpu, tmp_path, sentences):
+    ids = _write_shards(
+        pafs.LocalFileSystem(), str(tmp_path / "in"), sentences * 2, [400] * 8, row_group_size=100
+    )
+    done, killed = threading.Event(), []
+    killer = threading.Thread(
+        target=_kill_one_actor_after_first_commit, args=(tmp_path / "out", done, killed)
+    )
+    killer.start()
+    try:
+        summary = run_embed(
+            _config(str(tmp_path / "in"), str(tmp_path / "out"), output__rows_per_file=200)
+        )
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no actor was killed: the test did not exercise recovery"
+    assert summary.output_rows == len(ids) == 3200
+    out_ids = _read_output(str(tmp_path / "out")).column("id").to_pylist()
+    assert sorted(out_ids) == ids  # every row exactly once
+    assert not list((tmp_path / "out").glob("_inprogress*"))
