@@ -119,5 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry for ``jobs/*.py`` under ``ray job submit``: ``--config FILE [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{command}.py")
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS)")
+    args, overrides = parser.parse_known_args(argv)
+    address = ["--address", args.address] if args.address else []
+    return main([command, args.config, *overrides, *address])
+
+
 if __name__ == "__main__":
     sys.exit(main())
