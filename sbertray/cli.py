@@ -77,6 +77,28 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from sbertray.config import NightlyConfig, load_config
+    from sbertray.nightly import run_nightly
+
+    report = run_nightly(
+        load_config(NightlyConfig, args.config, args.overrides), ray_address=args.address
+    )
+    print(
+        f"[sbertray nightly] done in {report['seconds']:.0f}s; model {report['model']} "
+        f"(hash {report['model_hash'][:12]}); embeddings {report['embed']['output_url']}"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sbertray.config import StorageConfig
+    from sbertray.report import summarize
+
+    print(summarize(args.url, StorageConfig(endpoint_url=args.endpoint_url)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbertray", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. output.path=/tmp/out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "nightly", help="incremental nightly run: fine-tune if data changed, embed new shards"
+    )
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/nightly_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_cmd_nightly)
+
+    p = sub.add_parser("report", help="summarize the report.json of a training or embedding run")
+    p.add_argument("url", help="a trained model directory or an embedding output, local or s3://")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

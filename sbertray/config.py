@@ -279,6 +279,9 @@ class EmbedOutputConfig(_Strict):
     path: str  # output prefix; local or s3://
     rows_per_file: int = Field(100_000, gt=0)  # input row groups are grouped into files this big
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # A run holds `_lock.json` here; a lock this long without a heartbeat (or whose process is
+    # gone from this host) is taken over.
+    lock_stale_after_s: float = Field(600.0, gt=0)
 
 
 class ReferenceConfig(_Strict):
@@ -326,3 +329,33 @@ class EmbedConfig(_Strict):
         if self.compute.device == "cpu" and self.compute.precision == "fp16":
             raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Nightly pipeline
+
+
+class ConfigRef(_Strict):
+    """Another config file plus overrides, so the nightly job reuses recipes as they are."""
+
+    config: str
+    overrides: list[str] = Field(default_factory=list)
+
+
+class PromotionConfig(_Strict):
+    # A candidate is promoted only if its dev Spearman beats the current model's (evaluated on
+    # the same dev set in the same run) by at least this much.
+    min_improvement: float = 0.0
+
+
+class NightlyConfig(_Strict):
+    """Fine-tune when the training data changed, promote only a better model, then embed the new
+    or changed shards into ``<output>/model=<hash12>/`` (a new model re-embeds everything)."""
+
+    name: str = "nightly"
+    train: ConfigRef | None = None  # a TrainConfig recipe; omit to only embed
+    embed: ConfigRef  # an EmbedConfig; its `model` is used until a trained model is promoted
+    models: str  # candidate models go to <models>/<run_id>/
+    output: str  # embeddings root; state in <output>/_nightly_state.json
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -25,6 +25,7 @@ from sbertray.config import DEFAULT_BASE_MODEL, TrainConfig
 from sbertray.data import PairData, load_pairs
 from sbertray.modeling import bundled_model_path, resolve_model_path
 from sbertray.ray_runtime import init_ray
+from sbertray.report import write_train_report
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     summary["wall_time_s"] = round(time.time() - started, 1)
     summary["skipped_rows"] = train_pairs.num_skipped
     storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
+    write_train_report(config.output.model, summary, config.storage)
     return TrainResult(**summary)
 
 

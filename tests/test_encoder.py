@@ -14,7 +14,10 @@ def _cos(a, b):
 
 @pytest.fixture(scope="module")
 def stsb_dev(stsb_dir):
-    rows = [line.split("\t") for line in (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [
+        line.split("\t")
+        for line in (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
     return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
 
 
@@ -23,7 +26,9 @@ def test_batches_respect_the_token_budget_longest_first(base_model):
     lengths = np.array([5, 50, 10, 30, 7, 7, 7, 7, 7])
     batches = enc.plan_batches(lengths)
     assert sorted(np.concatenate(batches).tolist()) == list(range(9))
-    assert [lengths[b].max() * len(b) <= 100 or len(b) == 1 for b in batches] == [True] * len(batches)
+    assert [lengths[b].max() * len(b) <= 100 or len(b) == 1 for b in batches] == [True] * len(
+        batches
+    )
     assert batches[0].tolist() == [1, 3]  # 50 + 30 tokens: longest first, 2 x 50 <= 100
     assert all(len(b) <= 4 for b in batches)
 
@@ -65,7 +70,10 @@ def test_top_k_blocks_match_brute_force(monkeypatch):
     import sbertray.embed.similarity as sim
 
     rng = np.random.default_rng(0)
-    q, r = rng.normal(size=(37, 16)).astype(np.float32), rng.normal(size=(101, 16)).astype(np.float32)
+    q, r = (
+        rng.normal(size=(37, 16)).astype(np.float32),
+        rng.normal(size=(101, 16)).astype(np.float32),
+    )
     monkeypatch.setattr(sim, "QUERY_BLOCK", 10)
     monkeypatch.setattr(sim, "REFERENCE_BLOCK", 7)  # many merges across reference blocks
     idx, scores = top_k(q, r, 5)

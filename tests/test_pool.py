@@ -9,7 +9,12 @@ from sbertray.embed.pool import PoolSizeError, plan_pool
 
 def test_two_cpu_laptop_gets_two_single_thread_actors():
     plan = plan_pool({"CPU": 2.0}, ComputeConfig(), num_units=8)
-    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads, plan.device) == (2, 1.0, 1, "cpu")
+    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads, plan.device) == (
+        2,
+        1.0,
+        1,
+        "cpu",
+    )
 
 
 def test_fewer_units_than_cpus_gives_each_actor_more_threads():
@@ -21,7 +26,12 @@ def test_fewer_units_than_cpus_gives_each_actor_more_threads():
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
     plan = plan_pool({"CPU": 16.0, "GPU": 4.0}, ComputeConfig(), num_units=100)
-    assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor, plan.device) == (4, 1.0, 1.0, "cuda")
+    assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor, plan.device) == (
+        4,
+        1.0,
+        1.0,
+        "cuda",
+    )
     assert plan_pool({"CPU": 16.0, "GPU": 4.0}, ComputeConfig(device="cpu"), 100).device == "cpu"
 
 
@@ -30,7 +40,9 @@ def test_pool_that_cannot_fit_is_refused_instead_of_hanging():
         plan_pool({"CPU": 2.0}, ComputeConfig(num_actors=3), num_units=8)
     with pytest.raises(PoolSizeError, match="reports no GPUs"):
         plan_pool({"CPU": 2.0}, ComputeConfig(device="cuda"), num_units=8)
-    with pytest.raises(PoolSizeError, match="`compute.num_actors: 8` GPU actors but the cluster has 2 GPUs"):
+    with pytest.raises(
+        PoolSizeError, match="`compute.num_actors: 8` GPU actors but the cluster has 2 GPUs"
+    ):
         plan_pool({"CPU": 32.0, "GPU": 2.0}, ComputeConfig(num_actors=8), num_units=8)
 
 

@@ -10,6 +10,7 @@ Nothing is marked done (``_manifest.json`` + ``_SUCCESS``) unless it holds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -24,11 +25,13 @@ from sbertray import storage
 from sbertray.config import EmbedConfig
 from sbertray.embed import manifest
 from sbertray.embed.encoder import resolve_precision
+from sbertray.embed.lock import OutputLock
 from sbertray.embed.pool import PoolPlan, plan_pool
 from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
 from sbertray.embed.stage import TMP_PREFIX, UnitResult
 from sbertray.modeling import model_hash, resolve_model_path
 from sbertray.ray_runtime import init_ray
+from sbertray.report import write_embed_report
 
 
 class InvariantError(RuntimeError):
@@ -45,7 +48,7 @@ class EmbedSummary:
     bad_files: list[str]
     truncated: int
     seconds: float
-    skipped_files: int = 0  # already done in an earlier run (incremental)
+    skipped_units: int = 0  # committed by an earlier run (resume / incremental)
     units: list[dict] = field(default_factory=list)
 
     @property
@@ -54,10 +57,13 @@ class EmbedSummary:
 
     def closing_line(self) -> str:
         bad_files = f", {len(self.bad_files)} bad files skipped" if self.bad_files else ""
+        resumed = (
+            f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
+        )
         return (
             f"[sbertray] embedded {self.output_rows:,} rows from {self.input_files} files in "
             f"{self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); bad rows: {self.bad_rows}"
-            f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}"
+            f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}{resumed}"
         )
 
 
@@ -271,24 +277,96 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         **model_info,
         "model": storage.redact(config.model),
         "config_hash": manifest.config_hash(config_dict),
+        "content_hash": content_hash(config, model_info["model_hash"]),
         "run_id": run_id,
         "sbertray_version": sbertray.__version__,
     }
+    with OutputLock(out, run_id, stale_after_s=config.output.lock_stale_after_s):
+        return _run_locked(config, plan, out, model_path, schema_metadata, started, ray_address)
 
-    results: list[UnitResult] = []
+
+def content_hash(config: EmbedConfig, model_digest: str) -> str:
+    """What decides the bytes of an output file: a committed unit with the same hash and input
+    fingerprint is not embedded again."""
+    return manifest.config_hash(
+        {
+            "model_hash": model_digest,
+            "input": config.input.model_dump(),
+            "reference": config.reference.model_dump() if config.reference else None,
+            "rows_per_file": config.output.rows_per_file,
+            "compression": config.output.compression,
+            "bad_input": config.bad_input.model_dump(),
+            "precision": config.compute.precision,
+        }
+    )
+
+
+def _committed_units(out: storage.Location, plan: InputPlan, digest: str) -> dict[str, UnitResult]:
+    """Units whose output file is committed by a run with the same content hash on the same
+    input fingerprint (footers only; read in parallel, object-store latency dominates)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    existing = {i.path for i in storage.list_files(out)} if storage.exists(out) else set()
+    candidates = [u for u in plan.units if out.child(u.output_rel).path in existing]
+
+    def check(unit) -> UnitResult | None:
+        try:
+            with out.fs.open_input_file(out.child(unit.output_rel).path) as handle:
+                meta = pq.read_metadata(handle)
+        except (OSError, pa.ArrowException):
+            return None
+        info = json.loads((meta.metadata or {}).get(b"sbertray", b"{}"))
+        rec = info.get("unit", {})
+        same = (
+            info.get("content_hash") == digest
+            and rec.get("unit_id") == unit.unit_id
+            and rec.get("input") == unit.file.fingerprint
+            and rec.get("rows_in") == unit.num_rows
+        )
+        if not same:
+            return None
+        return UnitResult(
+            unit_id=unit.unit_id,
+            file=unit.file.rel,
+            rows_in=unit.num_rows,
+            rows_out=meta.num_rows,
+            rows_dropped=rec["rows_dropped"],
+            bad_rows=rec["bad_rows"],
+            truncated=rec["truncated"],
+            output=unit.output_rel,
+        )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return {r.unit_id: r for r in pool.map(check, candidates) if r is not None}
+
+
+def _run_locked(
+    config, plan, out, model_path, schema_metadata, started, ray_address
+) -> EmbedSummary:
+    done = _committed_units(out, plan, schema_metadata["content_hash"])
+    todo = InputPlan(files=plan.files, units=[u for u in plan.units if u.unit_id not in done])
+    results: list[UnitResult] = list(done.values())
     pool = precision = None
-    if plan.units:
+    if todo.units:
         init_ray(ray_address)
         import ray
 
-        pool = plan_pool(ray.cluster_resources(), config.compute, len(plan.units))
+        pool = plan_pool(ray.cluster_resources(), config.compute, len(todo.units))
         precision = resolve_precision(config.compute.precision, pool.device)
+        resumed = f"; {len(done)} units already committed" if done else ""
         print(
-            f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows in {len(plan.units)} "
-            f"units; pool: {pool.describe()}; precision {precision}",
+            f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows; embedding "
+            f"{len(todo.units)} of {len(plan.units)} units{resumed}; pool: {pool.describe()}; "
+            f"precision {precision}",
             flush=True,
         )
-        results = _run_units(config, plan, pool, precision, model_path, schema_metadata)
+        results += _run_units(config, todo, pool, precision, model_path, schema_metadata)
+    elif plan.units:
+        print(
+            f"[sbertray] nothing to do: all {len(plan.units)} units of {len(plan.files)} files "
+            "are already embedded with this model and config",
+            flush=True,
+        )
     else:
         print(
             f"[sbertray] no input rows under {storage.redact(str(config.input.path))}: "
@@ -319,6 +397,7 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         next(f.url for f in plan.files if f.rel == rel) for rel in failed_files
     )
     summary = EmbedSummary(
+        skipped_units=len(done),
         output_url=storage.redact(out.url),
         input_files=len(kept_plan.files),
         input_rows=sum(u.num_rows for u in kept_plan.units),
@@ -329,20 +408,19 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         seconds=round(seconds, 2),
         units=[asdict(r) for r in committed],
     )
-    manifest.write(
-        out,
-        _manifest(
-            config_dict,
-            run_id,
-            schema_metadata,
-            kept_plan,
-            committed,
-            summary,
-            pool,
-            precision,
-            started,
-        ),
+    record = _manifest(
+        config.model_dump(),
+        schema_metadata["run_id"],
+        schema_metadata,
+        kept_plan,
+        committed,
+        summary,
+        pool,
+        precision,
+        started,
     )
+    write_embed_report(out, record, [asdict(r) for r in results if r.unit_id not in done])
+    manifest.write(out, record)
     return summary
 
 

@@ -57,6 +57,7 @@ class UnitResult:
     error: str | None = None
     error_kind: str | None = None  # "bad_rows" | "bad_file"
     seconds: float = 0.0
+    finished_at: float = 0.0  # unix time the unit was committed (throughput over time)
 
     def to_row(self) -> dict:
         row = asdict(self)
@@ -183,7 +184,7 @@ class EmbedStage:
             max_batch_rows=config.compute.max_batch_rows,
         )
         self.reference = reference
-        self.schema_metadata = {b"sbertray": json.dumps(schema_metadata).encode()}
+        self.schema_metadata = schema_metadata
         self.output = storage.resolve(config.output.path, config.storage)
         self.input_fs = None
 
@@ -272,11 +273,23 @@ class EmbedStage:
                 self.reference.ids.take(pa.array(idx.reshape(-1))), k
             )
             columns["topk_scores"] = _fixed_list(scores, k)
-        out_table = pa.table(columns).replace_schema_metadata(self.schema_metadata)
         result.output = unit.output_rel
-        result.rows_out = out_table.num_rows
+        result.rows_out = len(kept_idx)
+        # Each output file records the unit it completes: a rerun after a crash reads these
+        # footers to skip committed units (see job._committed_units).
+        record = {
+            "unit_id": unit.unit_id,
+            "input": unit.file.fingerprint,
+            "rows_in": unit.num_rows,
+            "rows_dropped": result.rows_dropped,
+            "bad_rows": result.bad_rows,
+            "truncated": result.truncated,
+        }
+        meta = json.dumps({**self.schema_metadata, "unit": record}).encode()
+        out_table = pa.table(columns).replace_schema_metadata({b"sbertray": meta})
         self._commit(out_table, unit.output_rel)
-        result.seconds = round(time.time() - started, 3)
+        result.finished_at = time.time()
+        result.seconds = round(result.finished_at - started, 3)
         return result
 
     def _commit(self, table: pa.Table, rel: str) -> None:

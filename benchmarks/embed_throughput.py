@@ -1,0 +1,211 @@
+"""Embedding throughput, measured side by side in one run on the same texts:
+
+1. plain `SentenceTransformer.encode` in one process over all texts in memory (the reference);
+2. the naive Ray Data pattern: read_parquet -> map_batches(callable class calling encode,
+   default batch size, a fixed pool of 1 actor that leaves a CPU free) -> write_parquet;
+3. `sbertray embed`, Parquet -> Parquet on local disk (default precision, and fp32);
+4. the same with input and output on S3 (a local SeaweedFS server).
+
+Prints rows/s, the ratios 3/1, 4/1, 3/2 and the peak RSS of each job (driver + Ray workers),
+and appends them to benchmarks/results.json.
+
+    .venv/bin/python benchmarks/embed_throughput.py --rows 4000          # a few minutes
+    .venv/bin/python benchmarks/embed_throughput.py --rows 20000 --long  # ~200-token texts
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import psutil  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from _common import Timer, record, stsb_sentences  # noqa: E402
+
+SHARDS = 8
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and every Ray process on the machine."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.wait(0.2):
+            total = 0
+            for proc in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if proc.info["pid"] == me or "ray::" in cmd or "default_worker" in cmd:
+                    total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_texts(rows: int, long: bool) -> list[str]:
+    base = stsb_sentences(rows * (12 if long else 1))
+    if not long:
+        return base
+    return [" ".join(base[i * 12 : (i + 1) * 12]) for i in range(rows)]  # ~200 tokens each
+
+
+def write_shards(fs, root: str, texts: list[str]) -> None:
+    fs.create_dir(root, recursive=True)
+    per = -(-len(texts) // SHARDS)
+    for n in range(SHARDS):
+        part = texts[n * per : (n + 1) * per]
+        table = pa.table(
+            {"id": pa.array(range(n * per, n * per + len(part)), pa.int64()), "text": part}
+        )
+        with fs.open_output_stream(f"{root}/shard-{n}.parquet") as f:
+            pq.write_table(table, f, row_group_size=1024)
+
+
+def plain_encode(texts: list[str]) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    from sbertray.modeling import bundled_model_path
+
+    model = SentenceTransformer(bundled_model_path(), device="cpu")
+    with Timer() as t:
+        model.encode(texts, batch_size=32)
+    return t.seconds
+
+
+class NaiveEncoder:
+    """The pattern from Ray's docs: a callable class that calls encode on each batch."""
+
+    def __init__(self):
+        from sentence_transformers import SentenceTransformer
+
+        from sbertray.modeling import bundled_model_path
+
+        self.model = SentenceTransformer(bundled_model_path(), device="cpu")
+
+    def __call__(self, batch):
+        batch["embedding"] = list(self.model.encode(list(batch["text"])))
+        return batch
+
+
+def naive_ray(in_dir: str, out_dir: str) -> float:
+    import ray
+
+    with Timer() as t:
+        ds = ray.data.read_parquet(in_dir)
+        ds = ds.map_batches(NaiveEncoder, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        ds.write_parquet(out_dir)
+    return t.seconds
+
+
+def sbertray_embed(in_path: str, out_path: str, precision: str, storage=None) -> float:
+    from sbertray.config import EmbedConfig, parse_config
+    from sbertray.embed.job import run_embed
+
+    config = parse_config(
+        EmbedConfig,
+        {
+            "input": {"path": in_path, "id_column": "id", "text_column": "text"},
+            "output": {"path": out_path, "rows_per_file": 1024},
+            "compute": {"precision": precision},
+            **({"storage": storage} if storage else {}),
+        },
+    )
+    with Timer() as t:
+        run_embed(config)
+    return t.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--long", action="store_true", help="~200-token texts (like seed 003)")
+    parser.add_argument("--skip-s3", action="store_true")
+    args = parser.parse_args()
+
+    import pyarrow.fs as pafs
+    import ray
+
+    from sbertray.local_s3 import LocalS3
+    from sbertray.ray_runtime import init_ray
+
+    texts = make_texts(args.rows, args.long)
+    work = Path(tempfile.mkdtemp(prefix="sbertray-bench-"))
+    write_shards(pafs.LocalFileSystem(), str(work / "in"), texts)
+    s3 = None if args.skip_s3 else LocalS3().start()
+    if s3:
+        os.environ.update(s3.env())  # before Ray starts, so its workers inherit them
+        s3.create_bucket("bench")
+        write_shards(s3.filesystem(), "bench/in", texts)
+    init_ray()
+
+    seconds, rss = {}, {}
+    runs = [
+        ("1_plain_encode_fp32", lambda: plain_encode(texts)),
+        ("2_naive_ray_data", lambda: naive_ray(str(work / "in"), str(work / "naive"))),
+        ("3_sbertray_local", lambda: sbertray_embed(str(work / "in"), str(work / "o3"), "auto")),
+        (
+            "3_sbertray_local_fp32",
+            lambda: sbertray_embed(str(work / "in"), str(work / "o3f"), "fp32"),
+        ),
+    ]
+    if s3:
+        runs.append(
+            ("4_sbertray_s3", lambda: sbertray_embed("s3://bench/in", "s3://bench/out", "auto"))
+        )
+    for name, run in runs:
+        with PeakRSS() as mem:
+            seconds[name] = run()
+        rss[name] = mem.peak
+        print(
+            f"{name:<24} {len(texts) / seconds[name]:>9,.0f} rows/s  peak RSS {mem.peak / 2**30:.2f} GiB",
+            flush=True,
+        )
+    ray.shutdown()
+    if s3:
+        s3.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+    rate = {k: len(texts) / v for k, v in seconds.items()}
+    ratios = {
+        "3/1 (sbertray default / plain fp32)": rate["3_sbertray_local"]
+        / rate["1_plain_encode_fp32"],
+        "3fp32/1 (sbertray fp32 / plain fp32)": rate["3_sbertray_local_fp32"]
+        / rate["1_plain_encode_fp32"],
+        "3/2 (sbertray / naive Ray Data)": rate["3_sbertray_local"] / rate["2_naive_ray_data"],
+    }
+    if s3:
+        ratios["4/1 (sbertray on S3 / plain fp32)"] = (
+            rate["4_sbertray_s3"] / rate["1_plain_encode_fp32"]
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    record(
+        "embed_throughput",
+        {
+            "rows": len(texts),
+            "long_texts": args.long,
+            "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "peak_rss_gib": {k: round(v / 2**30, 2) for k, v in rss.items()},
+            "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

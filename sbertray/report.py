@@ -1,0 +1,222 @@
+"""Run reports: ``report.json`` + ``report.md`` with PNG plots, written next to each run's
+output, and a terminal summary for ``sbertray report URL``."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sbertray import storage
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+# Scores plotted per run at most: enough for a smooth histogram, cheap to read back.
+_MAX_SCORE_SAMPLES = 200_000
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _write(out: storage.Location, report: dict, markdown: str, plots: dict[str, bytes]) -> None:
+    for name, data in plots.items():
+        storage.write_bytes(out.child(name), data)
+    storage.write_bytes(out.child(REPORT_MD), markdown.encode())
+    storage.write_bytes(out.child(REPORT_JSON), json.dumps(report, indent=2, default=str).encode())
+
+
+def write_train_report(model_url: str, result: dict, storage_config=None) -> dict:
+    """Loss curve and dev metrics per epoch, next to the trained model."""
+    out = storage.resolve(model_url, storage_config)
+    plots = {}
+    if result.get("loss_log"):
+        fig, ax = _figure(f"{result['name']}: training loss", "step", "loss (MSE)")
+        ax.plot([e["step"] for e in result["loss_log"]], [e["loss"] for e in result["loss_log"]])
+        plots["loss.png"] = _png(fig)
+    evals = result.get("eval_log") or []
+    metric_keys = sorted(
+        {k for e in evals for k in e if k.endswith(("_spearman_cosine", "_pearson_cosine"))}
+    )
+    if evals and metric_keys:
+        fig, ax = _figure(f"{result['name']}: dev metrics", "epoch", "correlation")
+        for key in metric_keys:
+            ax.plot([e["epoch"] for e in evals], [e[key] for e in evals], marker="o", label=key)
+        ax.legend(fontsize=8)
+        plots["eval.png"] = _png(fig)
+    dev = result.get("dev_metrics") or {}
+    report = {"kind": "train", **result, "plots": sorted(plots)}
+    lines = [
+        f"# Training report: {result['name']}",
+        "",
+        f"- model: `{result['model_url']}` (from `{result['base_model']}`)",
+        f"- steps: {result['global_step']} ({result['epochs']:.2f} epochs, "
+        f"{result['num_workers']} workers), resumed from step {result['resumed_from_step']}",
+        f"- train rows: {result['train_rows']:,} ({result['skipped_rows']} bad rows skipped)",
+        f"- wall time: {result['wall_time_s']:.0f}s",
+    ]
+    if dev:
+        lines.append(
+            f"- {dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, "
+            f"Pearson {dev['pearson_cosine']:.4f} ({dev['num_pairs']} pairs)"
+        )
+    lines += ["", *[f"![{p}]({p})" for p in sorted(plots)], ""]
+    _write(out, report, "\n".join(lines), plots)
+    return report
+
+
+def _score_sample(out: storage.Location, outputs: list[str]) -> tuple[str | None, np.ndarray]:
+    """Pair cosine or top-1 reference score, from the written files (what users will see)."""
+    scores, label = [], None
+    for rel in outputs:
+        with out.fs.open_input_file(out.child(rel).path) as handle:
+            names = pq.read_schema(handle).names
+        column = (
+            "cosine" if "cosine" in names else "topk_scores" if "topk_scores" in names else None
+        )
+        if column is None:
+            return None, np.array([])
+        label = "pair cosine" if column == "cosine" else "top-1 reference score"
+        with out.fs.open_input_file(out.child(rel).path) as handle:
+            values = pq.read_table(handle, columns=[column]).column(column).combine_chunks()
+        arr = (
+            values.to_numpy()
+            if column == "cosine"
+            else np.stack(values.to_numpy(zero_copy_only=False))[:, 0]
+            if len(values)
+            else np.array([])
+        )
+        scores.append(arr)
+        if sum(len(s) for s in scores) >= _MAX_SCORE_SAMPLES:
+            break
+    return label, (np.concatenate(scores) if scores else np.array([]))
+
+
+def write_embed_report(out: storage.Location, manifest: dict, units: list[dict]) -> dict:
+    """Rows/s over time, rows per shard, score histogram and bad rows by reason."""
+    plots = {}
+    timed = sorted((u for u in units if u.get("finished_at")), key=lambda u: u["finished_at"])
+    if timed:
+        t0 = min(u["finished_at"] - u["seconds"] for u in timed)
+        xs = [u["finished_at"] - t0 for u in timed]
+        fig, ax = _figure("throughput", "seconds since start", "rows embedded")
+        ax.plot(xs, np.cumsum([u["rows_out"] for u in timed]), drawstyle="steps-post")
+        plots["throughput.png"] = _png(fig)
+    files = manifest.get("files", [])
+    if files:
+        fig, ax = _figure("rows per input shard", "shard", "rows")
+        ax.bar(range(len(files)), [f["rows_out"] for f in files], label="embedded")
+        ax.bar(
+            range(len(files)),
+            [f["bad_rows"] for f in files],
+            bottom=[f["rows_out"] for f in files],
+            label="bad",
+        )
+        ax.legend(fontsize=8)
+        plots["rows_per_shard.png"] = _png(fig)
+    label, scores = _score_sample(out, [o["path"] for f in files for o in f["outputs"]])
+    if label and len(scores):
+        fig, ax = _figure(f"{label} ({len(scores):,} rows)", label, "rows")
+        ax.hist(scores, bins=50)
+        plots["scores.png"] = _png(fig)
+    reasons = Counter()
+    for f in files:
+        reasons.update(f.get("bad_reasons", {}))
+    if reasons:
+        fig, ax = _figure("bad rows by reason", "reason", "rows")
+        ax.bar(list(reasons), list(reasons.values()))
+        plots["bad_rows.png"] = _png(fig)
+    totals = manifest["totals"]
+    report = {
+        "kind": "embed",
+        "run_id": manifest["run_id"],
+        "totals": totals,
+        "timings": manifest["timings"],
+        "bad_reasons": dict(reasons),
+        "bad_files": manifest.get("bad_files", []),
+        "model": manifest["model"],
+        "score": {
+            "label": label,
+            "mean": float(scores.mean()),
+            "p5": float(np.percentile(scores, 5)),
+            "p95": float(np.percentile(scores, 95)),
+        }
+        if label and len(scores)
+        else None,
+        "plots": sorted(plots),
+    }
+    lines = [
+        f"# Embedding report: run {manifest['run_id']}",
+        "",
+        f"- model: `{manifest['model']['model']}` (hash {manifest['model']['model_hash'][:12]}, "
+        f"dim {manifest['model']['dim']})",
+        f"- rows: {totals['input_rows']:,} in, {totals['output_rows']:,} embedded, "
+        f"{totals['bad_rows']:,} bad, {totals['truncated']:,} truncated",
+        f"- throughput: {manifest['timings']['rows_per_s']:,.0f} rows/s over {manifest['timings']['seconds']:.1f}s",
+        f"- bad files: {len(manifest.get('bad_files', []))}",
+        "",
+        *[f"![{p}]({p})" for p in sorted(plots)],
+        "",
+    ]
+    _write(out, report, "\n".join(lines), plots)
+    return report
+
+
+def summarize(url: str, storage_config=None) -> str:
+    """A terminal summary of the report at ``url`` (a model dir or an embedding output)."""
+    loc = storage.resolve(url, storage_config)
+    report_loc = loc.child(REPORT_JSON)
+    if not storage.exists(report_loc):
+        raise storage.StorageError(f"no {REPORT_JSON} under {storage.redact(url)}")
+    report = json.loads(storage.read_bytes(report_loc))
+    if report["kind"] == "nightly":
+        return f"nightly run {report['run_id']} ({report['seconds']:.0f}s): " + "; ".join(
+            report["log"]
+        )
+    if report["kind"] == "train":
+        dev = report.get("dev_metrics") or {}
+        metric = (
+            f"{dev['dataset']} spearman {dev['spearman_cosine']:.4f} pearson {dev['pearson_cosine']:.4f}"
+            if dev
+            else "no dev set"
+        )
+        losses = report.get("loss_log") or [{"loss": float("nan")}]
+        return (
+            f"train {report['name']}: {report['global_step']} steps, {report['epochs']:.2f} epochs, "
+            f"{report['wall_time_s']:.0f}s; loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}; "
+            f"{metric}; plots: {', '.join(report['plots'])}"
+        )
+    t = report["totals"]
+    score = report.get("score")
+    scored = (
+        f"; {score['label']} mean {score['mean']:.3f} (p5 {score['p5']:.3f}, p95 {score['p95']:.3f})"
+        if score
+        else ""
+    )
+    return (
+        f"embed run {report['run_id']}: {t['output_rows']:,}/{t['input_rows']:,} rows embedded, "
+        f"{t['bad_rows']} bad, {t['truncated']} truncated, {report['timings']['rows_per_s']:,.0f} rows/s"
+        f"{scored}; bad files: {len(report['bad_files'])}; plots: {', '.join(report['plots'])}"
+    )

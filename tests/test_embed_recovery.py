@@ -1,0 +1,186 @@
+"""Recovery: a killed driver, a rerun with nothing new, and the output lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from sbertray import storage
+from sbertray.config import EmbedConfig, parse_config
+from sbertray.embed.job import run_embed
+from sbertray.embed.lock import LockError, OutputLock
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shards(root: Path, sentences: list[str], n: int, rows: int) -> list[int]:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ids = list(range(i * rows, (i + 1) * rows))
+        pq.write_table(
+            pa.table({"id": ids, "text": [sentences[j % len(sentences)] for j in ids]}),
+            root / f"s{i:02d}.parquet",
+            row_group_size=100,
+        )
+    return list(range(n * rows))
+
+
+@pytest.fixture(scope="module")
+def sentences(stsb_dir) -> list[str]:
+    return [
+        line.split("\t")[0]
+        for line in (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
+
+
+def _config_file(tmp_path: Path, inp: Path, out: Path) -> Path:
+    path = tmp_path / "embed.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"path": str(inp), "id_column": "id", "text_column": "text"},
+                "output": {"path": str(out), "rows_per_file": 100},
+                "compute": {"precision": "fp32"},
+            }
+        )
+    )
+    return path
+
+
+def _output_ids(out: Path) -> list[int]:
+    return sorted(
+        i for f in out.rglob("*.parquet") for i in pq.read_table(f).column("id").to_pylist()
+    )
+
+
+def test_killed_driver_rerun_finishes_only_unfinished_units(tmp_path, sentences):
+    ids = _shards(tmp_path / "in", sentences, 8, 300)  # 24 units of 100 rows
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sbertray",
+        "embed",
+        str(_config_file(tmp_path, tmp_path / "in", out)),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["SBERTRAY_RAY_NUM_CPUS"] = "2"
+    first = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    try:
+        while len(list(out.glob("*.parquet"))) < 4:
+            assert first.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    time.sleep(3)  # let every process of the killed run be gone before counting its outputs
+    committed_before = len(list(out.glob("*.parquet")))
+    assert not (out / "_SUCCESS").exists() and committed_before < 24
+    # Only whole files are visible: every committed one reads back completely.
+    for f in out.glob("*.parquet"):
+        assert pq.read_metadata(f).num_rows == 100
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (
+        f"embedding {24 - committed_before} of 24 units; {committed_before} units already committed"
+        in second.stdout
+    )
+    assert _output_ids(out) == ids  # same ids as an uninterrupted run, none twice
+    assert not list(out.glob("_inprogress*")) and (out / "_SUCCESS").exists()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["totals"]["output_rows"] == 2400
+
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "nothing to do: all 24 units of 8 files are already embedded" in third.stdout
+    assert _output_ids(out) == ids
+
+
+def test_new_shard_is_the_only_work(ray_2cpu, tmp_path, sentences):
+    _shards(tmp_path / "in", sentences, 2, 150)
+    config = parse_config(
+        EmbedConfig,
+        {
+            "input": {"path": str(tmp_path / "in"), "id_column": "id"},
+            "output": {"path": str(tmp_path / "out")},
+            "compute": {"precision": "fp32"},
+        },
+    )
+    first = run_embed(config)
+    assert (first.output_rows, first.skipped_units) == (300, 0)
+    pq.write_table(
+        pa.table({"id": [1000, 1001], "text": ["new one", "another"]}),
+        tmp_path / "in" / "s99.parquet",
+    )
+    second = run_embed(config)
+    assert (second.output_rows, second.skipped_units) == (302, 2)
+    assert (
+        json.loads((tmp_path / "out" / "_manifest.json").read_text())["totals"]["output_rows"]
+        == 302
+    )
+
+
+def test_lock_blocks_a_concurrent_run_and_stale_locks_are_taken_over(tmp_path):
+    out = storage.resolve(str(tmp_path / "out"))
+    with (
+        OutputLock(out, "run-a", stale_after_s=60),
+        pytest.raises(LockError, match=r"_lock\.json is held by run run-a"),
+    ):
+        OutputLock(out, "run-b", stale_after_s=60).acquire()
+    assert not (tmp_path / "out" / "_lock.json").exists()  # released
+
+    # A lock left by a process that no longer exists on this host is stale at once.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    storage.write_bytes(
+        out.child("_lock.json"),
+        json.dumps(
+            {
+                "run_id": "crashed",
+                "host": os.uname().nodename,
+                "pid": int(dead.stdout),
+                "heartbeat": time.time(),
+            }
+        ).encode(),
+    )
+    with (
+        pytest.warns(UserWarning, match="taking over the lock of run crashed: its process"),
+        OutputLock(out, "run-c", stale_after_s=60),
+    ):
+        pass
+    # A lock from another host is stale only after its heartbeat timeout.
+    storage.write_bytes(
+        out.child("_lock.json"),
+        json.dumps(
+            {
+                "run_id": "remote",
+                "host": "elsewhere",
+                "pid": 1,
+                "heartbeat": time.time() - 120,
+            }
+        ).encode(),
+    )
+    with pytest.warns(UserWarning, match="heartbeat is 1[0-9]{2}s old"):
+        OutputLock(out, "run-d", stale_after_s=60).acquire()
