@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sbertray.config import TrainConfig, load_config
     from sbertray.train import train
 
-    config = load_config(TrainConfig, args.recipe, args.overrides)
+    config = load_config(TrainConfig, args.config, args.overrides)
     result = train(config, ray_address=args.address)
     metric = ""
     if result.dev_metrics:
@@ -99,16 +99,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_command(sub, name: str, func, *, help: str, example: str) -> None:
+    """`sbertray NAME CONFIG.yaml [key.path=value ...] [--address ADDR]`."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", help=f"YAML config, e.g. {example}")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.epochs=1")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbertray", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a model from a recipe on Ray Train")
-    p.add_argument("recipe", help="YAML recipe, e.g. jobs/configs/stsb.yaml")
-    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.epochs=1")
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
-    p.set_defaults(func=_cmd_train)
+    config_commands = (
+        ("train", _cmd_train, "fine-tune a model from a recipe on Ray Train", "stsb.yaml"),
+        (
+            "embed",
+            _cmd_embed,
+            "embed Parquet with Ray Data, write embeddings + scores",
+            "embed_demo.yaml",
+        ),
+        (
+            "nightly",
+            _cmd_nightly,
+            "fine-tune if the data changed, embed new shards",
+            "nightly_demo.yaml",
+        ),
+    )
+    for name, func, help_text, example in config_commands:
+        _add_config_command(sub, name, func, help=help_text, example=f"jobs/configs/{example}")
 
     p = sub.add_parser("evaluate", help="Pearson/Spearman of cosine vs gold labels")
     p.add_argument("model", help="model directory, s3:// path, hub id, or `bundled`")
@@ -121,20 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="dev")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("embed", help="embed Parquet with Ray Data and write embeddings + scores")
-    p.add_argument("config", help="YAML config, e.g. jobs/configs/embed_demo.yaml")
-    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. output.path=/tmp/out")
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
-    p.set_defaults(func=_cmd_embed)
-
-    p = sub.add_parser(
-        "nightly", help="incremental nightly run: fine-tune if data changed, embed new shards"
-    )
-    p.add_argument("config", help="YAML config, e.g. jobs/configs/nightly_demo.yaml")
-    p.add_argument("overrides", nargs="*", help="key.path=value")
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
-    p.set_defaults(func=_cmd_nightly)
 
     p = sub.add_parser("report", help="summarize the report.json of a training or embedding run")
     p.add_argument("url", help="a trained model directory or an embedding output, local or s3://")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from processes import kill_when, run, sbertray_cmd
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
@@ -67,40 +67,15 @@ def _output_ids(out: Path) -> list[int]:
 def test_killed_driver_rerun_finishes_only_unfinished_units(tmp_path, sentences):
     ids = _shards(tmp_path / "in", sentences, 8, 300)  # 24 units of 100 rows
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sbertray",
-        "embed",
-        str(_config_file(tmp_path, tmp_path / "in", out)),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["SBERTRAY_RAY_NUM_CPUS"] = "2"
-    first = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    try:
-        while len(list(out.glob("*.parquet"))) < 4:
-            assert first.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.1)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    time.sleep(3)  # let every process of the killed run be gone before counting its outputs
+    cmd = sbertray_cmd("embed", str(_config_file(tmp_path, tmp_path / "in", out)))
+    kill_when(cmd, lambda: len(list(out.glob("*.parquet"))) >= 4, what="4 committed outputs")
     committed_before = len(list(out.glob("*.parquet")))
     assert not (out / "_SUCCESS").exists() and committed_before < 24
     # Only whole files are visible: every committed one reads back completely.
     for f in out.glob("*.parquet"):
         assert pq.read_metadata(f).num_rows == 100
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (
         f"embedding {24 - committed_before} of 24 units; {committed_before} units already committed"
@@ -111,7 +86,7 @@ def test_killed_driver_rerun_finishes_only_unfinished_units(tmp_path, sentences)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["totals"]["output_rows"] == 2400
 
-    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    third = run(cmd)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "nothing to do: all 24 units of 8 files are already embedded" in third.stdout
     assert _output_ids(out) == ids

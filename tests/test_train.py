@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when, run, sbertray_cmd
 
 from sbertray.config import TrainConfig, load_config
 from sbertray.data import load_pairs
@@ -132,10 +128,7 @@ def _checkpoint_steps(root: Path) -> list[int]:
 def test_resume_after_killing_the_run(tmp_path):
     """Kill the whole training process tree after the first checkpoint, rerun the same command,
     and check the global step continues instead of restarting from zero."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "sbertray",
+    cmd = sbertray_cmd(
         "train",
         str(REPO / "jobs/configs/concepts.yaml"),
         "training.epochs=8",
@@ -144,31 +137,13 @@ def test_resume_after_killing_the_run(tmp_path):
         "training.logging_steps=2",
         f"output.model={tmp_path / 'model'}",
         f"output.checkpoints={tmp_path / 'ckpt'}",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["SBERTRAY_RAY_NUM_CPUS"] = "2"
-    first = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
-    deadline = time.time() + 300
-    try:
-        while not _checkpoint_steps(tmp_path / "ckpt"):
-            assert first.poll() is None, "training exited before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within 300s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        first.wait()
+    kill_when(cmd, lambda: bool(_checkpoint_steps(tmp_path / "ckpt")), what="a checkpoint")
     killed_at = max(_checkpoint_steps(tmp_path / "ckpt"))
     assert killed_at < 32
     assert not (tmp_path / "model" / "train_result.json").exists()
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads((tmp_path / "model" / "train_result.json").read_text())
     assert result["global_step"] == 32  # 40 pairs / batch 10 = 4 steps x 8 epochs

@@ -1,0 +1,55 @@
+"""Running the CLI as a real process tree and killing it mid-run (recovery tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """The CLI's own local 2-CPU Ray, not the test session's."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["SBERTRAY_RAY_NUM_CPUS"] = "2"
+    return env
+
+
+def sbertray_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sbertray", *args]
+
+
+def kill_when(
+    cmd: list[str], ready: Callable[[], bool], *, what: str, timeout_s: float = 300
+) -> None:
+    """Starts ``cmd`` in its own process group, waits until ``ready()``, then SIGKILLs the whole
+    group (the driver and the Ray processes it started) and waits for it to be gone."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.time() < deadline, f"no {what} within {timeout_s:.0f}s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(3)  # let every process of the killed run be gone before looking at its output
+
+
+def run(cmd: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout_s
+    )
