@@ -139,7 +139,9 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     assert (count, dims) == (702, 384)
 
 
-def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences):
+def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences, capfd):
+    from sbertray.local_s3 import SECRET_KEY
+
     fs = s3_server.filesystem()
     a, b = sentences[0:400:2], sentences[1:400:2]
     _write_shards(fs, f"{s3_prefix[5:]}/in", a, [120, 80], pairs=b)
@@ -157,6 +159,13 @@ def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences):
     }
     assert {"_SUCCESS", "_manifest.json"} <= names
     assert not any(n.startswith("_inprogress") for n in names)
+    # Credentials reach the S3 client from the environment only: never written or printed.
+    written = [f"{s3_prefix[5:]}/out/{n}" for n in ("_manifest.json", "report.json", "report.md")]
+    for path in written + [f"{s3_prefix[5:]}/out/shard-00.part-0000.parquet"]:
+        with fs.open_input_stream(path) as f:
+            assert SECRET_KEY.encode() not in f.read(), path
+    logs = capfd.readouterr()
+    assert SECRET_KEY not in logs.out + logs.err
     import pandas as pd
 
     df = pd.read_parquet(
