@@ -49,11 +49,12 @@ class EmbedSummary:
     truncated: int
     seconds: float
     skipped_units: int = 0  # committed by an earlier run (resume / incremental)
+    embedded_rows: int = 0  # rows embedded by this run (output_rows counts earlier runs' too)
     units: list[dict] = field(default_factory=list)
 
     @property
     def rows_per_s(self) -> float:
-        return self.output_rows / self.seconds if self.seconds else 0.0
+        return self.embedded_rows / self.seconds if self.seconds else 0.0
 
     def closing_line(self) -> str:
         bad_files = f", {len(self.bad_files)} bad files skipped" if self.bad_files else ""
@@ -61,7 +62,7 @@ class EmbedSummary:
             f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
         )
         return (
-            f"[sbertray] embedded {self.output_rows:,} rows from {self.input_files} files in "
+            f"[sbertray] embedded {self.embedded_rows:,} rows from {self.input_files} files in "
             f"{self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); bad rows: {self.bad_rows}"
             f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}{resumed}"
         )
@@ -398,6 +399,7 @@ def _run_locked(
     )
     summary = EmbedSummary(
         skipped_units=len(done),
+        embedded_rows=sum(r.rows_out for r in committed if r.unit_id not in done),
         output_url=storage.redact(out.url),
         input_files=len(kept_plan.files),
         input_rows=sum(u.num_rows for u in kept_plan.units),
