@@ -301,8 +301,11 @@ class BadInputConfig(_Strict):
 
 class ComputeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
-    # auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch, or onnx: onnxruntime on CPU, the model exported once and cached next to it.
+    backend: Literal["torch", "onnx"] = "torch"
+    # auto: torch -> bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else
+    # fp32; onnx -> fp32. int8 (onnx only) is dynamic per-channel quantization of the MatMuls.
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     # Padded tokens per forward pass; texts are sorted by length inside each block first, so
     # short texts go many to a batch and long ones few.
     token_budget: int = Field(16_384, gt=0)
@@ -326,8 +329,15 @@ class EmbedConfig(_Strict):
     def _check(self) -> EmbedConfig:
         if self.reference is not None and self.input.pair_column is not None:
             raise ValueError("set either `input.pair_column` (pair mode) or `reference`, not both")
-        if self.compute.device == "cpu" and self.compute.precision == "fp16":
+        compute = self.compute
+        if compute.device == "cpu" and compute.precision == "fp16":
             raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
+        if compute.precision == "int8" and compute.backend != "onnx":
+            raise ValueError("`compute.precision: int8` needs `compute.backend: onnx`")
+        if compute.backend == "onnx" and (
+            compute.precision in ("bf16", "fp16") or compute.device == "cuda"
+        ):
+            raise ValueError("`compute.backend: onnx` runs on CPU in fp32 or int8")
         return self
 
 

@@ -142,7 +142,7 @@ def model_hash(path: str | Path) -> str:
     root = Path(path)
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = file.relative_to(root).as_posix()
-        if rel in _HASH_IGNORED or rel.startswith(".") or "/." in rel:
+        if rel in _HASH_IGNORED or rel.startswith((".", "onnx/")) or "/." in rel:
             continue
         digest.update(rel.encode() + b"\0")
         with open(file, "rb") as f:

@@ -83,3 +83,21 @@ def test_top_k_blocks_match_brute_force(monkeypatch):
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), atol=1e-5)
     idx_small, _ = top_k(q, r[:3], 5)
     assert idx_small.shape == (37, 3)
+
+
+def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(
+    base_model, bundled_model_path, stsb_dev
+):
+    """int8 counts only with its guard: mean per-row cosine to fp32 >= 0.99 on STS-B dev and
+    dev Spearman within 0.005 of fp32."""
+    s1, s2, gold = stsb_dev
+    ref_a, ref_b = base_model.encode(s1), base_model.encode(s2)
+    onnx32 = TextEncoder(base_model, precision="fp32", backend="onnx", model_dir=bundled_model_path)
+    assert _cos(onnx32.encode(s1[:300]).embeddings, ref_a[:300]).min() >= 0.9999
+    int8 = TextEncoder(base_model, precision="int8", backend="onnx", model_dir=bundled_model_path)
+    a8, b8 = int8.encode(s1).embeddings, int8.encode(s2).embeddings
+    row_cos = np.concatenate([_cos(a8, ref_a), _cos(b8, ref_b)])
+    assert row_cos.mean() >= 0.99, row_cos.mean()
+    sp32 = spearmanr(pair_cosine(ref_a, ref_b), gold).statistic
+    sp8 = spearmanr(pair_cosine(a8, b8), gold).statistic
+    assert abs(sp8 - sp32) <= 0.005, (sp8, sp32)

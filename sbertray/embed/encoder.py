@@ -28,10 +28,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(requested: str, device: str) -> Precision:
-    """``auto`` becomes bf16 on CUDA and on CPUs with native bf16, else fp32."""
+def resolve_precision(requested: str, device: str, backend: str = "torch") -> Precision:
+    """``auto`` becomes bf16 on CUDA and on CPUs with native bf16, else fp32; on the ONNX
+    backend fp32 (int8 changes the vectors measurably, so it is only used when asked for)."""
     if requested != "auto":
         return requested
+    if backend == "onnx":
+        return "fp32"
     if device.startswith("cuda"):
         return "bf16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -49,7 +52,9 @@ class TextEncoder:
     Args:
         model: a loaded ``SentenceTransformer`` (its modules, max_seq_length and Normalize are used).
         device: ``"cpu"`` or ``"cuda[:i]"``.
-        precision: ``fp32``, ``bf16`` or ``fp16`` (``fp16`` on GPU only).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (``fp16`` on GPU only); ``int8`` with onnx.
+        backend: ``torch``, or ``onnx`` (CPU; exported once per model, see onnx_backend.py).
+        model_dir: the model's local directory, where the ONNX export is cached if writable.
         token_budget: padded tokens per forward pass (rows x longest row).
         max_batch_rows: cap on rows per forward pass.
     """
@@ -62,6 +67,8 @@ class TextEncoder:
         precision: Precision = "fp32",
         token_budget: int = 16_384,
         max_batch_rows: int = 512,
+        backend: str = "torch",
+        model_dir: str | None = None,
     ):
         import torch
 
@@ -76,7 +83,20 @@ class TextEncoder:
         self.normalized = any(type(m).__name__ == "Normalize" for m in model)
         self._needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self._pad_id = self.tokenizer.pad_token_id or 0
-        if device.startswith("cuda") and precision in ("bf16", "fp16"):
+        self._onnx = None
+        if backend == "onnx":
+            from sbertray.embed import onnx_backend
+
+            if device != "cpu" or precision not in ("fp32", "int8"):
+                raise ValueError(
+                    f"backend onnx runs fp32 or int8 on CPU, not {precision} on {device}"
+                )
+            path = onnx_backend.export(model, model_dir, precision)
+            self._onnx = onnx_backend.OnnxForward(
+                path, threads=torch.get_num_threads(), normalize=self.normalized
+            )
+            self._autocast = contextlib.nullcontext
+        elif device.startswith("cuda") and precision in ("bf16", "fp16"):
             # On GPUs half weights beat autocast: no per-op casts, half the memory traffic.
             self.model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
             self._autocast = contextlib.nullcontext
@@ -86,6 +106,21 @@ class TextEncoder:
             self._autocast = contextlib.nullcontext
         else:
             raise ValueError(f"precision `{precision}` is not supported on `{device}`")
+
+    @classmethod
+    def for_job(cls, model_path: str, compute, *, device: str, precision: Precision) -> TextEncoder:
+        """Loads ``model_path`` and builds the encoder a job's ``compute`` config asks for."""
+        from sbertray.modeling import load_model
+
+        return cls(
+            load_model(model_path, device=device),
+            device=device,
+            precision=precision,
+            token_budget=compute.token_budget,
+            max_batch_rows=compute.max_batch_rows,
+            backend=compute.backend,
+            model_dir=model_path,
+        )
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids per text, cut to max_seq_length exactly as the tokenizer's own truncation
@@ -133,6 +168,9 @@ class TextEncoder:
                 for row, index in enumerate(batch):
                     input_ids[row, : lengths[index]] = ids[index]
                 mask = (np.arange(width)[None, :] < lengths[batch][:, None]).astype(np.int64)
+                if self._onnx is not None:
+                    out[batch] = self._onnx(input_ids, mask)
+                    continue
                 features = {
                     "input_ids": torch.from_numpy(input_ids).to(self.device),
                     "attention_mask": torch.from_numpy(mask).to(self.device),

@@ -140,7 +140,6 @@ def _embed_reference(
     from sbertray.embed.encoder import TextEncoder
     from sbertray.embed.shards import discover, read_footer
     from sbertray.embed.stage import ReferenceSet
-    from sbertray.modeling import load_model
 
     torch.set_num_threads(torch_threads)
     ref = config.reference
@@ -171,13 +170,7 @@ def _embed_reference(
     all_ids = pa.chunked_array([c for chunk in ids for c in chunk.chunks]).combine_chunks()
     if pc.count_distinct(all_ids).as_py() != len(all_ids):
         raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}`: ids are not unique")
-    encoder = TextEncoder(
-        load_model(model_path, device=device),
-        device=device,
-        precision=precision,
-        token_budget=config.compute.token_budget,
-        max_batch_rows=config.compute.max_batch_rows,
-    )
+    encoder = TextEncoder.for_job(model_path, config.compute, device=device, precision=precision)
     return ReferenceSet(ids=all_ids, embeddings=encoder.encode(texts).embeddings)
 
 
@@ -298,6 +291,7 @@ def content_hash(config: EmbedConfig, model_digest: str) -> str:
             "compression": config.output.compression,
             "bad_input": config.bad_input.model_dump(),
             "precision": config.compute.precision,
+            "backend": config.compute.backend,
         }
     )
 
@@ -353,7 +347,7 @@ def _run_locked(
         import ray
 
         pool = plan_pool(ray.cluster_resources(), config.compute, len(todo.units))
-        precision = resolve_precision(config.compute.precision, pool.device)
+        precision = resolve_precision(config.compute.precision, pool.device, config.compute.backend)
         resumed = f"; {len(done)} units already committed" if done else ""
         print(
             f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows; embedding "

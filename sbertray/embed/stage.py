@@ -170,18 +170,11 @@ class EmbedStage:
     ):
         import torch
 
-        from sbertray.modeling import load_model
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = config
-        model = load_model(model_path, device=device)
-        self.encoder = TextEncoder(
-            model,
-            device=device,
-            precision=precision,
-            token_budget=config.compute.token_budget,
-            max_batch_rows=config.compute.max_batch_rows,
+        self.encoder = TextEncoder.for_job(
+            model_path, config.compute, device=device, precision=precision
         )
         self.reference = reference
         self.schema_metadata = schema_metadata
