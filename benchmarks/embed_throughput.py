@@ -3,7 +3,7 @@
 1. plain `SentenceTransformer.encode` in one process over all texts in memory (the reference);
 2. the naive Ray Data pattern: read_parquet -> map_batches(callable class calling encode,
    default batch size, a fixed pool of 1 actor that leaves a CPU free) -> write_parquet;
-3. `sbertray embed`, Parquet -> Parquet on local disk (default precision, and fp32);
+3. `sbertray embed`, Parquet -> Parquet on local disk (default precision, fp32, and int8 ONNX);
 4. the same with input and output on S3 (a local SeaweedFS server).
 
 Prints rows/s, the ratios 3/1, 4/1, 3/2 and the peak RSS of each job (driver + Ray workers),
@@ -113,7 +113,7 @@ def naive_ray(in_dir: str, out_dir: str) -> float:
     return t.seconds
 
 
-def sbertray_embed(in_path: str, out_path: str, precision: str, storage=None) -> float:
+def sbertray_embed(in_path: str, out_path: str, precision: str, backend: str = "torch") -> float:
     from sbertray.config import EmbedConfig, parse_config
     from sbertray.embed.job import run_embed
 
@@ -122,8 +122,7 @@ def sbertray_embed(in_path: str, out_path: str, precision: str, storage=None) ->
         {
             "input": {"path": in_path, "id_column": "id", "text_column": "text"},
             "output": {"path": out_path, "rows_per_file": 1024},
-            "compute": {"precision": precision},
-            **({"storage": storage} if storage else {}),
+            "compute": {"precision": precision, "backend": backend},
         },
     )
     with Timer() as t:
@@ -163,6 +162,10 @@ def main() -> None:
             "3_sbertray_local_fp32",
             lambda: sbertray_embed(str(work / "in"), str(work / "o3f"), "fp32"),
         ),
+        (
+            "3_sbertray_local_int8_onnx",
+            lambda: sbertray_embed(str(work / "in"), str(work / "o3i"), "int8", "onnx"),
+        ),
     ]
     if s3:
         runs.append(
@@ -186,6 +189,8 @@ def main() -> None:
         "3/1 (sbertray default / plain fp32)": rate["3_sbertray_local"]
         / rate["1_plain_encode_fp32"],
         "3fp32/1 (sbertray fp32 / plain fp32)": rate["3_sbertray_local_fp32"]
+        / rate["1_plain_encode_fp32"],
+        "3int8/1 (sbertray int8 onnx / plain fp32)": rate["3_sbertray_local_int8_onnx"]
         / rate["1_plain_encode_fp32"],
         "3/2 (sbertray / naive Ray Data)": rate["3_sbertray_local"] / rate["2_naive_ray_data"],
     }

@@ -36,6 +36,7 @@ def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, st
             "training.epochs=1",
             f"train.path={subset}",
             "training.eval_every=end",
+            "training.select_best=false",
             "scaling.num_workers=2",
             "training.logging_steps=10",
             f"output.model={tmp_path / 'model'}",
