@@ -16,6 +16,7 @@ and appends them to benchmarks/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -35,7 +36,8 @@ SHARDS = 8
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and every Ray process on the machine."""
+    """Samples the summed RSS of this process and its descendants: the local Ray it started
+    (GCS, raylet, actors), so other work on the machine is not counted."""
 
     def __enter__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -44,13 +46,12 @@ class PeakRSS:
         return self
 
     def _run(self):
-        me = os.getpid()
+        me = psutil.Process()
         while not self._stop.wait(0.2):
             total = 0
-            for proc in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.info["pid"] == me or "ray::" in cmd or "default_worker" in cmd:
-                    total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # exited between listing and reading
+                    total += proc.memory_info().rss
             self.peak = max(self.peak, total)
 
     def __exit__(self, *exc):
@@ -145,44 +146,45 @@ def main() -> None:
 
     texts = make_texts(args.rows, args.long)
     work = Path(tempfile.mkdtemp(prefix="sbertray-bench-"))
-    write_shards(pafs.LocalFileSystem(), str(work / "in"), texts)
-    s3 = None if args.skip_s3 else LocalS3().start()
-    if s3:
-        os.environ.update(s3.env())  # before Ray starts, so its workers inherit them
-        s3.create_bucket("bench")
-        write_shards(s3.filesystem(), "bench/in", texts)
-    init_ray()
-
+    s3 = None if args.skip_s3 else LocalS3()
     seconds, rss = {}, {}
-    runs = [
-        ("1_plain_encode_fp32", lambda: plain_encode(texts)),
-        ("2_naive_ray_data", lambda: naive_ray(str(work / "in"), str(work / "naive"))),
-        ("3_sbertray_local", lambda: sbertray_embed(str(work / "in"), str(work / "o3"), "auto")),
-        (
-            "3_sbertray_local_fp32",
-            lambda: sbertray_embed(str(work / "in"), str(work / "o3f"), "fp32"),
-        ),
-        (
-            "3_sbertray_local_int8_onnx",
-            lambda: sbertray_embed(str(work / "in"), str(work / "o3i"), "int8", "onnx"),
-        ),
-    ]
-    if s3:
-        runs.append(
-            ("4_sbertray_s3", lambda: sbertray_embed("s3://bench/in", "s3://bench/out", "auto"))
-        )
-    for name, run in runs:
-        with PeakRSS() as mem:
-            seconds[name] = run()
-        rss[name] = mem.peak
-        print(
-            f"{name:<24} {len(texts) / seconds[name]:>9,.0f} rows/s  peak RSS {mem.peak / 2**30:.2f} GiB",
-            flush=True,
-        )
-    ray.shutdown()
-    if s3:
-        s3.stop()
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        write_shards(pafs.LocalFileSystem(), str(work / "in"), texts)
+        if s3:
+            s3.start()
+            os.environ.update(s3.env())  # before Ray starts, so its workers inherit them
+            s3.create_bucket("bench")
+            write_shards(s3.filesystem(), "bench/in", texts)
+        init_ray()
+        local = str(work / "in")
+        runs = [
+            ("1_plain_encode_fp32", lambda: plain_encode(texts)),
+            ("2_naive_ray_data", lambda: naive_ray(local, str(work / "naive"))),
+            ("3_sbertray_local", lambda: sbertray_embed(local, str(work / "o3"), "auto")),
+            ("3_sbertray_local_fp32", lambda: sbertray_embed(local, str(work / "o3f"), "fp32")),
+            (
+                "3_sbertray_local_int8_onnx",
+                lambda: sbertray_embed(local, str(work / "o3i"), "int8", "onnx"),
+            ),
+        ]
+        if s3:
+            runs.append(
+                ("4_sbertray_s3", lambda: sbertray_embed("s3://bench/in", "s3://bench/out", "auto"))
+            )
+        for name, run in runs:
+            with PeakRSS() as mem:
+                seconds[name] = run()
+            rss[name] = mem.peak
+            print(
+                f"{name:<28} {len(texts) / seconds[name]:>9,.0f} rows/s  "
+                f"peak RSS {mem.peak / 2**30:.2f} GiB",
+                flush=True,
+            )
+    finally:
+        ray.shutdown()
+        if s3:
+            s3.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     rate = {k: len(texts) / v for k, v in seconds.items()}
     ratios = {

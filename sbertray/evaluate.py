@@ -38,7 +38,7 @@ class SimilarityMetrics:
 
 
 def build_evaluator(pairs: PairData, name: str):
-    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     table = pairs.table
     return EmbeddingSimilarityEvaluator(
