@@ -41,6 +41,14 @@ def is_local(path: str) -> bool:
     return not is_url(path) or str(path).startswith("file://")
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URLs unchanged."""
+    if is_url(path) and not path.startswith("file://"):
+        return path
+    local = path[len("file://") :] if path.startswith("file://") else path
+    return os.path.abspath(os.path.expanduser(local))
+
+
 def redact(url: str) -> str:
     """Drops any ``user:secret@`` part so URLs can be logged and written to manifests."""
     return re.sub(r"(://)[^/@]+@", r"\1", str(url))

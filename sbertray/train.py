@@ -91,6 +91,11 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    config = config.model_copy(deep=True)
+    config.output.model = storage.absolute(config.output.model)
+    config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
+    if os.path.exists(config.base_model):
+        config.base_model = storage.absolute(config.base_model)
     train_pairs = load_pairs(config.train, config.storage)
     dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
     resolve_model_path(config.base_model, config.storage)  # fail now, not inside a worker

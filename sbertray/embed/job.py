@@ -260,6 +260,8 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         InvariantError: output does not account for every input row exactly once.
     """
     started = time.time()
+    config = config.model_copy(deep=True)
+    config.output.path = storage.absolute(config.output.path)
     out = storage.resolve(config.output.path, config.storage)
     model_path = resolve_model_path(config.model, config.storage)
     model_info = describe_model(model_path)
