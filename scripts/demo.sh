@@ -15,9 +15,11 @@ $SB embed jobs/configs/embed_demo.yaml model=runs/courses/model output.path=runs
 .venv/bin/python - <<'PY'
 import duckdb
 print(duckdb.sql("""
-    select e.id, c.title, e.topk_ids[1] as best_category, round(e.topk_scores[1], 3) as score
+    select c.title, k.name as best_category, round(e.topk_scores[1], 3) as score
     from read_parquet('runs/embed_demo/**/*.parquet', hive_partitioning=true) e
     join read_parquet('jobs/samples/courses/**/*.parquet', hive_partitioning=true) c
       on c.course_id = e.id
-    order by e.id limit 8"""))
+    join read_parquet('jobs/samples/course_categories.parquet') k
+      on k.category_id = e.topk_ids[1]
+    order by e.id limit 10"""))
 PY
