@@ -152,3 +152,23 @@ def test_resume_after_killing_the_run(tmp_path):
     assert f"resumed from step {result['resumed_from_step']}" in second.stdout
     logged = [e["step"] for e in result["loss_log"]]
     assert logged == list(range(2, 33, 2))  # the log spans the kill: nothing lost or repeated
+
+
+def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch):
+    """Ray Train workers run in their own directory: a relative output path must still mean
+    the driver's directory (the README demo uses one)."""
+    recipe = REPO / "jobs/configs/resume_roles.yaml"
+    monkeypatch.chdir(tmp_path)
+    config = load_config(
+        TrainConfig,
+        recipe,
+        [
+            f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
+            "training.max_steps=1",
+            "output.model=rel/model",
+        ],
+    )
+    result = train(config)
+    assert result.model_url == str(tmp_path / "rel" / "model")
+    assert (tmp_path / "rel" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "rel" / "model" / "report.md").exists()
