@@ -105,6 +105,9 @@ class ScalingConfigSpec(_Strict):
     use_gpu: bool = False
     # None: an even share of the cluster's CPUs, so one worker on a laptop uses every core.
     cpus_per_worker: float | None = Field(default=None, gt=0)
+    # Worker-group restarts from the last checkpoint within one run (a killed worker, a lost
+    # node) before the run fails; a failed run still resumes when rerun.
+    max_failures: int = Field(0, ge=0)
 
 
 class TrainOutputConfig(_Strict):

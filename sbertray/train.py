@@ -87,7 +87,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
         DataError: bad training/dev data (before any worker starts).
         ModelError: the base model cannot be found.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started = time.time()
@@ -124,6 +124,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
             storage_path=ckpt_loc.path,
             storage_filesystem=ckpt_loc.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.training.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
     )
     trainer.fit()

@@ -19,6 +19,7 @@ import pytest
 
 from sbertray.config import NightlyConfig, load_config
 from sbertray.nightly import run_nightly
+from sbertray.report import summarize
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +143,12 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
     prefix = tmp_path / "emb" / f"model={first['model_hash'][:12]}"
     assert (prefix / "_SUCCESS").exists() and (prefix / "report.json").exists()
     assert (prefix / "throughput.png").exists() and (prefix / "scores.png").exists()
+    summary = summarize(str(prefix))
+    assert summary.startswith(
+        f"embed run {json.loads((prefix / 'report.json').read_text())['run_id']}: 36/36"
+    )
+    assert "top-1 reference score mean" in summary
+    assert summarize(str(tmp_path / "emb")).startswith(f"nightly run {first['run_id']}")
 
     second = run_nightly(config)
     assert not second["train"]["trained"]

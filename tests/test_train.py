@@ -14,6 +14,7 @@ from processes import kill_when, run, sbertray_cmd
 from sbertray.config import TrainConfig, load_config
 from sbertray.data import load_pairs
 from sbertray.evaluate import evaluate_model
+from sbertray.report import summarize
 from sbertray.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,3 +173,5 @@ def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch
     assert result.model_url == str(tmp_path / "rel" / "model")
     assert (tmp_path / "rel" / "model" / "model.safetensors").exists()
     assert (tmp_path / "rel" / "model" / "report.md").exists()
+    summary = summarize("rel/model")
+    assert summary.startswith("train resume_roles: 1 steps") and "loss.png" not in summary

@@ -274,6 +274,7 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         "model": storage.redact(config.model),
         "config_hash": manifest.config_hash(config_dict),
         "content_hash": content_hash(config, model_info["model_hash"]),
+        "config": _redacted(config_dict),
         "run_id": run_id,
         "sbertray_version": sbertray.__version__,
     }
