@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -134,8 +136,36 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     summary["wall_time_s"] = round(time.time() - started, 1)
     summary["skipped_rows"] = train_pairs.num_skipped
     storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
+    add_run_to_card(storage.resolve(config.output.model, config.storage), summary)
     write_train_report(config.output.model, summary, config.storage)
     return TrainResult(**summary)
+
+
+def add_run_to_card(model: storage.Location, summary: dict, command: str | None = None) -> None:
+    """Adds how this model was produced (command, workers, wall time, dev score) to its card,
+    just before sentence-transformers' "Framework Versions" section."""
+    card_loc = model.child("README.md")
+    card = storage.read_bytes(card_loc).decode()
+    dev = summary.get("dev_metrics")
+    lines = [
+        "### Trained with sbertray",
+        f"- Command: `{command or shlex.join(['sbertray', *sys.argv[1:]])}`",
+        f"- Ray Train workers: {summary['num_workers']}; steps: {summary['global_step']}"
+        + (
+            f" (resumed from step {summary['resumed_from_step']})"
+            if summary["resumed_from_step"]
+            else ""
+        ),
+        f"- Wall time: {summary['wall_time_s']:.0f} s",
+    ]
+    if dev:
+        lines.append(
+            f"- {dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, Pearson {dev['pearson_cosine']:.4f}"
+        )
+    block = "\n".join(lines) + "\n\n"
+    marker = "### Framework Versions"
+    card = card.replace(marker, block + marker, 1) if marker in card else card + "\n" + block
+    storage.write_bytes(card_loc, card.encode())
 
 
 def _report_skips(kind: str, pairs: PairData) -> None:
