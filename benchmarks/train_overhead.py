@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from _common import ROOT, Timer, record, stsb_rows  # noqa: E402
+from _common import ROOT, STSB, Timer, record, stsb_rows  # noqa: E402
 
 from sbertray.config import TrainConfig, load_config  # noqa: E402
 
