@@ -28,6 +28,7 @@ def _recipe(train_file: Path, out: Path, workers: int) -> TrainConfig:
         ROOT / "jobs/configs/stsb.yaml",
         [
             f"train.path={train_file}",
+            f"dev.path={STSB / 'dev.tsv'}",
             "training.epochs=1",
             "training.select_best=false",
             "training.eval_every=end",
