@@ -141,15 +141,17 @@ def test_resume_after_killing_the_run(tmp_path):
         f"output.checkpoints={tmp_path / 'ckpt'}",
     )
     kill_when(cmd, lambda: bool(_checkpoint_steps(tmp_path / "ckpt")), what="a checkpoint")
-    killed_at = max(_checkpoint_steps(tmp_path / "ckpt"))
-    assert killed_at < 32
+    on_disk = _checkpoint_steps(tmp_path / "ckpt")
+    assert max(on_disk) < 32
     assert not (tmp_path / "model" / "train_result.json").exists()
 
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads((tmp_path / "model" / "train_result.json").read_text())
     assert result["global_step"] == 32  # 40 pairs / batch 10 = 4 steps x 8 epochs
-    assert result["resumed_from_step"] >= killed_at > 0
+    # Resumed from a checkpoint Ray Train had committed before the kill (one being persisted at
+    # that moment is on disk but not registered, so it may be the one before).
+    assert result["resumed_from_step"] in on_disk and result["resumed_from_step"] > 0
     assert f"resumed from step {result['resumed_from_step']}" in second.stdout
     logged = [e["step"] for e in result["loss_log"]]
     assert logged == list(range(2, 33, 2))  # the log spans the kill: nothing lost or repeated
