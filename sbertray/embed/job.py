@@ -265,7 +265,7 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
     out = storage.resolve(config.output.path, config.storage)
     model_path = resolve_model_path(config.model, config.storage)
     model_info = describe_model(model_path)
-    _, plan = plan_input(config)
+    plan = plan_input(config)
     _probe_writable(out)
     config_dict = config.model_dump()
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -408,8 +408,6 @@ def _run_locked(
         units=[asdict(r) for r in committed],
     )
     record = _manifest(
-        config.model_dump(),
-        schema_metadata["run_id"],
         schema_metadata,
         kept_plan,
         committed,
@@ -423,7 +421,8 @@ def _run_locked(
     return summary
 
 
-def _manifest(config_dict, run_id, model_meta, plan, results, summary, pool, precision, started):
+def _manifest(model_meta, plan, results, summary, pool, precision, started):
+    """The run record; run id, hashes and the redacted config come from the run's metadata."""
     by_file: dict[str, list[UnitResult]] = {}
     for r in results:
         by_file.setdefault(r.file, []).append(r)
@@ -449,7 +448,7 @@ def _manifest(config_dict, run_id, model_meta, plan, results, summary, pool, pre
         )
     return {
         "version": manifest.MANIFEST_VERSION,
-        "run_id": run_id,
+        "run_id": model_meta["run_id"],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
@@ -458,7 +457,7 @@ def _manifest(config_dict, run_id, model_meta, plan, results, summary, pool, pre
         "precision": precision,
         "pool": asdict(pool) if pool else None,
         "config_hash": model_meta["config_hash"],
-        "config": _redacted(config_dict),
+        "config": model_meta["config"],
         "files": files,
         "bad_files": summary.bad_files,
         "totals": {

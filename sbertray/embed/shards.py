@@ -211,7 +211,7 @@ def plan_units(files: list[InputFile], rows_per_file: int) -> list[WorkUnit]:
     return units
 
 
-def plan_input(config: EmbedConfig) -> tuple[pafs.FileSystem, InputPlan]:
+def plan_input(config: EmbedConfig) -> InputPlan:
     """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
     aside (``skip``); a missing column always raises, before any work."""
     fs, found = discover(config.input.path, config.storage)
@@ -227,6 +227,4 @@ def plan_input(config: EmbedConfig) -> tuple[pafs.FileSystem, InputPlan]:
             continue
         check_columns(config, checked, schema)
         good.append(checked)
-    return fs, InputPlan(
-        files=good, units=plan_units(good, config.output.rows_per_file), bad_files=bad
-    )
+    return InputPlan(files=good, units=plan_units(good, config.output.rows_per_file), bad_files=bad)
