@@ -3,11 +3,13 @@
 1. plain `SentenceTransformer.encode` in one process over all texts in memory (the reference);
 2. the naive Ray Data pattern: read_parquet -> map_batches(callable class calling encode,
    default batch size, a fixed pool of 1 actor that leaves a CPU free) -> write_parquet;
-3. `sbertray embed`, Parquet -> Parquet on local disk (default precision, fp32, and int8 ONNX);
+3. `sbertray embed`, Parquet -> Parquet on local disk: the default (auto: OpenVINO, bf16 where
+   native), fp32 (auto backend: OpenVINO), fp32 and bf16 on the torch backend, int8 ONNX;
 4. the same with input and output on S3 (a local SeaweedFS server).
 
 Prints rows/s, the ratios 3/1, 4/1, 3/2 and the peak RSS of each job (driver + Ray workers),
-and appends them to benchmarks/results.json.
+and appends them to benchmarks/results.json. The model's ONNX export (once per model, cached
+next to it or in ~/.cache/sbertray) is made before the timed runs and its time printed.
 
     .venv/bin/python benchmarks/embed_throughput.py --rows 4000          # a few minutes
     .venv/bin/python benchmarks/embed_throughput.py --rows 20000 --long  # ~200-token texts
@@ -114,7 +116,7 @@ def naive_ray(in_dir: str, out_dir: str) -> float:
     return t.seconds
 
 
-def sbertray_embed(in_path: str, out_path: str, precision: str, backend: str = "torch") -> float:
+def sbertray_embed(in_path: str, out_path: str, precision: str, backend: str = "auto") -> float:
     from sbertray.config import EmbedConfig, parse_config
     from sbertray.embed.job import run_embed
 
@@ -141,7 +143,9 @@ def main() -> None:
     import pyarrow.fs as pafs
     import ray
 
+    from sbertray.embed import exported
     from sbertray.local_s3 import LocalS3
+    from sbertray.modeling import bundled_model_path
     from sbertray.ray_runtime import init_ray
 
     texts = make_texts(args.rows, args.long)
@@ -155,17 +159,24 @@ def main() -> None:
             os.environ.update(s3.env())  # before Ray starts, so its workers inherit them
             s3.create_bucket("bench")
             write_shards(s3.filesystem(), "bench/in", texts)
+        with Timer() as export:
+            for precision in ("fp32", "int8"):
+                exported.ensure(bundled_model_path(), precision)
+        print(f"ONNX export + int8 quantization (cached after): {export.seconds:.1f}s", flush=True)
         init_ray()
         local = str(work / "in")
+
+        def embed(name: str, precision: str, backend: str = "auto"):
+            return lambda: sbertray_embed(local, str(work / name), precision, backend)
+
         runs = [
             ("1_plain_encode_fp32", lambda: plain_encode(texts)),
             ("2_naive_ray_data", lambda: naive_ray(local, str(work / "naive"))),
-            ("3_sbertray_local", lambda: sbertray_embed(local, str(work / "o3"), "auto")),
-            ("3_sbertray_local_fp32", lambda: sbertray_embed(local, str(work / "o3f"), "fp32")),
-            (
-                "3_sbertray_local_int8_onnx",
-                lambda: sbertray_embed(local, str(work / "o3i"), "int8", "onnx"),
-            ),
+            ("3_sbertray_local", embed("default", "auto")),
+            ("3_sbertray_local_fp32", embed("fp32", "fp32")),
+            ("3_sbertray_local_torch_fp32", embed("torch_fp32", "fp32", "torch")),
+            ("3_sbertray_local_torch_bf16", embed("torch_bf16", "bf16", "torch")),
+            ("3_sbertray_local_int8_onnx", embed("int8", "int8", "onnx")),
         ]
         if s3:
             runs.append(
@@ -191,6 +202,8 @@ def main() -> None:
         "3/1 (sbertray default / plain fp32)": rate["3_sbertray_local"]
         / rate["1_plain_encode_fp32"],
         "3fp32/1 (sbertray fp32 / plain fp32)": rate["3_sbertray_local_fp32"]
+        / rate["1_plain_encode_fp32"],
+        "3torch_fp32/1 (sbertray torch fp32 / plain fp32)": rate["3_sbertray_local_torch_fp32"]
         / rate["1_plain_encode_fp32"],
         "3int8/1 (sbertray int8 onnx / plain fp32)": rate["3_sbertray_local_int8_onnx"]
         / rate["1_plain_encode_fp32"],

@@ -304,15 +304,17 @@ class BadInputConfig(_Strict):
 
 class ComputeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
-    # torch, or onnx: onnxruntime on CPU, the model exported once and cached next to it.
-    backend: Literal["torch", "onnx"] = "torch"
-    # auto: torch -> bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else
-    # fp32; onnx -> fp32. int8 (onnx only) is dynamic per-channel quantization of the MatMuls.
+    # auto: GPUs -> torch; CPUs -> openvino (onnx for int8), torch for models the export does not
+    # cover. openvino / onnx run the model exported once to ONNX and cached next to it.
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; onnx -> fp32.
+    # int8 (onnx only) is dynamic per-channel quantization of the MatMuls; used only when asked.
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
-    # Padded tokens per forward pass; texts are sorted by length inside each block first, so
-    # short texts go many to a batch and long ones few.
-    token_budget: int = Field(16_384, gt=0)
-    max_batch_rows: int = Field(512, gt=0)
+    # Padded tokens per forward pass (texts sorted by length inside each block first, so short
+    # texts go many to a batch and long ones few) and a cap on rows per pass.
+    # None: by device (CPU 1024 / 256, GPU 65536 / 4096; see embed/encoder.py).
+    token_budget: int | None = Field(default=None, gt=0)
+    max_batch_rows: int | None = Field(default=None, gt=0)
     num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
@@ -335,12 +337,15 @@ class EmbedConfig(_Strict):
         compute = self.compute
         if compute.device == "cpu" and compute.precision == "fp16":
             raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
-        if compute.precision == "int8" and compute.backend != "onnx":
-            raise ValueError("`compute.precision: int8` needs `compute.backend: onnx`")
-        if compute.backend == "onnx" and (
-            compute.precision in ("bf16", "fp16") or compute.device == "cuda"
-        ):
-            raise ValueError("`compute.backend: onnx` runs on CPU in fp32 or int8")
+        if compute.precision == "int8" and compute.backend not in ("auto", "onnx"):
+            raise ValueError("`compute.precision: int8` needs `compute.backend: onnx` (or auto)")
+        cpu_only = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+        if compute.backend in cpu_only:
+            allowed = cpu_only[compute.backend]
+            if compute.device == "cuda" or compute.precision not in ("auto", *allowed):
+                raise ValueError(
+                    f"`compute.backend: {compute.backend}` runs on CPU in {' or '.join(allowed)}"
+                )
         return self
 
 

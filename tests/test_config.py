@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sbertray.config import ConfigError, TrainConfig, load_config, parse_config
+from sbertray.config import ConfigError, EmbedConfig, TrainConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "jobs" / "configs"
@@ -63,6 +63,23 @@ def test_half_precision_needs_gpu():
         TrainConfig, _minimal(training={"precision": "bf16"}, scaling={"use_gpu": True})
     )
     assert cfg.training.precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("compute", "message"),
+    [
+        ({"precision": "int8", "backend": "torch"}, "int8` needs `compute.backend: onnx"),
+        ({"backend": "openvino", "precision": "fp16"}, "openvino` runs on CPU in fp32 or bf16"),
+        ({"backend": "onnx", "precision": "bf16"}, "onnx` runs on CPU in fp32 or int8"),
+        ({"backend": "onnx", "device": "cuda"}, "onnx` runs on CPU"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16` needs a GPU"),
+    ],
+)
+def test_embed_backend_and_precision_combinations(compute, message):
+    embed = {"input": {"path": "in/"}, "output": {"path": "out/"}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(EmbedConfig, {**embed, "compute": compute})
+    assert parse_config(EmbedConfig, {**embed, "compute": {"precision": "int8"}})
 
 
 def test_bad_literal_shows_value():

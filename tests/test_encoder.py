@@ -22,7 +22,7 @@ def stsb_dev(stsb_dir):
 
 
 def test_batches_respect_the_token_budget_longest_first(base_model):
-    enc = TextEncoder(base_model, token_budget=100, max_batch_rows=4)
+    enc = TextEncoder.for_model(base_model, token_budget=100, max_batch_rows=4)
     lengths = np.array([5, 50, 10, 30, 7, 7, 7, 7, 7])
     batches = enc.plan_batches(lengths)
     assert sorted(np.concatenate(batches).tolist()) == list(range(9))
@@ -34,7 +34,7 @@ def test_batches_respect_the_token_budget_longest_first(base_model):
 
 
 def test_truncation_matches_the_tokenizer_and_is_counted(base_model):
-    enc = TextEncoder(base_model)
+    enc = TextEncoder.for_model(base_model)
     long_text = "token " * 1000
     ids, truncated = enc.tokenize([long_text, "short"])
     expected = base_model.tokenizer(long_text, truncation=True, max_length=256)["input_ids"]
@@ -43,7 +43,7 @@ def test_truncation_matches_the_tokenizer_and_is_counted(base_model):
 
 def test_fp32_equals_encode(base_model, stsb_dev):
     texts = stsb_dev[0][:300] + ["", "x" * 3000]
-    got = TextEncoder(base_model, precision="fp32", token_budget=2048).encode(texts)
+    got = TextEncoder.for_model(base_model, precision="fp32", token_budget=2048).encode(texts)
     ref = base_model.encode(texts, batch_size=32)
     assert _cos(got.embeddings, ref).min() >= 0.9999
     assert got.truncated == 0  # 3000 x's are few wordpieces
@@ -55,8 +55,8 @@ def test_bf16_quality_guard_on_stsb_dev(base_model, stsb_dev):
     """bf16 is the default here only because it passes this: per-row cosine to fp32 and the
     STS-B dev Spearman it gives."""
     s1, s2, gold = stsb_dev
-    fp32 = TextEncoder(base_model, precision="fp32")
-    bf16 = TextEncoder(base_model, precision="bf16")
+    fp32 = TextEncoder.for_model(base_model, precision="fp32")
+    bf16 = TextEncoder.for_model(base_model, precision="bf16")
     a32, b32 = fp32.encode(s1).embeddings, fp32.encode(s2).embeddings
     a16, b16 = bf16.encode(s1).embeddings, bf16.encode(s2).embeddings
     row_cos = np.concatenate([_cos(a16, a32), _cos(b16, b32)])
@@ -85,6 +85,54 @@ def test_top_k_blocks_match_brute_force(monkeypatch):
     assert idx_small.shape == (37, 3)
 
 
+def test_exported_tokenizer_gives_the_models_own_ids(base_model, bundled_model_path, stsb_dev):
+    """The exported backends tokenize without transformers: same ids, same truncation."""
+    exported = TextEncoder.for_model(
+        base_model, backend="openvino", model_dir=bundled_model_path, threads=1
+    )
+    texts = [*stsb_dev[0], "", "  ", "Ünïcödé — 東京 😀", "word " * 400, "a\tb\nc"]
+    got, got_cut = exported.tokenize(texts)
+    ref, ref_cut = TextEncoder.for_model(base_model).tokenize(texts)
+    assert got == ref and got_cut == ref_cut == 1
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="CPU without native bf16")
+def test_openvino_fp32_equals_encode_and_bf16_passes_the_quality_guard(
+    base_model, bundled_model_path, stsb_dev
+):
+    """OpenVINO bf16 is the CPU default here only because it passes this."""
+    s1, s2, gold = stsb_dev
+    ref_a, ref_b = base_model.encode(s1), base_model.encode(s2)
+    ov32 = TextEncoder.for_model(base_model, backend="openvino", model_dir=bundled_model_path)
+    assert _cos(ov32.encode(s1[:300]).embeddings, ref_a[:300]).min() >= 0.9999
+    bf16 = TextEncoder.for_model(
+        base_model, backend="openvino", precision="bf16", model_dir=bundled_model_path
+    )
+    a16, b16 = bf16.encode(s1).embeddings, bf16.encode(s2).embeddings
+    row_cos = np.concatenate([_cos(a16, ref_a), _cos(b16, ref_b)])
+    assert row_cos.mean() >= 0.999 and row_cos.min() >= 0.99, (row_cos.mean(), row_cos.min())
+    sp32 = spearmanr(pair_cosine(ref_a, ref_b), gold).statistic
+    sp16 = spearmanr(pair_cosine(a16, b16), gold).statistic
+    assert abs(sp16 - sp32) <= 0.005, (sp16, sp32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_concurrent_encodes_give_the_same_vectors(
+    base_model, bundled_model_path, stsb_dev, backend
+):
+    """GPU actors run two units at once (read/tokenize one while the other is on the device):
+    the encoder must be safe to share between threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = TextEncoder.for_model(base_model, backend=backend, model_dir=bundled_model_path)
+    blocks = [stsb_dev[0][i * 150 : (i + 1) * 150] for i in range(4)]
+    alone = [enc.encode(b).embeddings for b in blocks]
+    with ThreadPoolExecutor(4) as pool:
+        together = [r.embeddings for r in pool.map(enc.encode, blocks * 2)]
+    for i, emb in enumerate(together):
+        np.testing.assert_allclose(emb, alone[i % 4], atol=1e-5)
+
+
 def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(
     base_model, bundled_model_path, stsb_dev
 ):
@@ -92,9 +140,13 @@ def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(
     dev Spearman within 0.005 of fp32."""
     s1, s2, gold = stsb_dev
     ref_a, ref_b = base_model.encode(s1), base_model.encode(s2)
-    onnx32 = TextEncoder(base_model, precision="fp32", backend="onnx", model_dir=bundled_model_path)
+    onnx32 = TextEncoder.for_model(
+        base_model, precision="fp32", backend="onnx", model_dir=bundled_model_path
+    )
     assert _cos(onnx32.encode(s1[:300]).embeddings, ref_a[:300]).min() >= 0.9999
-    int8 = TextEncoder(base_model, precision="int8", backend="onnx", model_dir=bundled_model_path)
+    int8 = TextEncoder.for_model(
+        base_model, precision="int8", backend="onnx", model_dir=bundled_model_path
+    )
     a8, b8 = int8.encode(s1).embeddings, int8.encode(s2).embeddings
     row_cos = np.concatenate([_cos(a8, ref_a), _cos(b8, ref_b)])
     assert row_cos.mean() >= 0.99, row_cos.mean()

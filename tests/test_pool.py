@@ -3,13 +3,13 @@
 import pytest
 
 from sbertray.config import ComputeConfig
-from sbertray.embed.encoder import resolve_precision
+from sbertray.embed.encoder import cpu_has_native_bf16, resolve_compute
 from sbertray.embed.pool import PoolSizeError, plan_pool
 
 
 def test_two_cpu_laptop_gets_two_single_thread_actors():
     plan = plan_pool({"CPU": 2.0}, ComputeConfig(), num_units=8)
-    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads, plan.device) == (
+    assert (plan.num_actors, plan.cpus_per_actor, plan.threads, plan.device) == (
         2,
         1.0,
         1,
@@ -19,9 +19,9 @@ def test_two_cpu_laptop_gets_two_single_thread_actors():
 
 def test_fewer_units_than_cpus_gives_each_actor_more_threads():
     plan = plan_pool({"CPU": 8.0}, ComputeConfig(), num_units=2)
-    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (2, 4.0, 4)
+    assert (plan.num_actors, plan.cpus_per_actor, plan.threads) == (2, 4.0, 4)
     single = plan_pool({"CPU": 2.0}, ComputeConfig(), num_units=1)
-    assert (single.num_actors, single.torch_threads) == (1, 2)
+    assert (single.num_actors, single.threads) == (1, 2)
 
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
@@ -46,7 +46,32 @@ def test_pool_that_cannot_fit_is_refused_instead_of_hanging():
         plan_pool({"CPU": 32.0, "GPU": 2.0}, ComputeConfig(num_actors=8), num_units=8)
 
 
-def test_precision_auto():
-    assert resolve_precision("auto", "cuda") == "bf16"
-    assert resolve_precision("fp32", "cuda") == "fp32"
-    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+def test_gpu_actors_overlap_units_and_cpu_only_backends_stay_on_cpu():
+    gpu = plan_pool({"CPU": 16.0, "GPU": 2.0}, ComputeConfig(), num_units=10)
+    assert (gpu.device, gpu.calls_per_actor) == ("cuda", 2)
+    for compute in (ComputeConfig(backend="openvino"), ComputeConfig(precision="int8")):
+        plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, compute, num_units=10)
+        assert (plan.device, plan.num_actors, plan.calls_per_actor) == ("cpu", 10, 1)
+
+
+def test_auto_compute_choice():
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    cpu = resolve_compute(ComputeConfig(), "cpu", exportable=True)
+    assert (cpu.backend, cpu.precision, cpu.token_budget, cpu.max_batch_rows) == (
+        "openvino",
+        native,
+        1024,
+        256,
+    )
+    gpu = resolve_compute(ComputeConfig(), "cuda", exportable=True)
+    assert (gpu.backend, gpu.precision, gpu.token_budget) == ("torch", "bf16", 65536)
+    other = resolve_compute(ComputeConfig(), "cpu", exportable=False)  # e.g. CLS pooling
+    assert (other.backend, other.precision) == ("torch", native)
+    int8 = resolve_compute(ComputeConfig(precision="int8"), "cpu", exportable=True)
+    assert (int8.backend, int8.precision) == ("onnx", "int8")
+    onnx = resolve_compute(ComputeConfig(backend="onnx"), "cpu", exportable=True)
+    assert onnx.precision == "fp32"
+    fixed = resolve_compute(ComputeConfig(token_budget=99, max_batch_rows=7), "cuda", True)
+    assert (fixed.token_budget, fixed.max_batch_rows) == (99, 7)
+    with pytest.raises(ValueError, match="int8 runs on the ONNX export"):
+        resolve_compute(ComputeConfig(precision="int8"), "cpu", exportable=False)

@@ -24,7 +24,7 @@ import sbertray
 from sbertray import storage
 from sbertray.config import EmbedConfig
 from sbertray.embed import manifest
-from sbertray.embed.encoder import resolve_precision
+from sbertray.embed.encoder import ComputeChoice, resolve_compute
 from sbertray.embed.lock import OutputLock
 from sbertray.embed.pool import PoolPlan, plan_pool
 from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
@@ -68,22 +68,34 @@ class EmbedSummary:
         )
 
 
-def describe_model(model_path: str) -> dict:
-    """Model facts recorded in every output file and the manifest."""
-    from sbertray.modeling import load_model
+def describe_model(model_path: str, *, export: bool) -> tuple[dict, bool]:
+    """Model facts recorded in every output file and the manifest, and whether the model runs
+    on the exported backends. With ``export``, a supported local model is exported once
+    (cached), so actors start from the export instead of each exporting; later runs read the
+    facts off the export without loading the model."""
+    from sbertray.embed import exported
 
-    model = load_model(model_path, device="cpu")
-    if os.path.isdir(model_path):
+    local = os.path.isdir(model_path)
+    spec = exported.cached_spec(model_path) if export and local else None
+    exportable = spec is not None
+    if spec is None:
+        from sbertray.modeling import load_model
+
+        model = load_model(model_path, device="cpu")
+        if export and local and exported.unsupported_reason(model) is None:
+            spec, exportable = exported.export(model, model_path), True
+        facts = {
+            "dim": int(model.get_embedding_dimension()),
+            "normalized": any(type(m).__name__ == "Normalize" for m in model),
+            "max_seq_length": int(model.max_seq_length),
+        }
+    else:
+        facts = {k: getattr(spec, k) for k in ("dim", "normalized", "max_seq_length")}
+    if local:
         digest = model_hash(model_path)
     else:  # a hub id: the id is what identifies it
         digest = hashlib.sha256(f"hub:{model_path}".encode()).hexdigest()
-    return {
-        "model": model_path,
-        "model_hash": digest,
-        "dim": int(model.get_embedding_dimension()),
-        "normalized": any(type(m).__name__ == "Normalize" for m in model),
-        "max_seq_length": int(model.max_seq_length),
-    }
+    return {"model": model_path, "model_hash": digest, **facts}, exportable
 
 
 def _probe_writable(out: storage.Location) -> None:
@@ -105,8 +117,8 @@ class _EmbedActor:
         refs: list,
         model_path: str,
         device: str,
-        precision: str,
-        torch_threads: int,
+        choice: ComputeChoice,
+        threads: int,
         schema_metadata: dict,
     ):
         import ray
@@ -120,8 +132,8 @@ class _EmbedActor:
             config,
             model_path=resolve(model_path, config.storage),
             device=device,
-            precision=precision,
-            torch_threads=torch_threads,
+            choice=choice,
+            threads=threads,
             schema_metadata=schema_metadata,
             reference=reference,
         )
@@ -132,16 +144,12 @@ class _EmbedActor:
 
 
 def _embed_reference(
-    config: EmbedConfig, model_path: str, device: str, precision: str, torch_threads: int
+    config: EmbedConfig, model_path: str, device: str, choice: ComputeChoice, threads: int
 ):
     """Reads and embeds the reference set once per run (in a Ray task sized like an actor)."""
-    import torch
-
-    from sbertray.embed.encoder import TextEncoder
     from sbertray.embed.shards import discover, read_footer
-    from sbertray.embed.stage import ReferenceSet
+    from sbertray.embed.stage import ReferenceSet, build_encoder
 
-    torch.set_num_threads(torch_threads)
     ref = config.reference
     fs, files = discover(ref.path, config.storage)
     ids, texts = [], []
@@ -170,7 +178,7 @@ def _embed_reference(
     all_ids = pa.chunked_array([c for chunk in ids for c in chunk.chunks]).combine_chunks()
     if pc.count_distinct(all_ids).as_py() != len(all_ids):
         raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}`: ids are not unique")
-    encoder = TextEncoder.for_job(model_path, config.compute, device=device, precision=precision)
+    encoder = build_encoder(model_path, choice, device=device, threads=threads)
     return ReferenceSet(ids=all_ids, embeddings=encoder.encode(texts).embeddings)
 
 
@@ -178,7 +186,7 @@ def _run_units(
     config: EmbedConfig,
     plan: InputPlan,
     pool: PoolPlan,
-    precision: str,
+    choice: ComputeChoice,
     model_path: str,
     schema_metadata: dict,
 ) -> list[UnitResult]:
@@ -189,7 +197,7 @@ def _run_units(
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
             _embed_reference
         )
-        reference_ref = task.remote(config, model_path, pool.device, precision, pool.torch_threads)
+        reference_ref = task.remote(config, model_path, pool.device, choice, pool.threads)
     refs = [ray.put(plan.units), reference_ref if reference_ref is not None else ray.put(None)]
     ds = ray.data.from_items(
         [{"unit": i} for i in range(len(plan.units))], override_num_blocks=len(plan.units)
@@ -197,7 +205,11 @@ def _run_units(
     ds = ds.map_batches(
         _EmbedActor,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        compute=ray.data.ActorPoolStrategy(
+            size=pool.num_actors,
+            max_concurrent_calls_per_actor=pool.calls_per_actor,
+            enable_true_multi_threading=pool.calls_per_actor > 1,
+        ),
         num_cpus=pool.cpus_per_actor,
         num_gpus=pool.gpus_per_actor,
         fn_constructor_kwargs={
@@ -205,8 +217,8 @@ def _run_units(
             "refs": refs,
             "model_path": model_path,
             "device": pool.device,
-            "precision": precision,
-            "torch_threads": pool.torch_threads,
+            "choice": choice,
+            "threads": pool.threads,
             "schema_metadata": schema_metadata,
         },
         # A killed or crashed actor is restarted and its unit retried; retries are safe
@@ -264,7 +276,7 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
     config.output.path = storage.absolute(config.output.path)
     out = storage.resolve(config.output.path, config.storage)
     model_path = resolve_model_path(config.model, config.storage)
-    model_info = describe_model(model_path)
+    model_info, exportable = describe_model(model_path, export=may_run_exported(config.compute))
     plan = plan_input(config)
     _probe_writable(out)
     config_dict = config.model_dump()
@@ -279,7 +291,9 @@ def run_embed(config: EmbedConfig, *, ray_address: str | None = None) -> EmbedSu
         "sbertray_version": sbertray.__version__,
     }
     with OutputLock(out, run_id, stale_after_s=config.output.lock_stale_after_s):
-        return _run_locked(config, plan, out, model_path, schema_metadata, started, ray_address)
+        return _run_locked(
+            config, plan, out, model_path, exportable, schema_metadata, started, ray_address
+        )
 
 
 def content_hash(config: EmbedConfig, model_digest: str) -> str:
@@ -338,27 +352,37 @@ def _committed_units(out: storage.Location, plan: InputPlan, digest: str) -> dic
         return {r.unit_id: r for r in pool.map(check, candidates) if r is not None}
 
 
+def may_run_exported(compute) -> bool:
+    """Whether the actors may run an exported backend (decided for sure once the pool is)."""
+    return compute.backend in ("onnx", "openvino") or (
+        compute.backend == "auto" and compute.device != "cuda"
+    )
+
+
 def _run_locked(
-    config, plan, out, model_path, schema_metadata, started, ray_address
+    config, plan, out, model_path, exportable, schema_metadata, started, ray_address
 ) -> EmbedSummary:
     done = _committed_units(out, plan, schema_metadata["content_hash"])
     todo = InputPlan(files=plan.files, units=[u for u in plan.units if u.unit_id not in done])
     results: list[UnitResult] = list(done.values())
-    pool = precision = None
+    pool = choice = None
     if todo.units:
         init_ray(ray_address)
         import ray
 
         pool = plan_pool(ray.cluster_resources(), config.compute, len(todo.units))
-        precision = resolve_precision(config.compute.precision, pool.device, config.compute.backend)
+        try:
+            choice = resolve_compute(config.compute, pool.device, exportable)
+        except ValueError as exc:
+            raise EmbedInputError(f"compute: {exc}") from None
         resumed = f"; {len(done)} units already committed" if done else ""
         print(
             f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows; embedding "
             f"{len(todo.units)} of {len(plan.units)} units{resumed}; pool: {pool.describe()}; "
-            f"precision {precision}",
+            f"backend {choice.backend}, precision {choice.precision}",
             flush=True,
         )
-        results += _run_units(config, todo, pool, precision, model_path, schema_metadata)
+        results += _run_units(config, todo, pool, choice, model_path, schema_metadata)
     elif plan.units:
         print(
             f"[sbertray] nothing to do: all {len(plan.units)} units of {len(plan.files)} files "
@@ -413,7 +437,7 @@ def _run_locked(
         committed,
         summary,
         pool,
-        precision,
+        choice,
         started,
     )
     write_embed_report(out, record, [asdict(r) for r in results if r.unit_id not in done])
@@ -421,7 +445,7 @@ def _run_locked(
     return summary
 
 
-def _manifest(model_meta, plan, results, summary, pool, precision, started):
+def _manifest(model_meta, plan, results, summary, pool, choice, started):
     """The run record; run id, hashes and the redacted config come from the run's metadata."""
     by_file: dict[str, list[UnitResult]] = {}
     for r in results:
@@ -454,7 +478,8 @@ def _manifest(model_meta, plan, results, summary, pool, precision, started):
         "model": {
             k: model_meta[k] for k in ("model", "model_hash", "dim", "normalized", "max_seq_length")
         },
-        "precision": precision,
+        "precision": choice.precision if choice else None,
+        "compute": asdict(choice) if choice else None,
         "pool": asdict(pool) if pool else None,
         "config_hash": model_meta["config_hash"],
         "config": model_meta["config"],

@@ -14,6 +14,9 @@ from sbertray.config import ComputeConfig
 
 # A GPU actor still tokenizes, reads and writes Parquet on the CPU.
 CPUS_PER_GPU_ACTOR = 1.0
+# Units one GPU actor works on at once: while one is on the GPU, the next is read and tokenized
+# and the last written, so the GPU does not wait on the CPU (the encoder is thread-safe).
+CALLS_PER_GPU_ACTOR = 2
 
 
 class PoolSizeError(ValueError):
@@ -25,14 +28,15 @@ class PoolPlan:
     num_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
-    torch_threads: int
+    threads: int  # intra-op threads per actor: its CPU share
     device: str  # "cpu" | "cuda"
+    calls_per_actor: int = 1  # units in flight per actor (CPU actors: 1, their cores are busy)
 
     def describe(self) -> str:
         each = f"{self.cpus_per_actor:g} CPU" + (
             f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         )
-        return f"{self.num_actors} {self.device} actor(s), {each} each, {self.torch_threads} torch thread(s)"
+        return f"{self.num_actors} {self.device} actor(s), {each} each, {self.threads} thread(s)"
 
 
 def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int) -> PoolPlan:
@@ -40,13 +44,15 @@ def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int)
     (``ray.cluster_resources()``).
 
     GPU actors: one per GPU (half precision). CPU actors: as many as there are CPUs (and units),
-    each with an equal share of CPUs as torch threads, so actors never oversubscribe cores.
+    each with an equal share of CPUs as threads, so actors never oversubscribe cores. The
+    CPU-only backends (onnx, openvino; int8) get CPU actors on GPU clusters too.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     units = max(1, num_units)
     if compute.device == "cuda" and gpus < 1:
         raise PoolSizeError("`compute.device: cuda` but the Ray cluster reports no GPUs")
-    if compute.device != "cpu" and gpus >= 1:
+    cpu_only = compute.backend in ("onnx", "openvino") or compute.precision == "int8"
+    if compute.device != "cpu" and gpus >= 1 and not cpu_only:
         per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
         wanted = compute.num_actors or int(gpus)
         if wanted > gpus:
@@ -55,7 +61,7 @@ def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int)
             )
         actors = min(wanted, units)
         _check_cpus(actors, per_cpu, cpus)
-        return PoolPlan(actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda")
+        return PoolPlan(actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda", CALLS_PER_GPU_ACTOR)
 
     if cpus < 1:
         raise PoolSizeError(

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
-from sbertray.embed.encoder import TextEncoder
+from sbertray.embed.encoder import ComputeChoice, TextEncoder
 from sbertray.embed.shards import WorkUnit
 from sbertray.embed.similarity import pair_cosine, top_k
 
@@ -145,14 +145,24 @@ def _fixed_list(values: np.ndarray, width: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
 
+def build_encoder(model_path: str, choice: ComputeChoice, *, device: str, threads: int):
+    """The encoder for ``choice``, with the process's torch threads set to its CPU share when it
+    runs torch (exported backends take their thread count directly and never import torch)."""
+    if choice.backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    return TextEncoder.for_job(model_path, choice, device=device, threads=threads)
+
+
 class EmbedStage:
     """Loads the model once, then processes work units.
 
     Args:
         config: the job config.
         model_path: a local model directory (or hub id) already resolved on this node.
-        device, precision: where and how to run the encoder (see ``encoder.py``).
-        torch_threads: intra-op threads; the actor's CPU share, so actors don't oversubscribe.
+        device, choice: where and how to run the encoder (see ``encoder.py``).
+        threads: intra-op threads; the actor's CPU share, so actors don't oversubscribe.
         schema_metadata: written into every output file's Parquet schema metadata.
         reference: the reference set for top-k (reference mode).
     """
@@ -163,19 +173,13 @@ class EmbedStage:
         *,
         model_path: str,
         device: str,
-        precision: str,
-        torch_threads: int | None,
+        choice: ComputeChoice,
+        threads: int,
         schema_metadata: dict,
         reference: ReferenceSet | None = None,
     ):
-        import torch
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         self.config = config
-        self.encoder = TextEncoder.for_job(
-            model_path, config.compute, device=device, precision=precision
-        )
+        self.encoder = build_encoder(model_path, choice, device=device, threads=threads)
         self.reference = reference
         self.schema_metadata = schema_metadata
         self.output = storage.resolve(config.output.path, config.storage)
