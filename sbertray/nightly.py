@@ -91,7 +91,7 @@ def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_addre
 
 def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dict:
     """Runs one night; returns (and writes to ``<output>/report.json``) what each stage did."""
-    from sbertray.embed.job import describe_model, run_embed
+    from sbertray.embed.job import model_digest, run_embed
     from sbertray.modeling import resolve_model_path
 
     started = time.time()
@@ -117,7 +117,7 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
 
     embed_config = load_config(EmbedConfig, config.embed.config, config.embed.overrides)
     model = state.get("model") or embed_config.model
-    model_hash = describe_model(resolve_model_path(model, embed_config.storage))["model_hash"]
+    model_hash = model_digest(resolve_model_path(model, embed_config.storage))
     embed_config.model = model
     embed_config.output.path = storage.join(config.output, f"model={model_hash[:12]}")
     summary = run_embed(embed_config, ray_address=ray_address)

@@ -75,3 +75,5 @@ def test_auto_compute_choice():
     assert (fixed.token_budget, fixed.max_batch_rows) == (99, 7)
     with pytest.raises(ValueError, match="int8 runs on the ONNX export"):
         resolve_compute(ComputeConfig(precision="int8"), "cpu", exportable=False)
+    with pytest.raises(ValueError, match="backend openvino runs the model exported to ONNX"):
+        resolve_compute(ComputeConfig(backend="openvino"), "cpu", exportable=False)

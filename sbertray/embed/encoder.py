@@ -81,6 +81,11 @@ def resolve_compute(compute, device: str, exportable: bool) -> ComputeChoice:
             precision = "fp32"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if backend in _CPU_ONLY and not exportable:
+        raise ValueError(
+            f"backend {backend} runs the model exported to ONNX, which covers local "
+            "Transformer + mean Pooling (+ Normalize) models; use backend torch (or auto)"
+        )
     if backend in _CPU_ONLY and (cuda or precision not in _CPU_ONLY[backend]):
         allowed = " or ".join(_CPU_ONLY[backend])
         raise ValueError(f"backend {backend} runs {allowed} on CPU, not {precision} on {device}")

@@ -91,11 +91,14 @@ def describe_model(model_path: str, *, export: bool) -> tuple[dict, bool]:
         }
     else:
         facts = {k: getattr(spec, k) for k in ("dim", "normalized", "max_seq_length")}
-    if local:
-        digest = model_hash(model_path)
-    else:  # a hub id: the id is what identifies it
-        digest = hashlib.sha256(f"hub:{model_path}".encode()).hexdigest()
-    return {"model": model_path, "model_hash": digest, **facts}, exportable
+    return {"model": model_path, "model_hash": model_digest(model_path), **facts}, exportable
+
+
+def model_digest(model_path: str) -> str:
+    """The content hash of a local model directory; for a hub id, a hash of the id."""
+    if os.path.isdir(model_path):
+        return model_hash(model_path)
+    return hashlib.sha256(f"hub:{model_path}".encode()).hexdigest()
 
 
 def _probe_writable(out: storage.Location) -> None:
