@@ -130,6 +130,7 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     assert manifest["totals"]["input_rows"] == manifest["totals"]["output_rows"] == 702
     assert [f["rows"] for f in manifest["files"]] == sizes
     assert manifest["model"]["dim"] == 384 and manifest["model"]["normalized"] is True
+    assert manifest["compute"]["backend"] == "openvino"  # auto on CPU for this architecture
     meta = json.loads(
         pq.read_schema(tmp_path / "out" / "shard-02.part-0000.parquet").metadata[b"sbertray"]
     )
@@ -141,6 +142,30 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
         f"select count(*), min(len(embedding)) from read_parquet('{tmp_path}/out/*.parquet')"
     ).fetchall()
     assert (count, dims) == (702, 384)
+
+
+def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, base_model, sentences, tmp_path):
+    """auto falls back to the sentence-transformers modules (here CLS pooling), same vectors."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    cls_model = SentenceTransformer(modules=[base_model[0], Pooling(384, pooling_mode="cls")])
+    cls_model.save(str(tmp_path / "cls-model"))
+    texts = sentences[:150]
+    _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), texts, [150])
+    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), model=str(tmp_path / "cls-model"))
+    assert run_embed(config).output_rows == 150
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert (manifest["compute"]["backend"], manifest["compute"]["precision"]) == ("torch", "fp32")
+    assert manifest["model"]["normalized"] is False
+    emb = np.stack(
+        _read_output(str(tmp_path / "out"))
+        .sort_by("id")
+        .column("embedding")
+        .to_numpy(zero_copy_only=False)
+    )
+    assert _cos(emb, cls_model.encode(texts)).min() >= 0.9999
+    assert not (tmp_path / "cls-model" / "onnx").exists()
 
 
 def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences, capfd):

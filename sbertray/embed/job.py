@@ -378,6 +378,11 @@ def _run_locked(
             choice = resolve_compute(config.compute, pool.device, exportable)
         except ValueError as exc:
             raise EmbedInputError(f"compute: {exc}") from None
+        if choice.backend != "torch":
+            from sbertray.embed import exported
+
+            # The driver exported fp32 already; int8 is quantized here once, not in every actor.
+            exported.ensure(model_path, choice.precision)
         resumed = f"; {len(done)} units already committed" if done else ""
         print(
             f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows; embedding "
