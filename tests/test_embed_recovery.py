@@ -116,6 +116,31 @@ def test_new_shard_is_the_only_work(ray_2cpu, tmp_path, sentences):
     )
 
 
+def test_input_file_rewritten_with_fewer_rows_leaves_no_stale_parts(ray_2cpu, tmp_path, sentences):
+    _shards(tmp_path / "in", sentences, 2, 300)  # 3 parts of 100 rows each
+    config = parse_config(
+        EmbedConfig,
+        {
+            "input": {"path": str(tmp_path / "in"), "id_column": "id"},
+            "output": {"path": str(tmp_path / "out"), "rows_per_file": 100},
+            "compute": {"precision": "fp32"},
+        },
+    )
+    assert run_embed(config).output_rows == 600
+    pq.write_table(  # s01 shrinks from 3 parts to 1; its old parts 1 and 2 are now stale
+        pa.table({"id": [5000, 5001], "text": ["rewritten", "file"]}),
+        tmp_path / "in" / "s01.parquet",
+    )
+    second = run_embed(config)
+    assert (second.output_rows, second.skipped_units) == (302, 3)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("s01.*")) == ["s01.part-0000.parquet"]
+    assert (
+        json.loads((out / "_manifest.json").read_text())["totals"]["superseded_parts_removed"] == 2
+    )
+    assert _output_ids(out) == [*range(300), 5000, 5001]
+
+
 def test_lock_blocks_a_concurrent_run_and_stale_locks_are_taken_over(tmp_path):
     out = storage.resolve(str(tmp_path / "out"))
     with (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -321,7 +322,7 @@ class TextEncoder:
         lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
         # All ids in one flat array: each batch is then gathered without a per-row Python loop.
         flat = np.fromiter(
-            (t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum())
+            itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
         )
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         batches = self.plan_batches(lengths)

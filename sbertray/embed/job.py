@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,7 @@ class EmbedSummary:
     seconds: float
     skipped_units: int = 0  # committed by an earlier run (resume / incremental)
     embedded_rows: int = 0  # rows embedded by this run (output_rows counts earlier runs' too)
+    superseded_parts: int = 0  # outputs of changed input files that no longer exist, removed
     units: list[dict] = field(default_factory=list)
 
     @property
@@ -316,12 +318,13 @@ def content_hash(config: EmbedConfig, model_digest: str) -> str:
     )
 
 
-def _committed_units(out: storage.Location, plan: InputPlan, digest: str) -> dict[str, UnitResult]:
+def _committed_units(
+    out: storage.Location, plan: InputPlan, digest: str, existing: set[str]
+) -> dict[str, UnitResult]:
     """Units whose output file is committed by a run with the same content hash on the same
     input fingerprint (footers only; read in parallel, object-store latency dominates)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    existing = {i.path for i in storage.list_files(out)} if storage.exists(out) else set()
     candidates = [u for u in plan.units if out.child(u.output_rel).path in existing]
 
     def check(unit) -> UnitResult | None:
@@ -362,10 +365,31 @@ def may_run_exported(compute) -> bool:
     )
 
 
+_PART = re.compile(r"\.part-\d{4,}\.parquet$")
+
+
+def _remove_superseded(out: storage.Location, plan: InputPlan, existing: set[str]) -> int:
+    """Deletes output parts of input files that changed to fewer units than before (or to no
+    rows): left in place, readers would see rows of the old version next to the new one.
+    Outputs of input files that are gone, or bad this run, are left alone."""
+    expected = {out.child(u.output_rel).path for u in plan.units}
+    parts_by_stem: dict[str, list[str]] = {}
+    for path in existing:
+        if path not in expected and _PART.search(path):
+            parts_by_stem.setdefault(_PART.sub("", path), []).append(path)
+    removed = 0
+    for f in plan.files:
+        for path in parts_by_stem.get(out.child(f.output_stem).path, []):
+            out.fs.delete_file(path)
+            removed += 1
+    return removed
+
+
 def _run_locked(
     config, plan, out, model_path, exportable, schema_metadata, started, ray_address
 ) -> EmbedSummary:
-    done = _committed_units(out, plan, schema_metadata["content_hash"])
+    existing = {i.path for i in storage.list_files(out)} if storage.exists(out) else set()
+    done = _committed_units(out, plan, schema_metadata["content_hash"], existing)
     todo = InputPlan(files=plan.files, units=[u for u in plan.units if u.unit_id not in done])
     results: list[UnitResult] = list(done.values())
     pool = choice = None
@@ -421,6 +445,13 @@ def _run_locked(
     )
     written = _check_invariant(out, kept_plan, committed)
     _cleanup_tmp(out, committed)
+    superseded = _remove_superseded(out, kept_plan, existing)
+    if superseded:
+        print(
+            f"[sbertray] removed {superseded} output parts of changed input files that now "
+            "have fewer parts",
+            flush=True,
+        )
 
     seconds = time.time() - started
     bad_files = [f.url for f in plan.bad_files] + sorted(
@@ -428,6 +459,7 @@ def _run_locked(
     )
     summary = EmbedSummary(
         skipped_units=len(done),
+        superseded_parts=superseded,
         embedded_rows=sum(r.rows_out for r in committed if r.unit_id not in done),
         output_url=storage.redact(out.url),
         input_files=len(kept_plan.files),
@@ -499,6 +531,7 @@ def _manifest(model_meta, plan, results, summary, pool, choice, started):
             "output_rows": summary.output_rows,
             "bad_rows": summary.bad_rows,
             "truncated": summary.truncated,
+            "superseded_parts_removed": summary.superseded_parts,
         },
         "timings": {
             "seconds": summary.seconds,

@@ -44,6 +44,11 @@ class InputFile:
     error: str | None = None  # unreadable footer: the file is bad
 
     @property
+    def output_stem(self) -> str:
+        """Output files of this input are ``<output_stem>.part-NNNN.parquet``."""
+        return self.rel[: -len(".parquet")] if self.rel.endswith(".parquet") else self.rel
+
+    @property
     def fingerprint(self) -> dict:
         """What says "this input changed" for incremental runs."""
         return {"size": self.size, "mtime": self.mtime}
@@ -65,12 +70,7 @@ class WorkUnit:
 
     @property
     def output_rel(self) -> str:
-        stem = (
-            self.file.rel[: -len(".parquet")]
-            if self.file.rel.endswith(".parquet")
-            else self.file.rel
-        )
-        return f"{stem}.part-{self.part:04d}.parquet"
+        return f"{self.file.output_stem}.part-{self.part:04d}.parquet"
 
 
 @dataclass
