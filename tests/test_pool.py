@@ -54,7 +54,7 @@ def test_gpu_actors_overlap_units_and_cpu_only_backends_stay_on_cpu():
         assert (plan.device, plan.num_actors, plan.calls_per_actor) == ("cpu", 10, 1)
 
 
-def test_auto_compute_choice():
+def test_auto_compute_choice(monkeypatch):
     native = "bf16" if cpu_has_native_bf16() else "fp32"
     cpu = resolve_compute(ComputeConfig(), "cpu", exportable=True)
     assert (cpu.backend, cpu.precision, cpu.token_budget, cpu.max_batch_rows) == (
@@ -71,6 +71,11 @@ def test_auto_compute_choice():
     assert (int8.backend, int8.precision) == ("onnx", "int8")
     onnx = resolve_compute(ComputeConfig(backend="onnx"), "cpu", exportable=True)
     assert onnx.precision == "fp32"
+    import sbertray.embed.encoder as encoder
+
+    monkeypatch.setattr(encoder, "_installed", lambda module: module != "openvino")
+    no_openvino = resolve_compute(ComputeConfig(), "cpu", exportable=True)
+    assert (no_openvino.backend, no_openvino.precision) == ("onnx", "fp32")
     fixed = resolve_compute(ComputeConfig(token_budget=99, max_batch_rows=7), "cuda", True)
     assert (fixed.token_budget, fixed.max_batch_rows) == (99, 7)
     with pytest.raises(ValueError, match="int8 runs on the ONNX export"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import os
 import threading
@@ -73,8 +74,10 @@ def resolve_compute(compute, device: str, exportable: bool) -> ComputeChoice:
             )
         if cuda or not exportable:
             backend = "torch"
+        elif precision == "int8" or not _installed("openvino"):  # no wheel for the platform
+            backend = "onnx"
         else:
-            backend = "onnx" if precision == "int8" else "openvino"
+            backend = "openvino"
     if precision == "auto":
         if cuda:
             precision = "bf16"
@@ -101,6 +104,10 @@ def resolve_compute(compute, device: str, exportable: bool) -> ComputeChoice:
         max_batch_rows=compute.max_batch_rows
         or (GPU_MAX_BATCH_ROWS if cuda else CPU_MAX_BATCH_ROWS),
     )
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass(frozen=True)
