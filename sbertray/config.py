@@ -302,6 +302,10 @@ class BadInputConfig(_Strict):
     on_bad_file: Literal["fail", "skip"] = "fail"  # unreadable / corrupt Parquet
 
 
+# Backends that run the ONNX export on CPUs, and the precisions each runs.
+CPU_ONLY_BACKENDS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+
+
 class ComputeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
     # auto: GPUs -> torch; CPUs -> openvino (onnx for int8), torch for models the export does not
@@ -339,9 +343,8 @@ class EmbedConfig(_Strict):
             raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
         if compute.precision == "int8" and compute.backend not in ("auto", "onnx"):
             raise ValueError("`compute.precision: int8` needs `compute.backend: onnx` (or auto)")
-        cpu_only = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
-        if compute.backend in cpu_only:
-            allowed = cpu_only[compute.backend]
+        if compute.backend in CPU_ONLY_BACKENDS:
+            allowed = CPU_ONLY_BACKENDS[compute.backend]
             if compute.device == "cuda" or compute.precision not in ("auto", *allowed):
                 raise ValueError(
                     f"`compute.backend: {compute.backend}` runs on CPU in {' or '.join(allowed)}"

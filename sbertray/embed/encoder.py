@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sbertray.config import CPU_ONLY_BACKENDS
 from sbertray.embed import exported
 
 # Padded tokens per forward pass and rows per pass when the config leaves them unset.
@@ -33,8 +34,6 @@ from sbertray.embed import exported
 # (fp32) here. GPUs want large batches to fill the device.
 CPU_TOKEN_BUDGET, CPU_MAX_BATCH_ROWS = 1024, 256
 GPU_TOKEN_BUDGET, GPU_MAX_BATCH_ROWS = 65_536, 4096
-
-_CPU_ONLY = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -85,13 +84,13 @@ def resolve_compute(compute, device: str, exportable: bool) -> ComputeChoice:
             precision = "fp32"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if backend in _CPU_ONLY and not exportable:
+    if backend in CPU_ONLY_BACKENDS and not exportable:
         raise ValueError(
             f"backend {backend} runs the model exported to ONNX, which covers local "
             "Transformer + mean Pooling (+ Normalize) models; use backend torch (or auto)"
         )
-    if backend in _CPU_ONLY and (cuda or precision not in _CPU_ONLY[backend]):
-        allowed = " or ".join(_CPU_ONLY[backend])
+    if backend in CPU_ONLY_BACKENDS and (cuda or precision not in CPU_ONLY_BACKENDS[backend]):
+        allowed = " or ".join(CPU_ONLY_BACKENDS[backend])
         raise ValueError(f"backend {backend} runs {allowed} on CPU, not {precision} on {device}")
     if backend == "torch" and (precision == "int8" or (precision == "fp16" and not cuda)):
         raise ValueError(
@@ -124,14 +123,14 @@ class TorchForward:
     ends, so the CPU prepares the next batch while the GPU runs this one.
     """
 
-    def __init__(self, model, device: str, precision: str):
+    def __init__(self, model, device: str, precision: str, *, normalized: bool):
         import torch
 
         self.torch = torch
         self.model = model.to(device).eval()
         self.device = device
         self.cuda = device.startswith("cuda")
-        self.normalized = any(type(m).__name__ == "Normalize" for m in model)
+        self.normalized = normalized
         self.needs_token_types = "token_type_ids" in model.tokenizer.model_input_names
         if self.cuda and precision in ("bf16", "fp16"):
             self.model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -240,16 +239,13 @@ class TextEncoder:
             return cls._exported(
                 path, spec, backend, precision, threads, token_budget, max_batch_rows
             )
+        spec = exported.ModelSpec.of(model)
         return cls(
-            _ModelTokenizer(
-                model.tokenizer,
-                int(model.max_seq_length) + 1,
-                bool(getattr(model[0], "do_lower_case", False)),
-            ),
-            TorchForward(model, device, precision),
-            dim=int(model.get_embedding_dimension()),
-            max_seq_length=int(model.max_seq_length),
-            pad_id=int(model.tokenizer.pad_token_id or 0),
+            _ModelTokenizer(model.tokenizer, spec.max_seq_length + 1, spec.do_lower_case),
+            TorchForward(model, device, precision, normalized=spec.normalized),
+            dim=spec.dim,
+            max_seq_length=spec.max_seq_length,
+            pad_id=spec.pad_id,
             token_budget=token_budget,
             max_batch_rows=max_batch_rows,
         )

@@ -1,8 +1,8 @@
 """The model exported once to ONNX, run by OpenVINO or ONNX Runtime on CPUs.
 
 Export is ``torch.onnx`` of the transformer (no optimum: its pins would downgrade transformers).
-Next to the graph go the tokenizer and a ``spec.json`` read off the loaded sentence-transformers
-model, so an actor whose artifact is cached starts without importing torch, transformers or
+Next to the graph go the tokenizer and a ``spec.json`` (``ModelSpec``) read off the loaded
+sentence-transformers model, so an actor whose artifact is cached starts without importing torch, transformers or
 sentence-transformers (~5 s per actor here) and tokenizes with the same Rust tokenizer.
 
 Measured per thread on this CPU (AMD EPYC, avx512_bf16), STS-B sentences, token budget 1024:
@@ -15,7 +15,7 @@ weights per channel (cosine mean 0.994 / min 0.989, where quantizing every op pe
 onnxruntime's default, gave 0.964 / 0.872). Tests guard both.
 
 Supported models: a Transformer followed by mean Pooling, optionally Normalize (the
-all-MiniLM-L6-v2 family); ``supported`` says why not for anything else.
+all-MiniLM-L6-v2 family); ``unsupported_reason`` says why not for anything else.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ _FORMAT = 1  # bump when the artifact layout changes: older artifacts are re-exp
 
 
 @dataclass(frozen=True)
-class ExportSpec:
-    """What the encoder needs to know of the model, read off the loaded model at export."""
+class ModelSpec:
+    """What the encoder and the manifest need to know of a model; saved with an export, so
+    later runs read it instead of loading the model."""
 
     dim: int
     max_seq_length: int
@@ -44,6 +45,17 @@ class ExportSpec:
     do_lower_case: bool  # sentence-transformers lower-cases before tokenizing
     pad_id: int
     format: int = _FORMAT
+
+    @classmethod
+    def of(cls, model) -> ModelSpec:
+        """Read off a loaded SentenceTransformer."""
+        return cls(
+            dim=int(model.get_embedding_dimension()),
+            max_seq_length=int(model.max_seq_length),
+            normalized=any(type(m).__name__ == "Normalize" for m in model),
+            do_lower_case=bool(getattr(model[0], "do_lower_case", False)),
+            pad_id=int(model.tokenizer.pad_token_id or 0),
+        )
 
 
 def unsupported_reason(model) -> str | None:
@@ -62,32 +74,36 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def artifact_dir(model_dir: str) -> Path:
+def artifact_dir(model_dir: str, digest: str | None = None) -> Path:
     """``onnx/<model hash>/`` next to the model when its directory is writable and not an
     installed package (a trained model), else in the cache. Keyed by the weights' hash, so a
-    model retrained into the same directory never runs a stale export."""
+    model retrained into the same directory never runs a stale export. ``digest``: the model's
+    hash where the caller has it (hashing reads every weight file)."""
     from sbertray.modeling import cache_root, model_hash
 
     if not os.path.isdir(model_dir):
         raise ValueError(
             f"exported backends (onnx, openvino) need a local model directory, got `{model_dir}`"
         )
-    digest = model_hash(model_dir)[:16]
+    digest = (digest or model_hash(model_dir))[:16]
     if os.access(model_dir, os.W_OK) and "site-packages" not in Path(model_dir).parts:
         return Path(model_dir) / "onnx" / digest
     return cache_root() / "onnx" / digest
 
 
-def cached_spec(model_dir: str) -> ExportSpec | None:
+def cached_spec(model_dir: str, digest: str | None = None) -> ModelSpec | None:
     """The spec of an existing fp32 export of ``model_dir``, or None."""
-    out = artifact_dir(model_dir)
+    return _read_spec(artifact_dir(model_dir, digest))
+
+
+def _read_spec(out: Path) -> ModelSpec | None:
     try:
         spec = json.loads((out / "spec.json").read_text())
     except (OSError, ValueError):
         return None
     if spec.get("format") != _FORMAT or not (out / "model_fp32.onnx").exists():
         return None
-    return ExportSpec(**spec)
+    return ModelSpec(**spec)
 
 
 def _write_atomic(target: Path, write) -> None:
@@ -102,17 +118,18 @@ def _write_atomic(target: Path, write) -> None:
             os.unlink(tmp)
 
 
-def export(model, model_dir: str) -> ExportSpec:
+def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
     """Exports ``model`` (loaded from ``model_dir``) to ``model_fp32.onnx`` with its tokenizer
-    and spec, unless already there. Raises ValueError for models ``unsupported_reason`` refuses."""
+    and spec into ``out`` (default ``artifact_dir(model_dir)``), unless already there. Raises
+    ValueError for models ``unsupported_reason`` refuses."""
     import torch
 
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
-    out = artifact_dir(model_dir)
+    out = out or artifact_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cached := cached_spec(model_dir):
+    if cached := _read_spec(out):
         return cached
     transformer = model[0].auto_model.eval().float().to("cpu")
 
@@ -145,29 +162,23 @@ def export(model, model_dir: str) -> ExportSpec:
     # The exact Rust tokenizer sentence-transformers runs (normalizer, special tokens).
     tokenizer_json = model.tokenizer.backend_tokenizer.to_str()
     _write_atomic(out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer_json))
-    spec = ExportSpec(
-        dim=int(model.get_embedding_dimension()),
-        max_seq_length=int(model.max_seq_length),
-        normalized=any(type(m).__name__ == "Normalize" for m in model),
-        do_lower_case=bool(getattr(model[0], "do_lower_case", False)),
-        pad_id=int(model.tokenizer.pad_token_id or 0),
-    )
+    spec = ModelSpec.of(model)
     # spec.json last: its presence says the artifact is complete.
     _write_atomic(out / "spec.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(spec))))
     return spec
 
 
-def ensure(model_dir: str, precision: str, model=None) -> tuple[Path, ExportSpec]:
+def ensure(model_dir: str, precision: str, model=None) -> tuple[Path, ModelSpec]:
     """The graph file for ``precision`` and the spec, exporting / quantizing once. ``model`` is
     the loaded model if the caller has it; it is loaded only when there is no export yet."""
-    spec = cached_spec(model_dir)
+    out = artifact_dir(model_dir)
+    spec = _read_spec(out)
     if spec is None:
         if model is None:
             from sbertray.modeling import load_model
 
             model = load_model(model_dir, device="cpu")
-        spec = export(model, model_dir)
-    out = artifact_dir(model_dir)
+        spec = export(model, model_dir, out)
     if precision != "int8":  # fp32 and bf16 (a runtime hint) run the fp32 graph
         return out / "model_fp32.onnx", spec
     target = out / "model_int8.onnx"
@@ -192,7 +203,7 @@ class ExportedTokenizer:
     own fast tokenizer, without importing transformers. Safe to share between threads: its
     truncation is set once here, not per call."""
 
-    def __init__(self, path: Path, spec: ExportSpec):
+    def __init__(self, path: Path, spec: ModelSpec):
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(str(path))
@@ -219,7 +230,7 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool) -
 class OnnxForward:
     """ONNX Runtime: token ids in, sentence embeddings out. ``session.run`` is thread-safe."""
 
-    def __init__(self, path: Path, spec: ExportSpec, *, threads: int):
+    def __init__(self, path: Path, spec: ModelSpec, *, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -238,11 +249,11 @@ class OnnxForward:
 
 
 class OpenVinoForward:
-    """OpenVINO on the CPU: fp32, or bf16 through its inference precision hint (native bf16
-    only; ``resolve_compute`` checks). One infer request per thread: requests are not
-    thread-safe, the compiled model is."""
+    """OpenVINO on the CPU: fp32, or bf16 through its inference precision hint (``auto`` asks
+    for bf16 only where the CPU has it natively). One infer request per thread: requests are
+    not thread-safe, the compiled model is."""
 
-    def __init__(self, path: Path, spec: ExportSpec, *, threads: int, precision: str):
+    def __init__(self, path: Path, spec: ModelSpec, *, threads: int, precision: str):
         import openvino as ov
 
         core = ov.Core()

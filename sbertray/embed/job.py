@@ -77,23 +77,19 @@ def describe_model(model_path: str, *, export: bool) -> tuple[dict, bool]:
     facts off the export without loading the model."""
     from sbertray.embed import exported
 
-    local = os.path.isdir(model_path)
-    spec = exported.cached_spec(model_path) if export and local else None
+    local, digest = os.path.isdir(model_path), model_digest(model_path)
+    spec = exported.cached_spec(model_path, digest) if export and local else None
     exportable = spec is not None
     if spec is None:
         from sbertray.modeling import load_model
 
         model = load_model(model_path, device="cpu")
+        spec = exported.ModelSpec.of(model)
         if export and local and exported.unsupported_reason(model) is None:
-            spec, exportable = exported.export(model, model_path), True
-        facts = {
-            "dim": int(model.get_embedding_dimension()),
-            "normalized": any(type(m).__name__ == "Normalize" for m in model),
-            "max_seq_length": int(model.max_seq_length),
-        }
-    else:
-        facts = {k: getattr(spec, k) for k in ("dim", "normalized", "max_seq_length")}
-    return {"model": model_path, "model_hash": model_digest(model_path), **facts}, exportable
+            exported.export(model, model_path, exported.artifact_dir(model_path, digest))
+            exportable = True
+    facts = {k: getattr(spec, k) for k in ("dim", "normalized", "max_seq_length")}
+    return {"model": model_path, "model_hash": digest, **facts}, exportable
 
 
 def model_digest(model_path: str) -> str:
@@ -402,11 +398,11 @@ def _run_locked(
             choice = resolve_compute(config.compute, pool.device, exportable)
         except ValueError as exc:
             raise EmbedInputError(f"compute: {exc}") from None
-        if choice.backend != "torch":
+        if choice.precision == "int8":
             from sbertray.embed import exported
 
-            # The driver exported fp32 already; int8 is quantized here once, not in every actor.
-            exported.ensure(model_path, choice.precision)
+            # describe_model exported fp32; int8 is quantized here once, not in every actor.
+            exported.ensure(model_path, "int8")
         resumed = f"; {len(done)} units already committed" if done else ""
         print(
             f"[sbertray] {len(plan.files)} files, {plan.total_rows:,} rows; embedding "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sbertray.config import ComputeConfig
+from sbertray.config import CPU_ONLY_BACKENDS, ComputeConfig
 
 # A GPU actor still tokenizes, reads and writes Parquet on the CPU.
 CPUS_PER_GPU_ACTOR = 1.0
@@ -51,7 +51,7 @@ def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int)
     units = max(1, num_units)
     if compute.device == "cuda" and gpus < 1:
         raise PoolSizeError("`compute.device: cuda` but the Ray cluster reports no GPUs")
-    cpu_only = compute.backend in ("onnx", "openvino") or compute.precision == "int8"
+    cpu_only = compute.backend in CPU_ONLY_BACKENDS or compute.precision == "int8"
     if compute.device != "cpu" and gpus >= 1 and not cpu_only:
         per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
         wanted = compute.num_actors or int(gpus)
