@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STSB = ROOT.parent / "shared" / "data" / "stsb"
 RESULTS = Path(__file__).with_name("results.json")
+# The tests' throwaway S3 server (tests/local_s3.py) serves the benchmarks too.
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def stsb_rows(split: str = "train") -> list[tuple[str, str, float]]:

@@ -118,7 +118,7 @@ def naive_ray(in_dir: str, out_dir: str) -> float:
 
 def sbertray_embed(in_path: str, out_path: str, precision: str, backend: str = "auto") -> float:
     from sbertray.config import EmbedConfig, parse_config
-    from sbertray.embed.job import run_embed
+    from sbertray.embed.run import run_embed
 
     config = parse_config(
         EmbedConfig,
@@ -142,9 +142,9 @@ def main() -> None:
 
     import pyarrow.fs as pafs
     import ray
+    from local_s3 import LocalS3
 
     from sbertray.embed import exported
-    from sbertray.local_s3 import LocalS3
     from sbertray.modeling import bundled_model_path
     from sbertray.ray_runtime import init_ray
 

@@ -1,5 +1,5 @@
 """The GPU embedding actor's batch path without Ray (Ray is too big to carry to a lent GPU
-machine): sentences/s of ``TextEncoder`` in bf16 against plain ``SentenceTransformer.encode``
+machine): sentences/s of the actors' ``TextEncoder`` in bf16 against plain ``SentenceTransformer.encode``
 in fp32 and fp16, on STS-B-length sentences.
 
 Like an embedding actor, the encoder gets blocks (units) from two threads at once, so one
@@ -31,7 +31,8 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from sbertray.embed.encoder import GPU_MAX_BATCH_ROWS, GPU_TOKEN_BUDGET, TextEncoder
+    from sbertray.embed.backends import encoder_for_model
+    from sbertray.embed.encoder import batch_defaults
     from sbertray.modeling import bundled_model_path
 
     texts = stsb_sentences(args.rows)
@@ -57,12 +58,13 @@ def main() -> None:
         timed("plain encode fp16 (batch 512)", lambda x: plain.encode(x, batch_size=512))
 
     precision = "bf16" if cuda else "fp32"
-    encoder = TextEncoder.for_model(
+    token_budget, max_batch_rows = batch_defaults(args.device)
+    encoder = encoder_for_model(
         SentenceTransformer(bundled_model_path(), device=args.device),
         device=args.device,
         precision=precision,
-        token_budget=GPU_TOKEN_BUDGET if cuda else 1024,
-        max_batch_rows=GPU_MAX_BATCH_ROWS if cuda else 256,
+        token_budget=token_budget,
+        max_batch_rows=max_batch_rows,
     )
 
     def actor_path(x):

@@ -48,8 +48,8 @@ def plain(config: TrainConfig, out: Path) -> int:
     )
     from sentence_transformers.losses import CosineSimilarityLoss
 
-    from sbertray.data import load_pairs
     from sbertray.modeling import load_model
+    from sbertray.train.data import load_pairs
 
     pairs = load_pairs(config.train)
     model = load_model(config.base_model, device="cpu", max_seq_length=256, normalize=True)

@@ -12,14 +12,8 @@ import json
 import logging
 import sys
 
-from sbertray.config import ConfigError
-from sbertray.data import DataError
-from sbertray.modeling import ModelError
+from sbertray.errors import UserError
 from sbertray.ray_runtime import prefer_loopback
-from sbertray.storage import StorageError
-
-# Errors a user can fix from the message alone: printed without a traceback, exit code 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -45,7 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sbertray.config import PairColumns, PairDataConfig, StorageConfig
-    from sbertray.evaluate import evaluate
+    from sbertray.train import evaluate
 
     data = PairDataConfig(
         path=args.data,
@@ -69,7 +63,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from sbertray.config import EmbedConfig, load_config
-    from sbertray.embed.job import run_embed
+    from sbertray.embed.run import run_embed
 
     config = load_config(EmbedConfig, args.config, args.overrides)
     summary = run_embed(config, ray_address=args.address)
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:  # fixable from the message: no traceback, exit 2
         print(f"sbertray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,10 +16,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sbertray.errors import UserError
+
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the file and the key."""
 
 
@@ -302,18 +304,14 @@ class BadInputConfig(_Strict):
     on_bad_file: Literal["fail", "skip"] = "fail"  # unreadable / corrupt Parquet
 
 
-# Backends that run the ONNX export on CPUs, and the precisions each runs.
-CPU_ONLY_BACKENDS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
-
-
 class ComputeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
-    # auto: GPUs -> torch; CPUs -> openvino (onnx for int8), torch for models the export does not
-    # cover. openvino / onnx run the model exported once to ONNX and cached next to it.
-    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    # A name in `sbertray.embed.backends` (torch, onnx, openvino) or auto: GPUs -> torch; CPUs ->
+    # openvino (onnx for int8), torch for models the export does not cover.
+    backend: str = "auto"
     # auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; onnx -> fp32.
     # int8 (onnx only) is dynamic per-channel quantization of the MatMuls; used only when asked.
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    precision: str = "auto"
     # Padded tokens per forward pass (texts sorted by length inside each block first, so short
     # texts go many to a batch and long ones few) and a cap on rows per pass.
     # None: by device (CPU 1024 / 256, GPU 65536 / 4096; see embed/encoder.py).
@@ -322,6 +320,24 @@ class ComputeConfig(_Strict):
     num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
+
+    @model_validator(mode="after")
+    def _check(self) -> ComputeConfig:
+        # The registry holds every backend rule; imported here because it imports config users.
+        from sbertray.embed import backends
+
+        if self.backend != "auto" and self.backend not in backends.BACKENDS:
+            raise ValueError(
+                f"`compute.backend: {self.backend}` is not a backend; use auto or one of "
+                f"{', '.join(backends.BACKENDS)}"
+            )
+        if self.precision not in ("auto", *backends.precisions()):
+            raise ValueError(
+                f"`compute.precision: {self.precision}` is not a precision; use auto or one of "
+                f"{', '.join(backends.precisions())}"
+            )
+        backends.check_compute(self)
+        return self
 
 
 class EmbedConfig(_Strict):
@@ -338,17 +354,6 @@ class EmbedConfig(_Strict):
     def _check(self) -> EmbedConfig:
         if self.reference is not None and self.input.pair_column is not None:
             raise ValueError("set either `input.pair_column` (pair mode) or `reference`, not both")
-        compute = self.compute
-        if compute.device == "cpu" and compute.precision == "fp16":
-            raise ValueError("`compute.precision: fp16` needs a GPU; use bf16 or fp32 on CPU")
-        if compute.precision == "int8" and compute.backend not in ("auto", "onnx"):
-            raise ValueError("`compute.precision: int8` needs `compute.backend: onnx` (or auto)")
-        if compute.backend in CPU_ONLY_BACKENDS:
-            allowed = CPU_ONLY_BACKENDS[compute.backend]
-            if compute.device == "cuda" or compute.precision not in ("auto", *allowed):
-                raise ValueError(
-                    f"`compute.backend: {compute.backend}` runs on CPU in {' or '.join(allowed)}"
-                )
         return self
 
 

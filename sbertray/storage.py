@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from sbertray.config import StorageConfig
+from sbertray.errors import UserError
 
 # Fail fast when an endpoint is down instead of pyarrow's multi-minute defaults; the retry
 # strategy still rides out short outages and throttling (SlowDown / 503) with backoff.
@@ -29,7 +30,7 @@ _S3_MAX_ATTEMPTS = 5
 _SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """An object-storage or filesystem operation failed; the message names the URL."""
 
 

@@ -49,7 +49,7 @@ def ray_2cpu(s3_server):
 def s3_server():
     """A real S3 endpoint (SeaweedFS) on free loopback ports; credentials exported to the env
     so pyarrow, s3fs and Ray workers find them like they would on a cluster."""
-    from sbertray.local_s3 import LocalS3
+    from local_s3 import LocalS3
 
     server = LocalS3().start()
     saved = {k: os.environ.get(k) for k in server.env()}

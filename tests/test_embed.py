@@ -17,7 +17,7 @@ import pytest
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
-from sbertray.embed.job import run_embed
+from sbertray.embed.run import run_embed
 from sbertray.embed.shards import EmbedInputError
 from sbertray.modeling import ModelError
 
@@ -169,7 +169,7 @@ def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, base_model, sen
 
 
 def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences, capfd):
-    from sbertray.local_s3 import SECRET_KEY
+    from local_s3 import SECRET_KEY
 
     fs = s3_server.filesystem()
     a, b = sentences[0:400:2], sentences[1:400:2]
@@ -264,13 +264,20 @@ def test_missing_model_fails_before_reading_data(tmp_path):
         run_embed(config)
 
 
-def test_empty_input_writes_empty_manifest(tmp_path, capsys):
-    (tmp_path / "in").mkdir()
+def test_input_files_without_rows_write_an_empty_manifest(tmp_path, capsys):
+    empty = pa.table(
+        {
+            "id": pa.array([], pa.int64()),
+            "text": pa.array([], pa.string()),
+            "group": pa.array([], pa.string()),
+        }
+    )
+    _write_table(tmp_path / "in" / "empty.parquet", empty)
     summary = run_embed(_config(str(tmp_path / "in"), str(tmp_path / "out")))
     assert summary.output_rows == 0
     assert "nothing to embed" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["files"] == [] and manifest["totals"]["input_rows"] == 0
+    assert [f["rows"] for f in manifest["files"]] == [0] and manifest["totals"]["input_rows"] == 0
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
@@ -361,7 +368,7 @@ def test_non_string_column_is_named(tmp_path):
         tmp_path / "in" / "n.parquet", pa.table({"id": [1], "text": [3.5], "group": ["a"]})
     )
     with pytest.raises(
-        EmbedInputError, match=r"n\.parquet: column `text` has type double, not text"
+        EmbedInputError, match=r"n\.parquet: column `text` \(input.text_column\) has type double"
     ):
         run_embed(_config(str(tmp_path / "in"), str(tmp_path / "o")))
 

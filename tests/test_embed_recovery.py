@@ -17,8 +17,8 @@ from processes import kill_when, run, sbertray_cmd
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
-from sbertray.embed.job import run_embed
 from sbertray.embed.lock import LockError, OutputLock
+from sbertray.embed.run import run_embed
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +139,11 @@ def test_input_file_rewritten_with_fewer_rows_leaves_no_stale_parts(ray_2cpu, tm
         json.loads((out / "_manifest.json").read_text())["totals"]["superseded_parts_removed"] == 2
     )
     assert _output_ids(out) == [*range(300), 5000, 5001]
+
+    (tmp_path / "in" / "s00.parquet").unlink()  # a deleted input takes its output with it
+    third = run_embed(config)
+    assert (third.output_rows, third.orphaned_parts, third.embedded_rows) == (2, 3, 0)
+    assert not list(out.glob("s00.*")) and _output_ids(out) == [5000, 5001]
 
 
 def test_lock_blocks_a_concurrent_run_and_stale_locks_are_taken_over(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,10 +13,9 @@ import pytest
 from processes import kill_when, run, sbertray_cmd
 
 from sbertray.config import TrainConfig, load_config
-from sbertray.data import load_pairs
-from sbertray.evaluate import evaluate_model
 from sbertray.report import summarize
-from sbertray.train import train
+from sbertray.train import checkpoints, evaluate_model, train
+from sbertray.train.data import load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -119,17 +119,17 @@ def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix):
     assert emb.shape == (2, 384)
 
 
-def _checkpoint_steps(root: Path) -> list[int]:
+def _complete_checkpoints(root: Path) -> list[int]:
+    """Steps of the checkpoints rank 0 marked complete (fully uploaded)."""
     return sorted(
-        int(p.name.split("-")[1])
-        for p in root.glob("*/checkpoint-*")
-        if p.is_dir() and (p / "trainer_state.json").exists()
+        int(p.parent.name.split("-")[1]) for p in root.glob("*/checkpoint-*/" + checkpoints.MARKER)
     )
 
 
 def test_resume_after_killing_the_run(tmp_path):
-    """Kill the whole training process tree after the first checkpoint, rerun the same command,
-    and check the global step continues instead of restarting from zero."""
+    """Kill the whole training process tree once a checkpoint is complete on disk (Ray Train
+    may not have registered it yet), rerun the same command: the rerun continues from the
+    newest complete checkpoint and runs only the remaining steps."""
     cmd = sbertray_cmd(
         "train",
         str(REPO / "jobs/configs/concepts.yaml"),
@@ -140,21 +140,44 @@ def test_resume_after_killing_the_run(tmp_path):
         f"output.model={tmp_path / 'model'}",
         f"output.checkpoints={tmp_path / 'ckpt'}",
     )
-    kill_when(cmd, lambda: bool(_checkpoint_steps(tmp_path / "ckpt")), what="a checkpoint")
-    on_disk = _checkpoint_steps(tmp_path / "ckpt")
-    assert max(on_disk) < 32
+    kill_when(cmd, lambda: bool(_complete_checkpoints(tmp_path / "ckpt")), what="a checkpoint")
+    complete = _complete_checkpoints(tmp_path / "ckpt")
+    assert 0 < max(complete) < 32
     assert not (tmp_path / "model" / "train_result.json").exists()
 
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads((tmp_path / "model" / "train_result.json").read_text())
     assert result["global_step"] == 32  # 40 pairs / batch 10 = 4 steps x 8 epochs
-    # Resumed from a checkpoint Ray Train had committed before the kill (one being persisted at
-    # that moment is on disk but not registered, so it may be the one before).
-    assert result["resumed_from_step"] in on_disk and result["resumed_from_step"] > 0
-    assert f"resumed from step {result['resumed_from_step']}" in second.stdout
+    assert result["resumed_from_step"] == max(complete)
+    assert f"resumed from step {max(complete)}" in second.stdout
+    ran = [int(step) for step in re.findall(r"\[sbertray\] step (\d+)/", second.stdout)]
+    assert sorted(set(ran)) == list(range(max(complete) + 2, 33, 2))
     logged = [e["step"] for e in result["loss_log"]]
     assert logged == list(range(2, 33, 2))  # the log spans the kill: nothing lost or repeated
+
+
+def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkeypatch):
+    """Retraining into the same output with another learning rate or fewer rows trains from
+    step 0, and the card and train_result.json describe the run that happened."""
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("SBERTRAY_SCRATCH", str(scratch))
+    recipe = REPO / "jobs/configs/resume_roles.yaml"
+    base = [
+        f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
+        "training.epochs=2",
+        f"output.model={tmp_path / 'model'}",
+    ]
+    first = train(load_config(TrainConfig, recipe, base))
+    assert first.resumed_from_step == 0 and first.global_step > 0
+    assert not list(scratch.glob("*")), "a completed run removes its scratch"
+
+    changed = train(load_config(TrainConfig, recipe, [*base, "training.learning_rate=1.0e-4"]))
+    assert changed.resumed_from_step == 0 and changed.global_step == first.global_step
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "0.0001" in card and "resumed from step" not in card
+    same = train(load_config(TrainConfig, recipe, [*base, "training.learning_rate=1.0e-4"]))
+    assert same.resumed_from_step == changed.global_step  # the same recipe picks up its own run
 
 
 def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch):

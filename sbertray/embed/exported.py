@@ -5,14 +5,9 @@ Next to the graph go the tokenizer and a ``spec.json`` (``ModelSpec``) read off 
 sentence-transformers model, so an actor whose artifact is cached starts without importing torch, transformers or
 sentence-transformers (~5 s per actor here) and tokenizes with the same Rust tokenizer.
 
-Measured per thread on this CPU (AMD EPYC, avx512_bf16), STS-B sentences, token budget 1024:
-torch fp32 206 rows/s (MKL takes a 256-bit path on this CPU), ONNX Runtime fp32 420,
-OpenVINO fp32 466, torch bf16 autocast 558, OpenVINO bf16 816, ONNX Runtime int8 882.
-
-Precisions: OpenVINO fp32 or bf16 (its inference precision hint; per-row cosine to fp32 mean
-0.99999, min 0.99996 on STS-B dev); ONNX Runtime fp32 or int8, dynamic quantization of the MatMul
-weights per channel (cosine mean 0.994 / min 0.989, where quantizing every op per tensor,
-onnxruntime's default, gave 0.964 / 0.872). Tests guard both.
+The runtimes that run the export are backends of their own (``backends/openvino.py``,
+``backends/onnx.py``); this module builds and caches what they share: the graph (fp32, and int8
+on request), the tokenizer and the spec.
 
 Supported models: a Transformer followed by mean Pooling, optionally Normalize (the
 all-MiniLM-L6-v2 family); ``unsupported_reason`` says why not for anything else.
@@ -23,39 +18,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from sbertray.embed.encoder import EncoderSpec, TextEncoder
+from sbertray.modeling import SPEC_FORMAT, ModelSpec, cache_root, load_model, model_hash
+
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _OPSET = 17
-_FORMAT = 1  # bump when the artifact layout changes: older artifacts are re-exported
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the encoder and the manifest need to know of a model; saved with an export, so
-    later runs read it instead of loading the model."""
-
-    dim: int
-    max_seq_length: int
-    normalized: bool
-    do_lower_case: bool  # sentence-transformers lower-cases before tokenizing
-    pad_id: int
-    format: int = _FORMAT
-
-    @classmethod
-    def of(cls, model) -> ModelSpec:
-        """Read off a loaded SentenceTransformer."""
-        return cls(
-            dim=int(model.get_embedding_dimension()),
-            max_seq_length=int(model.max_seq_length),
-            normalized=any(type(m).__name__ == "Normalize" for m in model),
-            do_lower_case=bool(getattr(model[0], "do_lower_case", False)),
-            pad_id=int(model.tokenizer.pad_token_id or 0),
-        )
 
 
 def unsupported_reason(model) -> str | None:
@@ -79,8 +51,6 @@ def artifact_dir(model_dir: str, digest: str | None = None) -> Path:
     installed package (a trained model), else in the cache. Keyed by the weights' hash, so a
     model retrained into the same directory never runs a stale export. ``digest``: the model's
     hash where the caller has it (hashing reads every weight file)."""
-    from sbertray.modeling import cache_root, model_hash
-
     if not os.path.isdir(model_dir):
         raise ValueError(
             f"exported backends (onnx, openvino) need a local model directory, got `{model_dir}`"
@@ -101,7 +71,7 @@ def _read_spec(out: Path) -> ModelSpec | None:
         spec = json.loads((out / "spec.json").read_text())
     except (OSError, ValueError):
         return None
-    if spec.get("format") != _FORMAT or not (out / "model_fp32.onnx").exists():
+    if spec.get("format") != SPEC_FORMAT or not (out / "model_fp32.onnx").exists():
         return None
     return ModelSpec(**spec)
 
@@ -168,15 +138,16 @@ def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
     return spec
 
 
-def ensure(model_dir: str, precision: str, model=None) -> tuple[Path, ModelSpec]:
+def ensure(
+    model_dir: str, precision: str, model=None, digest: str | None = None
+) -> tuple[Path, ModelSpec]:
     """The graph file for ``precision`` and the spec, exporting / quantizing once. ``model`` is
-    the loaded model if the caller has it; it is loaded only when there is no export yet."""
-    out = artifact_dir(model_dir)
+    the loaded model if the caller has it; it is loaded only when there is no export yet.
+    ``digest``: the model's hash where the caller has it."""
+    out = artifact_dir(model_dir, digest)
     spec = _read_spec(out)
     if spec is None:
         if model is None:
-            from sbertray.modeling import load_model
-
             model = load_model(model_dir, device="cpu")
         spec = export(model, model_dir, out)
     if precision != "int8":  # fp32 and bf16 (a runtime hint) run the fp32 graph
@@ -196,6 +167,11 @@ def ensure(model_dir: str, precision: str, model=None) -> tuple[Path, ModelSpec]
             ),
         )
     return target, spec
+
+
+def prepare(spec: EncoderSpec, model_dir: str) -> None:
+    """Builds the graph ``spec`` runs (int8 is quantized here once, not in every actor)."""
+    ensure(model_dir, spec.precision, digest=spec.model_hash)
 
 
 class ExportedTokenizer:
@@ -227,60 +203,27 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool) -
     return emb
 
 
-class OnnxForward:
-    """ONNX Runtime: token ids in, sentence embeddings out. ``session.run`` is thread-safe."""
-
-    def __init__(self, path: Path, spec: ModelSpec, *, threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.normalize = spec.normalized
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "token_type_ids": np.zeros_like(input_ids),
-        }
-        return mean_pool(self.session.run(None, feeds)[0], attention_mask, self.normalize)
+def feeds(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The export's inputs for one padded batch (single-segment texts: token types all 0)."""
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": np.zeros_like(input_ids),
+    }
 
 
-class OpenVinoForward:
-    """OpenVINO on the CPU: fp32, or bf16 through its inference precision hint (``auto`` asks
-    for bf16 only where the CPU has it natively). One infer request per thread: requests are
-    not thread-safe, the compiled model is."""
-
-    def __init__(self, path: Path, spec: ModelSpec, *, threads: int, precision: str):
-        import openvino as ov
-
-        core = ov.Core()
-        self.compiled = core.compile_model(
-            core.read_model(str(path)),
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                "INFERENCE_NUM_THREADS": max(1, threads),
-                "NUM_STREAMS": 1,
-                "PERFORMANCE_HINT": "LATENCY",
-                # OpenVINO pins its threads to cores it picks without knowing of other processes:
-                # two 1-thread actors both landed on core 0 (2 x 393 rows/s vs 2 x 755 unpinned).
-                "ENABLE_CPU_PINNING": False,
-            },
-        )
-        self.normalize = spec.normalized
-        self._local = threading.local()
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        feeds = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "token_type_ids": np.zeros_like(input_ids),
-        }
-        hidden = request.infer(feeds)[0]
-        return mean_pool(hidden, attention_mask, self.normalize)
+def build_encoder(spec: EncoderSpec, model_dir: str, model, forward_class) -> TextEncoder:
+    """An encoder running ``forward_class(graph, spec, threads=, precision=)`` on the export of
+    ``model_dir`` (exported first if there is none): the backends that run the export share
+    everything but their runtime."""
+    path, facts = ensure(model_dir, spec.precision, model, spec.model_hash)
+    threads = spec.threads or len(os.sched_getaffinity(0))
+    return TextEncoder(
+        ExportedTokenizer(path.with_name("tokenizer.json"), facts),
+        forward_class(path, facts, threads=threads, precision=spec.precision),
+        dim=facts.dim,
+        max_seq_length=facts.max_seq_length,
+        pad_id=facts.pad_id,
+        token_budget=spec.token_budget,
+        max_batch_rows=spec.max_batch_rows,
+    )

@@ -18,13 +18,14 @@ import time
 import warnings
 
 from sbertray import storage
+from sbertray.errors import UserError
 
 LOCK_NAME = "_lock.json"
 # Time for a concurrent writer's lock to become visible before we trust that ours won.
 _VERIFY_DELAY_S = 0.5
 
 
-class LockError(RuntimeError):
+class LockError(UserError, RuntimeError):
     """Another live run holds the output location."""
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sbertray.config import CPU_ONLY_BACKENDS, ComputeConfig
+from sbertray.config import ComputeConfig
+from sbertray.embed import backends
+from sbertray.errors import UserError
 
 # A GPU actor still tokenizes, reads and writes Parquet on the CPU.
 CPUS_PER_GPU_ACTOR = 1.0
@@ -19,7 +21,7 @@ CPUS_PER_GPU_ACTOR = 1.0
 CALLS_PER_GPU_ACTOR = 2
 
 
-class PoolSizeError(ValueError):
+class PoolSizeError(UserError, ValueError):
     """The requested pool cannot run on this cluster."""
 
 
@@ -44,15 +46,14 @@ def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int)
     (``ray.cluster_resources()``).
 
     GPU actors: one per GPU (half precision). CPU actors: as many as there are CPUs (and units),
-    each with an equal share of CPUs as threads, so actors never oversubscribe cores. The
-    CPU-only backends (onnx, openvino; int8) get CPU actors on GPU clusters too.
+    each with an equal share of CPUs as threads, so actors never oversubscribe cores. Configs
+    only CPU backends run (onnx, openvino; int8) get CPU actors on GPU clusters too.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     units = max(1, num_units)
     if compute.device == "cuda" and gpus < 1:
         raise PoolSizeError("`compute.device: cuda` but the Ray cluster reports no GPUs")
-    cpu_only = compute.backend in CPU_ONLY_BACKENDS or compute.precision == "int8"
-    if compute.device != "cpu" and gpus >= 1 and not cpu_only:
+    if compute.device != "cpu" and gpus >= 1 and backends.may_run_on(compute, "cuda"):
         per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
         wanted = compute.num_actors or int(gpus)
         if wanted > gpus:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, StorageConfig
+from sbertray.errors import UserError
 
 _GLOB_CHARS = "*?["
 _TEXT_TYPES = (
@@ -27,7 +29,7 @@ _TEXT_TYPES = (
 )
 
 
-class EmbedInputError(ValueError):
+class EmbedInputError(UserError, ValueError):
     """The input cannot be embedded as configured; names the file and column/row."""
 
 
@@ -127,8 +129,9 @@ def _list_one(spec: str, storage_config: StorageConfig | None) -> list[InputFile
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
         raise EmbedInputError(f"input `{storage.redact(spec)}`: no such file or directory")
-    if info.type == pafs.FileType.File:
-        return [_file_info_to_input(loc, info, loc.path.rsplit("/", 1)[-1])]
+    if info.type == pafs.FileType.File:  # the spec names the file itself
+        found = _file_info_to_input(loc, info, loc.path.rsplit("/", 1)[-1])
+        return [replace(found, url=storage.redact(loc.url))]
     return [
         _file_info_to_input(loc, i, i.path[len(loc.path) :].lstrip("/"))
         for i in storage.list_files(loc)
@@ -184,13 +187,14 @@ def check_columns(config: EmbedConfig, f: InputFile, schema: pa.Schema) -> None:
             raise EmbedInputError(
                 f"{f.url}: missing column `{column}` (input.{key}); the file has {schema.names}"
             )
-    if config.bad_input.on_null_text == "fail":
-        for column in filter(None, [inp.text_column, inp.pair_column]):
+    # Whatever the null policy: skipping a non-text column would silently drop every row.
+    for key, column in (("text_column", inp.text_column), ("pair_column", inp.pair_column)):
+        if column:
             col_type = schema.field(column).type
             if not any(check(col_type) for check in _TEXT_TYPES):
                 raise EmbedInputError(
-                    f"{f.url}: column `{column}` has type {col_type}, not text; convert it, or "
-                    "set `bad_input.on_null_text: skip|empty` to drop or blank those rows"
+                    f"{f.url}: column `{column}` (input.{key}) has type {col_type}, not text; "
+                    "convert it to string, or point the key at a text column"
                 )
 
 
@@ -213,9 +217,16 @@ def plan_units(files: list[InputFile], rows_per_file: int) -> list[WorkUnit]:
 
 def plan_input(config: EmbedConfig) -> InputPlan:
     """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
-    aside (``skip``); a missing column always raises, before any work."""
+    aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
+    null, duplicate or mixed-type ids always raise, before any work."""
+    from sbertray.embed.checks import check_ids
+
     fs, found = discover(config.input.path, config.storage)
-    good, bad = [], []
+    if not found:
+        raise EmbedInputError(
+            f"input `{storage.redact(str(config.input.path))}`: no Parquet files found"
+        )
+    good, bad, schemas = [], [], []
     for f in found:
         checked, schema = read_footer(fs, f)
         if checked.error:
@@ -227,4 +238,39 @@ def plan_input(config: EmbedConfig) -> InputPlan:
             continue
         check_columns(config, checked, schema)
         good.append(checked)
+        schemas.append(schema)
+    check_ids(config, fs, good, schemas)
     return InputPlan(files=good, units=plan_units(good, config.output.rows_per_file), bad_files=bad)
+
+
+def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:
+    """The reference set's ids and texts (reference mode), checked: columns present, no null
+    id or text, ids unique."""
+    ref = config.reference
+    fs, files = discover(ref.path, config.storage)
+    ids, texts = [], []
+    for f in files:
+        checked, schema = read_footer(fs, f)
+        if checked.error:
+            raise EmbedInputError(f"reference: {checked.error}")
+        for col in (ref.id_column, ref.text_column):
+            if col not in schema.names:
+                raise EmbedInputError(
+                    f"reference {f.url}: missing column `{col}`; the file has {schema.names}"
+                )
+        with fs.open_input_file(f.path) as handle:
+            table = pq.read_table(handle, columns=[ref.id_column, ref.text_column])
+        for i, (rid, text) in enumerate(
+            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        ):
+            if rid is None or not isinstance(text, str):
+                problem = "null id" if rid is None else "null or non-string text"
+                raise EmbedInputError(f"reference {f.url}: row {i}: {problem}")
+        ids.append(table.column(0))
+        texts.extend(table.column(1).to_pylist())
+    if not texts:
+        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}` has no rows")
+    all_ids = pa.chunked_array([c for chunk in ids for c in chunk.chunks]).combine_chunks()
+    if pc.count_distinct(all_ids).as_py() != len(all_ids):
+        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}`: ids are not unique")
+    return all_ids, texts

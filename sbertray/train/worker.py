@@ -1,35 +1,22 @@
-"""Fine-tuning with CosineSimilarityLoss across Ray Train workers.
-
-The driver validates the data and the base model first (so bad input fails before any worker
-starts), then runs a ``TorchTrainer`` whose workers each drive sentence-transformers' own trainer.
-Ray Train owns the process group and checkpoint storage; sentence-transformers/transformers own
-the optimizer, schedule, sharded sampling and the model card.
-
-``batch_size`` is the global batch per optimizer step: with N workers each takes batch_size/N, so a
-recipe gives the same number of steps (and comparable metrics) on 1 or 4 workers.
-"""
+"""The Ray Train worker loop: each worker drives sentence-transformers' own trainer with
+CosineSimilarityLoss; Ray Train owns the process group and checkpoint storage."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import os
-import shlex
 import shutil
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sbertray import storage
-from sbertray.config import DEFAULT_BASE_MODEL, TrainConfig
-from sbertray.data import PairData, load_pairs
-from sbertray.modeling import bundled_model_path, resolve_model_path
-from sbertray.ray_runtime import init_ray
-from sbertray.report import write_train_report
-
-logger = logging.getLogger(__name__)
+from sbertray.config import TrainConfig
+from sbertray.train import checkpoints
+from sbertray.train.card import card_base_model
+from sbertray.train.checkpoints import CheckpointStore
+from sbertray.train.data import PairData
 
 RESULT_FILE = "train_result.json"
 
@@ -53,134 +40,22 @@ class TrainResult:
     eval_log: list[dict]  # dev metrics after each epoch
 
 
-def _worker_cpus(config: TrainConfig) -> float:
-    """CPUs per worker: the recipe's value, else an even share of the cluster so a single worker
-    uses every core (torch's intra-op threads follow this number)."""
-    if config.scaling.cpus_per_worker is not None:
-        return config.scaling.cpus_per_worker
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 1)
-    return max(1.0, float(int(total // config.scaling.num_workers)))
-
-
-def _run_name(config: TrainConfig) -> str:
+def run_name(config: TrainConfig, fingerprint: str) -> str:
+    """Ray Train's run name: the output's (or ``output.run_name``) plus the run fingerprint, so a
+    rerun of the same recipe finds its own checkpoints and a changed one starts a run of its
+    own instead of resuming (or evicting) another's."""
     if config.output.run_name:
-        return config.output.run_name
-    import hashlib
-
-    digest = hashlib.sha256(storage.redact(config.output.model).encode()).hexdigest()[:8]
-    return f"{config.name}-{digest}"
-
-
-def _model_card_base(name: str) -> str | None:
-    if name == DEFAULT_BASE_MODEL or resolve_model_path(name) == bundled_model_path():
-        return DEFAULT_BASE_MODEL
-    return name if not storage.is_url(name) and not os.path.exists(name) else None
+        base = config.output.run_name
+    else:
+        digest = hashlib.sha256(storage.redact(config.output.model).encode()).hexdigest()[:8]
+        base = f"{config.name}-{digest}"
+    return f"{base}-{fingerprint[:8]}"
 
 
-def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult:
-    """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
-
-    Rerunning the same recipe after a crash resumes from the last checkpoint in
-    ``output.checkpoints`` (the global step continues).
-
-    Raises:
-        DataError: bad training/dev data (before any worker starts).
-        ModelError: the base model cannot be found.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    started = time.time()
-    config = config.model_copy(deep=True)
-    config.output.model = storage.absolute(config.output.model)
-    config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
-    if os.path.exists(config.base_model):
-        config.base_model = storage.absolute(config.base_model)
-    train_pairs = load_pairs(config.train, config.storage)
-    dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
-    resolve_model_path(config.base_model, config.storage)  # fail now, not inside a worker
-    _report_skips("train", train_pairs)
-    if dev_pairs is not None:
-        _report_skips("dev", dev_pairs)
-
-    init_ray(ray_address)
-    ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
-    cpus = _worker_cpus(config)
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "config": config.model_dump(),
-            "train": train_pairs.table,
-            "dev": dev_pairs.table if dev_pairs is not None else None,
-            "cpus_per_worker": cpus,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=_run_name(config),
-            storage_path=ckpt_loc.path,
-            storage_filesystem=ckpt_loc.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.training.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-        ),
-    )
-    trainer.fit()
-    # Rank 0 wrote the run summary beside the model; the driver adds its own wall time.
-    result_loc = storage.resolve(config.output.model, config.storage).child(RESULT_FILE)
-    summary = json.loads(storage.read_bytes(result_loc))
-    summary["wall_time_s"] = round(time.time() - started, 1)
-    summary["skipped_rows"] = train_pairs.num_skipped
-    storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
-    add_run_to_card(storage.resolve(config.output.model, config.storage), summary)
-    write_train_report(config.output.model, summary, config.storage)
-    return TrainResult(**summary)
-
-
-def add_run_to_card(model: storage.Location, summary: dict, command: str | None = None) -> None:
-    """Adds how this model was produced (command, workers, wall time, dev score) to its card,
-    just before sentence-transformers' "Framework Versions" section."""
-    card_loc = model.child("README.md")
-    card = storage.read_bytes(card_loc).decode()
-    dev = summary.get("dev_metrics")
-    lines = [
-        "### Trained with sbertray",
-        f"- Command: `{command or shlex.join(['sbertray', *sys.argv[1:]])}`",
-        f"- Ray Train workers: {summary['num_workers']}; steps: {summary['global_step']}"
-        + (
-            f" (resumed from step {summary['resumed_from_step']})"
-            if summary["resumed_from_step"]
-            else ""
-        ),
-        f"- Wall time: {summary['wall_time_s']:.0f} s",
-    ]
-    if dev:
-        lines.append(
-            f"- {dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, Pearson {dev['pearson_cosine']:.4f}"
-        )
-    block = "\n".join(lines) + "\n\n"
-    marker = "### Framework Versions"
-    card = card.replace(marker, block + marker, 1) if marker in card else card + "\n" + block
-    storage.write_bytes(card_loc, card.encode())
-
-
-def _report_skips(kind: str, pairs: PairData) -> None:
-    if pairs.num_skipped:
-        reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
-        print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side
-
-
-def _make_report_callback(rank: int):
+def _make_report_callback(rank: int, store: CheckpointStore):
     """A transformers callback that hands each saved checkpoint to Ray Train (rank 0's copy: it
-    holds the model, optimizer, scheduler and trainer state) and prints progress on rank 0."""
+    holds the model, optimizer, scheduler and trainer state), marks it complete once uploaded,
+    and prints progress on rank 0."""
     import ray.train
     from transformers import TrainerCallback
 
@@ -199,11 +74,14 @@ def _make_report_callback(rank: int):
             checkpoint = None
             if rank == 0 and ckpt_dir.is_dir():
                 checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+                store.unmark(state.global_step)
             ray.train.report(
                 {"global_step": state.global_step, "epoch": state.epoch},
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint-{state.global_step:08d}",
+                checkpoint_dir_name=checkpoints.dir_name(state.global_step),
             )
+            if checkpoint is not None:  # the upload is synchronous: the files are all there
+                store.mark(state.global_step)
 
     return _RayTrainReport()
 
@@ -255,21 +133,14 @@ def _freeze_unused_pooler(model) -> None:
         pooler.requires_grad_(False)
 
 
-def _restore_checkpoint(local_root: Path) -> tuple[str | None, int]:
-    """Downloads Ray Train's latest checkpoint (if any) and returns (path, global step)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, 0
-    target = local_root / "resume"
-    shutil.rmtree(target, ignore_errors=True)
-    checkpoint.to_directory(str(target))
-    state = json.loads((target / "trainer_state.json").read_text())
-    return str(target), int(state.get("global_step", 0))
+def scratch_root() -> Path:
+    """Where workers keep a run's local files (transformers' checkpoints before upload, the
+    checkpoint resumed from, the model before upload): ``$SBERTRAY_SCRATCH``, else
+    ``<system temp>/sbertray``. A run's folder is removed when the run completes."""
+    return Path(os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray")
 
 
-def _train_worker(loop_config: dict) -> None:
+def train_worker(loop_config: dict) -> None:
     import datasets
     import ray.train
     import torch
@@ -277,8 +148,8 @@ def _train_worker(loop_config: dict) -> None:
     from sentence_transformers.losses import CosineSimilarityLoss
     from transformers.trainer_callback import PrinterCallback
 
-    from sbertray.evaluate import SimilarityMetrics, build_evaluator
     from sbertray.modeling import load_model
+    from sbertray.train.evaluation import SimilarityMetrics, build_evaluator
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -297,7 +168,7 @@ def _train_worker(loop_config: dict) -> None:
     _freeze_unused_pooler(model)
     card = model.model_card_data
     card.local_files_only = True
-    card.base_model = _model_card_base(config.base_model)
+    card.base_model = card_base_model(config.base_model)
     card.model_name = (
         f"{config.name} (sbertray, fine-tuned from {card.base_model or config.base_model})"
     )
@@ -310,9 +181,20 @@ def _train_worker(loop_config: dict) -> None:
     dev_pairs = PairData(table=dev_table, files=[]) if dev_table is not None else None
     evaluator = build_evaluator(dev_pairs, dev_name) if dev_pairs is not None else None
 
-    local_root = Path(tempfile.gettempdir()) / "sbertray" / _run_name(config)
+    name = run_name(config, loop_config["fingerprint"])
+    local_root = scratch_root() / name
     local_root.mkdir(parents=True, exist_ok=True)
-    resume_path, resumed_from = _restore_checkpoint(local_root)
+    ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
+    store = CheckpointStore(ckpt_root, name)
+    resume_dir = local_root / f"resume-rank{rank}"
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    resume_path, resumed_from = store.restore(resume_dir)
+    if rank == 0 and resume_path is None and (others := store.other_runs()):
+        print(
+            f"[sbertray] the checkpoints in {storage.redact(ckpt_root.url)} are from runs with "
+            f"another config, data or base model ({', '.join(others)}): training from step 0",
+            flush=True,
+        )
     if rank == 0 and resume_path:
         print(f"[sbertray] resuming from checkpoint at step {resumed_from}", flush=True)
 
@@ -324,7 +206,7 @@ def _train_worker(loop_config: dict) -> None:
         train_dataset=train_ds,
         loss=CosineSimilarityLoss(model),
         evaluator=evaluator,
-        callbacks=[_make_report_callback(rank)],
+        callbacks=[_make_report_callback(rank, store)],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
@@ -372,3 +254,7 @@ def _train_worker(loop_config: dict) -> None:
         (out_dir / RESULT_FILE).write_text(json.dumps(asdict(summary), indent=2))
         storage.upload_dir(out_dir, storage.resolve(config.output.model, config.storage))
     ray.train.report({"global_step": trainer.state.global_step})
+    # Done: every checkpoint and the model are in storage; a failed run keeps its scratch.
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(local_root, ignore_errors=True)

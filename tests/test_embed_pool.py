@@ -3,7 +3,6 @@
 import pytest
 
 from sbertray.config import ComputeConfig
-from sbertray.embed.encoder import cpu_has_native_bf16, resolve_compute
 from sbertray.embed.pool import PoolSizeError, plan_pool
 
 
@@ -52,33 +51,3 @@ def test_gpu_actors_overlap_units_and_cpu_only_backends_stay_on_cpu():
     for compute in (ComputeConfig(backend="openvino"), ComputeConfig(precision="int8")):
         plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, compute, num_units=10)
         assert (plan.device, plan.num_actors, plan.calls_per_actor) == ("cpu", 10, 1)
-
-
-def test_auto_compute_choice(monkeypatch):
-    native = "bf16" if cpu_has_native_bf16() else "fp32"
-    cpu = resolve_compute(ComputeConfig(), "cpu", exportable=True)
-    assert (cpu.backend, cpu.precision, cpu.token_budget, cpu.max_batch_rows) == (
-        "openvino",
-        native,
-        1024,
-        256,
-    )
-    gpu = resolve_compute(ComputeConfig(), "cuda", exportable=True)
-    assert (gpu.backend, gpu.precision, gpu.token_budget) == ("torch", "bf16", 65536)
-    other = resolve_compute(ComputeConfig(), "cpu", exportable=False)  # e.g. CLS pooling
-    assert (other.backend, other.precision) == ("torch", native)
-    int8 = resolve_compute(ComputeConfig(precision="int8"), "cpu", exportable=True)
-    assert (int8.backend, int8.precision) == ("onnx", "int8")
-    onnx = resolve_compute(ComputeConfig(backend="onnx"), "cpu", exportable=True)
-    assert onnx.precision == "fp32"
-    import sbertray.embed.encoder as encoder
-
-    monkeypatch.setattr(encoder, "_installed", lambda module: module != "openvino")
-    no_openvino = resolve_compute(ComputeConfig(), "cpu", exportable=True)
-    assert (no_openvino.backend, no_openvino.precision) == ("onnx", "fp32")
-    fixed = resolve_compute(ComputeConfig(token_budget=99, max_batch_rows=7), "cuda", True)
-    assert (fixed.token_budget, fixed.max_batch_rows) == (99, 7)
-    with pytest.raises(ValueError, match="int8 runs on the ONNX export"):
-        resolve_compute(ComputeConfig(precision="int8"), "cpu", exportable=False)
-    with pytest.raises(ValueError, match="backend openvino runs the model exported to ONNX"):
-        resolve_compute(ComputeConfig(backend="openvino"), "cpu", exportable=False)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sbertray.config import PairColumns, PairDataConfig
-from sbertray.data import DataError, load_pairs
+from sbertray.train.data import DataError, load_pairs
 
 
 def _spec(path, **kw) -> PairDataConfig:

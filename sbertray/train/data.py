@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import PairDataConfig, StorageConfig
+from sbertray.errors import UserError
 
 PAIR_SCHEMA = pa.schema(
     [("sentence_0", pa.string()), ("sentence_1", pa.string()), ("label", pa.float64())]
@@ -40,7 +41,7 @@ _HEADER_LINES = {"csv": 1, "tsv": 1}
 _MAX_ERRORS_SHOWN = 5
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data is unusable; the message names the file, and the row and field where known."""
 
 

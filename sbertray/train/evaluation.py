@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sbertray.config import PairDataConfig, StorageConfig
-from sbertray.data import PairData, load_pairs
+from sbertray.train.data import PairData, load_pairs
 
 EVAL_BATCH_SIZE = 64  # inference only: larger than any recipe's train batch, still small on CPU
 

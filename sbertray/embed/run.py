@@ -1,0 +1,306 @@
+"""The embed job, as plan -> execute -> commit.
+
+    ray job submit --working-dir . -- python jobs/embed.py --config jobs/configs/embed_demo.yaml
+
+- **plan** (``plan_embed``): everything that can fail without the model running: config, model,
+  input footers and columns, output columns, output writability.
+- **execute**: the units not committed by an earlier run, on a pool of ``EmbedStage`` actors
+  (``ray_adapter``) sized from the cluster (``pool``), running the backend ``backends`` picks.
+- **commit** (``commit``): the invariant (output rows + bad rows = input rows, ids unique), then
+  ``_manifest.json`` and ``_SUCCESS``. Nothing is marked done unless the invariant holds.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import sbertray
+from sbertray import storage
+from sbertray.config import EmbedConfig
+from sbertray.embed import backends, commit
+from sbertray.embed.checks import check_output_outside_input, check_reference
+from sbertray.embed.commit import UnitResult
+from sbertray.embed.encoder import EncoderSpec
+from sbertray.embed.lock import OutputLock
+from sbertray.embed.pool import PoolPlan, plan_pool
+from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
+from sbertray.embed.stage import check_output_columns, output_schema
+from sbertray.modeling import PreparedModel, prepare_model, resolve_model_path
+from sbertray.report import write_embed_report
+
+
+@dataclass
+class EmbedSummary:
+    output_url: str
+    input_files: int
+    input_rows: int
+    output_rows: int
+    bad_rows: int
+    bad_files: list[str]
+    truncated: int
+    seconds: float
+    skipped_units: int = 0  # committed by an earlier run (resume / incremental)
+    embedded_rows: int = 0  # rows embedded by this run (output_rows counts earlier runs' too)
+    superseded_parts: int = 0  # outputs of changed input files that no longer exist, removed
+    orphaned_parts: int = 0  # outputs of deleted input files, removed
+    units: list[dict] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.embedded_rows / self.seconds if self.seconds else 0.0
+
+    def closing_line(self) -> str:
+        bad_files = f", {len(self.bad_files)} bad files skipped" if self.bad_files else ""
+        resumed = (
+            f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
+        )
+        return (
+            f"[sbertray] embedded {self.embedded_rows:,} rows from {self.input_files} files in "
+            f"{self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); bad rows: {self.bad_rows}"
+            f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}{resumed}"
+        )
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What a run will do, checked before any actor starts."""
+
+    config: EmbedConfig  # output path made absolute
+    out: storage.Location
+    model: PreparedModel
+    inputs: InputPlan
+    run_metadata: dict  # in every output file's schema metadata (`sbertray` key) and the manifest
+
+    @property
+    def run_id(self) -> str:
+        return self.run_metadata["run_id"]
+
+    @property
+    def model_for_actors(self) -> str:
+        """Object-storage models are resolved by each node into its own cache; anything else
+        is the path (or hub id) the driver resolved."""
+        model = self.config.model
+        return model if storage.is_url(model) and not storage.is_local(model) else self.model.path
+
+
+def prepare_job_model(config: EmbedConfig) -> PreparedModel:
+    """The job's model resolved on this node, hashed, and exported once if the job may run an
+    exported backend."""
+    return prepare_model(
+        resolve_model_path(config.model, config.storage),
+        export=backends.may_run_exported(config.compute),
+    )
+
+
+def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> EmbedPlan:
+    """Checks the config, model, input and output, in that order, and plans the units.
+    ``model``: ``prepare_job_model(config)`` where the caller has it already.
+
+    Raises:
+        ConfigError: passthrough columns that collide with the output's own; an output inside
+            the input.
+        ModelError: the model cannot be found (before any data is read).
+        EmbedInputError: no input files, missing or non-text column, bad file
+            (``on_bad_file: fail``), null / duplicate / mixed-type ids, a bad reference set.
+        StorageError: output not writable / endpoint down.
+    """
+    config = config.model_copy(deep=True)
+    config.output.path = storage.absolute(config.output.path)
+    check_output_columns(config)
+    check_output_outside_input(config)
+    out = storage.resolve(config.output.path, config.storage)
+    model = model or prepare_job_model(config)
+    inputs = plan_input(config)
+    check_reference(config)
+    commit.probe_writable(out)
+    config_dict = config.model_dump()
+    run_metadata = {
+        "model": storage.redact(config.model),
+        "model_hash": model.model_hash,
+        **model.spec.facts(),
+        "config_hash": commit.stable_hash(config_dict),
+        "content_hash": commit.content_hash(
+            config, model.model_hash, output_schema(config, model.spec.dim)
+        ),
+        "config": _redacted(config_dict),
+        "run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
+        "sbertray_version": sbertray.__version__,
+    }
+    return EmbedPlan(config, out, model, inputs, run_metadata)
+
+
+def run_embed(
+    config: EmbedConfig, *, ray_address: str | None = None, model: PreparedModel | None = None
+) -> EmbedSummary:
+    """Embeds ``config.input`` into ``config.output.path`` and commits the manifest.
+    ``model``: ``prepare_job_model(config)`` where the caller has it already.
+
+    Raises what ``plan_embed`` raises, and:
+        EmbedInputError: bad rows (``fail``), bad files found while reading.
+        InvariantError: output does not account for every input row exactly once.
+        LockError: another live run holds the output location.
+    """
+    started = time.time()
+    plan = plan_embed(config, model)
+    with OutputLock(plan.out, plan.run_id, stale_after_s=plan.config.output.lock_stale_after_s):
+        existing = (
+            {i.path for i in storage.list_files(plan.out)} if storage.exists(plan.out) else set()
+        )
+        done = commit.committed_units(
+            plan.out, plan.inputs, plan.run_metadata["content_hash"], existing
+        )
+        todo = [u for u in plan.inputs.units if u.unit_id not in done]
+        results, pool, encoder = list(done.values()), None, None
+        if todo:
+            pool, encoder = _start(plan, len(todo), len(done), ray_address)
+            from sbertray.embed import ray_adapter
+
+            results += ray_adapter.run_units(plan.config, todo, pool, encoder, plan.run_metadata)
+        else:
+            _say_nothing_to_do(plan)
+        return _commit(plan, results, set(done), existing, pool, encoder, started)
+
+
+def _start(
+    plan: EmbedPlan, todo: int, done: int, ray_address: str | None
+) -> tuple[PoolPlan, EncoderSpec]:
+    """Sizes the pool from the cluster and decides what its actors run."""
+    from sbertray.embed import ray_adapter
+
+    compute = plan.config.compute
+    pool = plan_pool(ray_adapter.cluster_resources(ray_address), compute, todo)
+    try:
+        encoder = backends.encoder_spec(
+            compute,
+            model=plan.model_for_actors,
+            model_hash=plan.model.model_hash,
+            device=pool.device,
+            threads=pool.threads,
+            exportable=plan.model.exportable,
+        )
+    except ValueError as exc:
+        raise EmbedInputError(f"compute: {exc}") from None
+    backends.prepare(encoder, plan.model.path)
+    resumed = f"; {done} units already committed" if done else ""
+    print(
+        f"[sbertray] {len(plan.inputs.files)} files, {plan.inputs.total_rows:,} rows; embedding "
+        f"{todo} of {len(plan.inputs.units)} units{resumed}; pool: {pool.describe()}; "
+        f"backend {encoder.backend}, precision {encoder.precision}",
+        flush=True,
+    )
+    return pool, encoder
+
+
+def _say_nothing_to_do(plan: EmbedPlan) -> None:
+    if plan.inputs.units:
+        message = (
+            f"nothing to do: all {len(plan.inputs.units)} units of {len(plan.inputs.files)} "
+            "files are already embedded with this model and config"
+        )
+    else:
+        message = (
+            f"no input rows under {storage.redact(str(plan.config.input.path))}: nothing to embed"
+        )
+    print(f"[sbertray] {message}", flush=True)
+
+
+def _commit(
+    plan: EmbedPlan,
+    results: list[UnitResult],
+    done: set[str],
+    existing: set[str],
+    pool: PoolPlan | None,
+    encoder: EncoderSpec | None,
+    started: float,
+) -> EmbedSummary:
+    """Fails on bad rows and files as configured, checks the invariant, removes what no reader
+    may see, and writes the report, the manifest and ``_SUCCESS``."""
+    config, out = plan.config, plan.out
+    row_errors = [r.error for r in results if r.error_kind == "bad_rows"]
+    file_errors = [r for r in results if r.error_kind == "bad_file"]
+    if row_errors:
+        raise EmbedInputError("\n".join(row_errors))
+    if file_errors and config.bad_input.on_bad_file == "fail":
+        raise EmbedInputError(
+            "\n".join(r.error for r in file_errors)
+            + "\n(set `bad_input.on_bad_file: skip` to embed the other files)"
+        )
+    failed_files = {r.file for r in file_errors}
+    committed = [r for r in results if r.file not in failed_files]
+    kept = InputPlan(
+        files=[f for f in plan.inputs.files if f.rel not in failed_files],
+        units=[u for u in plan.inputs.units if u.file.rel not in failed_files],
+    )
+    written = commit.check_invariant(out, kept, committed)
+    commit.remove_temp_files(out, committed)
+    bad_stems = {f.output_stem for f in plan.inputs.bad_files}
+    bad_stems |= {f.output_stem for f in plan.inputs.files if f.rel in failed_files}
+    superseded, orphaned = commit.remove_stale_parts(out, kept, existing, bad_stems)
+    if superseded or orphaned:
+        print(
+            f"[sbertray] removed {superseded} output parts of changed input files that now "
+            f"have fewer parts and {orphaned} of deleted input files",
+            flush=True,
+        )
+
+    bad_files = [f.url for f in plan.inputs.bad_files] + sorted(
+        next(f.url for f in plan.inputs.files if f.rel == rel) for rel in failed_files
+    )
+    summary = EmbedSummary(
+        skipped_units=len(done),
+        superseded_parts=superseded,
+        orphaned_parts=orphaned,
+        embedded_rows=sum(r.rows_out for r in committed if r.unit_id not in done),
+        output_url=storage.redact(out.url),
+        input_files=len(kept.files),
+        input_rows=sum(u.num_rows for u in kept.units),
+        output_rows=written,
+        bad_rows=sum(r.rows_dropped for r in committed),
+        bad_files=bad_files,
+        truncated=sum(r.truncated for r in committed),
+        seconds=round(time.time() - started, 2),
+        units=[asdict(r) for r in committed],
+    )
+    compute = None
+    if encoder is not None:  # the model reference is in `model` already (redacted)
+        compute = {k: v for k, v in asdict(encoder).items() if k not in ("model", "model_hash")}
+    totals = {
+        "input_files": summary.input_files,
+        "input_rows": summary.input_rows,
+        "output_rows": summary.output_rows,
+        "bad_rows": summary.bad_rows,
+        "truncated": summary.truncated,
+        "superseded_parts_removed": summary.superseded_parts,
+        "orphaned_parts_removed": summary.orphaned_parts,
+    }
+    record = commit.manifest_record(
+        plan.run_metadata,
+        kept,
+        committed,
+        totals,
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "precision": encoder.precision if encoder else None,
+            "compute": compute,
+            "pool": asdict(pool) if pool else None,
+            "bad_files": summary.bad_files,
+            "timings": {
+                "seconds": summary.seconds,
+                "rows_per_s": round(summary.rows_per_s, 1),
+                "unit_seconds": sum(r.seconds for r in committed),
+            },
+        },
+    )
+    write_embed_report(out, record, [asdict(r) for r in results if r.unit_id not in done])
+    commit.write_manifest(out, record)
+    return summary
+
+
+def _redacted(value):
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return storage.redact(value) if isinstance(value, str) else value

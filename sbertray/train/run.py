@@ -1,0 +1,111 @@
+"""Fine-tuning with CosineSimilarityLoss across Ray Train workers.
+
+The driver validates the data and the base model first (so bad input fails before any worker
+starts), then runs a ``TorchTrainer`` whose workers each drive sentence-transformers' own trainer.
+Ray Train owns the process group and checkpoint storage; sentence-transformers/transformers own
+the optimizer, schedule, sharded sampling and the model card.
+
+``batch_size`` is the global batch per optimizer step: with N workers each takes batch_size/N, so a
+recipe gives the same number of steps (and comparable metrics) on 1 or 4 workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from sbertray import storage
+from sbertray.config import TrainConfig
+from sbertray.modeling import model_hash, resolve_model_path
+from sbertray.ray_runtime import init_ray
+from sbertray.report import write_train_report
+from sbertray.train.card import add_run_to_card
+from sbertray.train.checkpoints import run_fingerprint
+from sbertray.train.data import PairData, load_pairs
+from sbertray.train.worker import RESULT_FILE, TrainResult, run_name, train_worker
+
+
+def _worker_cpus(config: TrainConfig) -> float:
+    """CPUs per worker: the recipe's value, else an even share of the cluster so a single worker
+    uses every core (torch's intra-op threads follow this number)."""
+    if config.scaling.cpus_per_worker is not None:
+        return config.scaling.cpus_per_worker
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    return max(1.0, float(int(total // config.scaling.num_workers)))
+
+
+def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult:
+    """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
+
+    Rerunning the same recipe after a crash resumes from the last complete checkpoint in
+    ``output.checkpoints`` (the global step continues); a rerun with another config, data or
+    base model starts over (see ``checkpoints.py``).
+
+    Raises:
+        DataError: bad training/dev data (before any worker starts).
+        ModelError: the base model cannot be found.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    config = config.model_copy(deep=True)
+    config.output.model = storage.absolute(config.output.model)
+    config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
+    if os.path.exists(config.base_model):
+        config.base_model = storage.absolute(config.base_model)
+    train_pairs = load_pairs(config.train, config.storage)
+    dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
+    # Fails now, not inside a worker; the hash tells this run's checkpoints from another's.
+    base_model_hash = model_hash(resolve_model_path(config.base_model, config.storage))
+    fingerprint = run_fingerprint(
+        config, [train_pairs.table, dev_pairs.table if dev_pairs else None], base_model_hash
+    )
+    _report_skips("train", train_pairs)
+    if dev_pairs is not None:
+        _report_skips("dev", dev_pairs)
+
+    init_ray(ray_address)
+    ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
+    cpus = _worker_cpus(config)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "train": train_pairs.table,
+            "dev": dev_pairs.table if dev_pairs is not None else None,
+            "cpus_per_worker": cpus,
+            "fingerprint": fingerprint,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name(config, fingerprint),
+            storage_path=ckpt_loc.path,
+            storage_filesystem=ckpt_loc.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.training.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+        ),
+    )
+    trainer.fit()
+    # Rank 0 wrote the run summary beside the model; the driver adds its own wall time.
+    result_loc = storage.resolve(config.output.model, config.storage).child(RESULT_FILE)
+    summary = json.loads(storage.read_bytes(result_loc))
+    summary["wall_time_s"] = round(time.time() - started, 1)
+    summary["skipped_rows"] = train_pairs.num_skipped
+    storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
+    add_run_to_card(storage.resolve(config.output.model, config.storage), summary)
+    write_train_report(config.output.model, summary, config.storage)
+    return TrainResult(**summary)
+
+
+def _report_skips(kind: str, pairs: PairData) -> None:
+    if pairs.num_skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
+        print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)

@@ -1,0 +1,69 @@
+"""The embedding stage on its own, without Ray: one unit in, one committed file out, in the
+declared output schema."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sbertray.config import ConfigError, EmbedConfig, parse_config
+from sbertray.embed.encoder import EncoderSpec
+from sbertray.embed.shards import plan_input
+from sbertray.embed.stage import EmbedStage, check_output_columns, output_schema
+
+
+def _config(tmp_path, **input_keys) -> EmbedConfig:
+    data = {
+        "input": {"path": str(tmp_path / "in"), "passthrough": ["lang"], **input_keys},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    return parse_config(EmbedConfig, data)
+
+
+def test_a_unit_becomes_one_file_in_the_declared_schema(tmp_path, base_model, bundled_model_path):
+    (tmp_path / "in").mkdir()
+    texts = ["a cat sat on the mat", None, "stock markets fell today", ""]
+    table = pa.table({"id": pa.array([7, 8, 9, 10], pa.int32()), "text": texts, "lang": ["en"] * 4})
+    pq.write_table(table, tmp_path / "in" / "part.parquet")
+    config = _config(tmp_path, pair_column=None)
+    config.bad_input.on_null_text = "skip"
+    (unit,) = plan_input(config).units
+    spec = EncoderSpec(model=bundled_model_path, backend="torch", precision="fp32")
+    stage = EmbedStage(config, spec, {"run_id": "r1"})
+
+    result = stage.process(unit)
+
+    assert (result.rows_out, result.rows_dropped, result.bad_rows) == (3, 1, {"null text": 1})
+    written = pq.read_table(tmp_path / "out" / result.output)
+    expected = output_schema(config, 384, {"id": pa.int32(), "lang": pa.string()})
+    assert written.schema.remove_metadata() == expected
+    assert written.column("id").to_pylist() == [7, 9, 10]
+    reference = base_model.encode(["a cat sat on the mat", "stock markets fell today", ""])
+    got = np.stack(written.column("embedding").to_numpy(zero_copy_only=False))
+    cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= 0.9999
+    meta = json.loads(written.schema.metadata[b"sbertray"])
+    assert meta["run_id"] == "r1" and meta["unit"]["rows_dropped"] == 1
+    assert not [p for p in (tmp_path / "out").rglob("*") if "_inprogress-" in p.name]
+
+
+def test_output_schema_follows_the_mode(tmp_path):
+    plain = output_schema(_config(tmp_path), 4)
+    assert plain.names == ["id", "lang", "embedding"]
+    assert plain.field("embedding").type == pa.list_(pa.float32(), 4)
+    pairs = output_schema(_config(tmp_path, pair_column="other"), 4)
+    assert pairs.names == ["id", "lang", "embedding", "embedding_pair", "cosine"]
+    generated = output_schema(_config(tmp_path, id_column=None), 4)
+    assert generated.field("id").type == pa.string()
+
+
+@pytest.mark.parametrize("column", ["embedding", "id", "cosine"])
+def test_passthrough_that_would_overwrite_an_output_column_is_refused(tmp_path, column):
+    config = _config(tmp_path, id_column="doc_id", pair_column="other")
+    config.input.passthrough = ["lang", column]
+    with pytest.raises(ConfigError, match=rf"`input.passthrough` has \['{column}'\]"):
+        check_output_columns(config)
+    config.input.passthrough = ["lang", "doc_id"]  # the id column itself is written as `id`
+    check_output_columns(config)
