@@ -13,15 +13,15 @@ machine can run the next night.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
 from dataclasses import asdict
 
 from sbertray import storage
-from sbertray.config import EmbedConfig, NightlyConfig, TrainConfig, load_config
-from sbertray.report import REPORT_JSON, REPORT_MD
+from sbertray.config import EmbedConfig, NightlyConfig, TrainConfig, load_config, stable_hash
+from sbertray.report import REPORT_DIR, REPORT_MD
+from sbertray.report import write as write_report
 
 STATE = "_nightly_state.json"
 
@@ -32,7 +32,7 @@ def _fingerprint(path: str, storage_config) -> str:
     info = loc.fs.get_file_info(loc.path)
     infos = [info] if info.type == storage.pafs.FileType.File else storage.list_files(loc)
     listing = [(i.path, i.size, i.mtime.isoformat() if i.mtime else None) for i in infos]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return stable_hash(listing)
 
 
 def _read_state(root: storage.Location) -> dict:
@@ -89,7 +89,8 @@ def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_addre
 
 
 def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dict:
-    """Runs one night; returns (and writes to ``<output>/report.json``) what each stage did."""
+    """Runs one night; returns (and writes to ``<output>/_report/report.json``) what each stage
+    did."""
     from sbertray.embed.run import prepare_job_model, run_embed
 
     started = time.time()
@@ -99,6 +100,7 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
     log: list[str] = []
 
     def say(message: str) -> None:
+        message = storage.redact(message)
         log.append(message)
         print(f"[sbertray nightly] {message}", flush=True)
 
@@ -145,15 +147,13 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
         "model_hash": model_hash,
         "log": log,
     }
+    state, report = storage.redact_value(state), storage.redact_value(report)
     storage.write_bytes(root.child(STATE), json.dumps(state, indent=2).encode())
-    storage.write_bytes(root.child(REPORT_JSON), json.dumps(report, indent=2, default=str).encode())
-    storage.write_bytes(
-        root.child(REPORT_MD),
-        (
-            f"# Nightly run {run_id}\n\n"
-            + "".join(f"- {line}\n" for line in log)
-            + f"- embeddings: `{summary.output_url}` ({summary.output_rows:,} rows, "
-            f"{summary.skipped_units} units already done, see its report.md)\n"
-        ).encode(),
+    markdown = (
+        f"# Nightly run {run_id}\n\n"
+        + "".join(f"- {line}\n" for line in report["log"])
+        + f"- embeddings: `{summary.output_url}` ({summary.output_rows:,} rows, "
+        f"{summary.skipped_units} units already done, see its {REPORT_DIR}/{REPORT_MD})\n"
     )
+    write_report(root.child(REPORT_DIR), report, markdown, {})
     return report

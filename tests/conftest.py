@@ -28,6 +28,18 @@ def stsb_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stsb_dev(stsb_dir):
+    """STS-B dev as (sentences 1, sentences 2, gold scores 0..5)."""
+    import numpy as np
+
+    rows = [
+        line.split("\t")
+        for line in (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
+    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+
+
+@pytest.fixture(scope="session")
 def ray_2cpu(s3_server):
     """One local Ray for the session with exactly 2 CPUs, like this machine and CI. Started
     after the S3 server so its workers inherit the endpoint and credentials, as cluster nodes

@@ -17,15 +17,6 @@ def _cos(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.fixture(scope="module")
-def stsb_dev(stsb_dir):
-    rows = [
-        line.split("\t")
-        for line in (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    ]
-    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
-
-
 def _spec(compute, device, exportable):
     return backends.encoder_spec(
         compute, model="m", model_hash="h", device=device, threads=1, exportable=exportable
@@ -86,7 +77,7 @@ def test_openvino_fp32_equals_encode_and_bf16_passes_the_quality_guard(
     )
     a16, b16 = bf16.encode(s1).embeddings, bf16.encode(s2).embeddings
     row_cos = np.concatenate([_cos(a16, ref_a), _cos(b16, ref_b)])
-    assert row_cos.mean() >= 0.999 and row_cos.min() >= 0.99, (row_cos.mean(), row_cos.min())
+    assert row_cos.min() >= 0.9999, row_cos.min()  # the README's bf16 promise
     sp32 = spearmanr(pair_cosine(ref_a, ref_b), gold).statistic
     sp16 = spearmanr(pair_cosine(a16, b16), gold).statistic
     assert abs(sp16 - sp32) <= 0.005, (sp16, sp32)

@@ -13,15 +13,6 @@ def _cos(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.fixture(scope="module")
-def stsb_dev(stsb_dir):
-    rows = [
-        line.split("\t")
-        for line in (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    ]
-    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
-
-
 def test_batches_respect_the_token_budget_longest_first(base_model):
     enc = encoder_for_model(base_model, token_budget=100, max_batch_rows=4)
     lengths = np.array([5, 50, 10, 30, 7, 7, 7, 7, 7])
@@ -61,7 +52,7 @@ def test_bf16_quality_guard_on_stsb_dev(base_model, stsb_dev):
     a32, b32 = fp32.encode(s1).embeddings, fp32.encode(s2).embeddings
     a16, b16 = bf16.encode(s1).embeddings, bf16.encode(s2).embeddings
     row_cos = np.concatenate([_cos(a16, a32), _cos(b16, b32)])
-    assert row_cos.mean() >= 0.99 and row_cos.min() >= 0.98
+    assert row_cos.min() >= 0.9999, row_cos.min()  # the README's bf16 promise
     sp32 = spearmanr(pair_cosine(a32, b32), gold).statistic
     sp16 = spearmanr(pair_cosine(a16, b16), gold).statistic
     assert abs(sp16 - sp32) <= 0.005, (sp16, sp32)

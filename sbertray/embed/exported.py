@@ -15,6 +15,7 @@ all-MiniLM-L6-v2 family); ``unsupported_reason`` says why not for anything else.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -212,10 +213,44 @@ def feeds(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.nda
     }
 
 
-def build_encoder(spec: EncoderSpec, model_dir: str, model, forward_class) -> TextEncoder:
+class ExportedForward:
+    """A runtime running the export's graph on one padded batch, then sentence-transformers'
+    mean Pooling (+ Normalize) in numpy. Subclasses load the graph and run it."""
+
+    runtime: str  # the module the runtime's wheel installs
+
+    def __init__(self, spec: ModelSpec):
+        self.normalize = spec.normalized
+
+    def hidden_states(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        hidden = self.hidden_states(feeds(input_ids, attention_mask))
+        return mean_pool(hidden, attention_mask, self.normalize)
+
+
+def backend(forward_class: type[ExportedForward], **record):
+    """The ``Backend`` record of a runtime that runs the export: ``record`` holds its name,
+    precisions and priority; building, preparing and the required wheel follow from
+    ``forward_class``."""
+    # Imported here: the registry imports the backend modules, which import this one.
+    from sbertray.embed.backends.base import Backend
+
+    return Backend(
+        build=functools.partial(build_encoder, forward_class=forward_class),
+        prepare=prepare,
+        runs_export=True,
+        requires=forward_class.runtime,
+        **record,
+    )
+
+
+def build_encoder(
+    spec: EncoderSpec, model_dir: str, model=None, *, forward_class: type[ExportedForward]
+) -> TextEncoder:
     """An encoder running ``forward_class(graph, spec, threads=, precision=)`` on the export of
-    ``model_dir`` (exported first if there is none): the backends that run the export share
-    everything but their runtime."""
+    ``model_dir`` (exported first if there is none)."""
     path, facts = ensure(model_dir, spec.precision, model, spec.model_hash)
     threads = spec.threads or len(os.sched_getaffinity(0))
     return TextEncoder(

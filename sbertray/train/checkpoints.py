@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sbertray import storage
-from sbertray.config import TrainConfig
+from sbertray.config import TrainConfig, dump_without, stable_hash
 
 MARKER = "_sbertray_complete.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -44,15 +44,7 @@ def run_fingerprint(
     config: TrainConfig, tables: list[pa.Table | None], base_model_hash: str
 ) -> str:
     """The hash of the recipe's training-relevant keys, the validated pairs and the base model."""
-    from sbertray.embed.commit import stable_hash
-
-    settings = config.model_dump()
-    for section, keys in _NOT_IN_FINGERPRINT.items():
-        if keys is None:
-            settings.pop(section, None)
-        else:
-            for key in keys:
-                settings[section].pop(key, None)
+    settings = dump_without(config, _NOT_IN_FINGERPRINT)
     data = [_table_hash(t) for t in tables]
     return stable_hash({"config": settings, "data": data, "base_model": base_model_hash})
 

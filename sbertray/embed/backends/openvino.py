@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from sbertray.embed import exported
-from sbertray.embed.backends.base import Backend
-from sbertray.embed.encoder import EncoderSpec, TextEncoder
 from sbertray.modeling import ModelSpec
 
 
-class OpenVinoForward:
+class OpenVinoForward(exported.ExportedForward):
     """One infer request per thread: requests are not thread-safe, the compiled model is."""
+
+    runtime = "openvino"
 
     def __init__(self, path: Path, spec: ModelSpec, *, threads: int, precision: str):
         import openvino as ov
@@ -39,27 +39,16 @@ class OpenVinoForward:
                 "ENABLE_CPU_PINNING": False,
             },
         )
-        self.normalize = spec.normalized
         self._local = threading.local()
+        super().__init__(spec)
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def hidden_states(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        hidden = request.infer(exported.feeds(input_ids, attention_mask))[0]
-        return exported.mean_pool(hidden, attention_mask, self.normalize)
+        return request.infer(feeds)[0]
 
 
-def build(spec: EncoderSpec, model_dir: str, model=None) -> TextEncoder:
-    return exported.build_encoder(spec, model_dir, model, OpenVinoForward)
-
-
-BACKEND = Backend(
-    name="openvino",
-    precisions={"cpu": ("fp32", "bf16")},
-    build=build,
-    prepare=exported.prepare,
-    runs_export=True,
-    priority=30,
-    requires="openvino",
+BACKEND = exported.backend(
+    OpenVinoForward, name="openvino", precisions={"cpu": ("fp32", "bf16")}, priority=30
 )

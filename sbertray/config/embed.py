@@ -1,0 +1,134 @@
+"""The batch-embedding job and the nightly pipeline around it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from sbertray.config.core import DEFAULT_BASE_MODEL, StorageConfig, Strict
+
+
+class EmbedInputConfig(Strict):
+    """Parquet shards to embed.
+
+    | column          | type                          |
+    |-----------------|-------------------------------|
+    | id_column       | any scalar, unique per row    |
+    | text_column     | string (binary: decoded UTF-8)|
+    | pair_column     | string, in pair mode          |
+    | passthrough     | copied unchanged              |
+    """
+
+    path: str | list[str]  # directory (hive partitions kept), glob, file, or list; local/s3://
+    text_column: str = "text"
+    pair_column: str | None = None  # pair mode: also embed this column and score cosine
+    # None: a stable generated id, "<file relative path>#<row number>".
+    id_column: str | None = "id"
+    passthrough: list[str] = Field(default_factory=list)
+
+
+class EmbedOutputConfig(Strict):
+    path: str  # output prefix; local or s3://
+    rows_per_file: int = Field(100_000, gt=0)  # input row groups are grouped into files this big
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # A run holds `_lock.json` here; a lock this long without a heartbeat (or whose process is
+    # gone from this host) is taken over.
+    lock_stale_after_s: float = Field(600.0, gt=0)
+
+
+class ReferenceConfig(Strict):
+    """A reference set embedded once per run; each input row gets its top-k most similar."""
+
+    path: str | list[str]
+    id_column: str = "id"
+    text_column: str = "text"
+    top_k: int = Field(5, gt=0)
+
+
+class BadInputConfig(Strict):
+    on_null_text: Literal["fail", "skip", "empty"] = "fail"  # null or non-string text
+    on_invalid_utf8: Literal["fail", "replace"] = "fail"
+    on_bad_file: Literal["fail", "skip"] = "fail"  # unreadable / corrupt Parquet
+
+
+class ComputeConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU actors where the cluster has GPUs
+    # A name in `sbertray.embed.backends` (torch, onnx, openvino) or auto: GPUs -> torch; CPUs ->
+    # openvino (onnx for int8), torch for models the export does not cover.
+    backend: str = "auto"
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; onnx -> fp32.
+    # int8 (onnx only) is dynamic per-channel quantization of the MatMuls; used only when asked.
+    precision: str = "auto"
+    # Padded tokens per forward pass (texts sorted by length inside each block first, so short
+    # texts go many to a batch and long ones few) and a cap on rows per pass.
+    # None: by device (CPU 1024 / 256, GPU 65536 / 4096; see embed/encoder.py).
+    token_budget: int | None = Field(default=None, gt=0)
+    max_batch_rows: int | None = Field(default=None, gt=0)
+    num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
+    cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
+    max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
+
+    @model_validator(mode="after")
+    def _check(self) -> ComputeConfig:
+        # The registry holds every backend rule; imported here because it imports config users.
+        from sbertray.embed import backends
+
+        if self.backend != "auto" and self.backend not in backends.BACKENDS:
+            raise ValueError(
+                f"`compute.backend: {self.backend}` is not a backend; use auto or one of "
+                f"{', '.join(backends.BACKENDS)}"
+            )
+        if self.precision not in ("auto", *backends.precisions()):
+            raise ValueError(
+                f"`compute.precision: {self.precision}` is not a precision; use auto or one of "
+                f"{', '.join(backends.precisions())}"
+            )
+        backends.check_compute(self)
+        return self
+
+
+class EmbedConfig(Strict):
+    name: str = "embed"
+    model: str = DEFAULT_BASE_MODEL  # training output, local path, s3:// path, or hub id
+    input: EmbedInputConfig
+    output: EmbedOutputConfig
+    reference: ReferenceConfig | None = None
+    bad_input: BadInputConfig = Field(default_factory=BadInputConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedConfig:
+        if self.reference is not None and self.input.pair_column is not None:
+            raise ValueError("set either `input.pair_column` (pair mode) or `reference`, not both")
+        return self
+
+
+# The nightly pipeline
+
+
+class ConfigRef(Strict):
+    """Another config file plus overrides, so the nightly job reuses recipes as they are."""
+
+    config: str
+    overrides: list[str] = Field(default_factory=list)
+
+
+class PromotionConfig(Strict):
+    # A candidate is promoted only if its dev Spearman beats the current model's (evaluated on
+    # the same dev set in the same run) by at least this much.
+    min_improvement: float = 0.0
+
+
+class NightlyConfig(Strict):
+    """Fine-tune when the training data changed, promote only a better model, then embed the new
+    or changed shards into ``<output>/model=<hash12>/`` (a new model re-embeds everything)."""
+
+    name: str = "nightly"
+    train: ConfigRef | None = None  # a TrainConfig recipe; omit to only embed
+    embed: ConfigRef  # an EmbedConfig; its `model` is used until a trained model is promoted
+    models: str  # candidate models go to <models>/<run_id>/
+    output: str  # embeddings root; state in <output>/_nightly_state.json
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)

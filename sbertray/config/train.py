@@ -1,0 +1,129 @@
+"""The fine-tuning recipe (one per file in ``jobs/configs/``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from sbertray.config.core import DEFAULT_BASE_MODEL, StorageConfig, Strict
+
+
+class PairColumns(Strict):
+    """Names of the columns in the input file that hold each part of a training pair."""
+
+    sentence_0: str = "sentence_0"
+    sentence_1: str = "sentence_1"
+    label: str = "label"
+
+
+class PairDataConfig(Strict):
+    """Sentence pairs with a float similarity label.
+
+    | column      | type                         |
+    |-------------|------------------------------|
+    | sentence_0  | string, or a record (struct) |
+    | sentence_1  | string, or a record (struct) |
+    | label       | float in 0..1 after scaling  |
+    """
+
+    path: str  # file, directory, glob, or `datasets` save_to_disk directory; local or s3://
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "datasets"] = "auto"
+    columns: PairColumns = Field(default_factory=PairColumns)
+    label_scale: float = 1.0  # multiplied into the label, e.g. 0.2 for STS-B's 0..5 scores
+    # How a record (dict) becomes text: `repr` is Python's str(dict), the form seed 003's card
+    # shows; `json` is compact JSON; `template` formats `record_template` with the record's keys.
+    record_text: Literal["repr", "json", "template"] = "repr"
+    record_template: str | None = None
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    limit: int | None = Field(default=None, gt=0)  # first N rows only (quick runs)
+    name: str | None = None  # data set name shown in evaluator metrics and the model card
+
+    @model_validator(mode="after")
+    def _template_needs_text(self) -> PairDataConfig:
+        if self.record_text == "template" and not self.record_template:
+            raise ValueError(
+                "`record_text: template` needs `record_template`, e.g. '{title}: {text}'"
+            )
+        return self
+
+
+class TrainingConfig(Strict):
+    batch_size: int = Field(16, gt=0)  # global batch per optimizer step, split across workers
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
+    learning_rate: float = Field(5e-5, gt=0)
+    lr_scheduler: Literal["linear", "constant", "constant_with_warmup", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    max_seq_length: int | None = Field(default=None, gt=0)  # None keeps the base model's
+    normalize: bool = True  # a Normalize module at the end of the model (or none)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 need `use_gpu`
+    logging_steps: int = Field(50, gt=0)
+    eval_every: Literal["epoch", "end"] = "epoch"  # dev evaluation after each epoch, or at the end
+    checkpoint_steps: int | None = Field(default=None, gt=0)  # None: one checkpoint per epoch
+    # Keep the epoch with the best dev Spearman instead of the last one (needs `dev`; evaluates
+    # and checkpoints every epoch). transformers' load_best_model_at_end does the bookkeeping.
+    select_best: bool = False
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class ScalingConfigSpec(Strict):
+    """Passed straight to ``ray.train.ScalingConfig``."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    # None: an even share of the cluster's CPUs, so one worker on a laptop uses every core.
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    # Worker-group restarts from the last checkpoint within one run (a killed worker, a lost
+    # node) before the run fails; a failed run still resumes when rerun.
+    max_failures: int = Field(0, ge=0)
+
+
+class TrainOutputConfig(Strict):
+    model: str  # where the trained model directory goes; local path or s3://
+    checkpoints: str | None = None  # Ray Train storage_path; default: `<model>-checkpoints`
+    run_name: str | None = None  # Ray Train run name; default: derived from the output path
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.checkpoints or f"{self.model.rstrip('/')}-checkpoints"
+
+
+class TrainConfig(Strict):
+    """A fine-tuning recipe (one per file in ``jobs/configs/``)."""
+
+    name: str
+    base_model: str = DEFAULT_BASE_MODEL  # hub id, local path, or s3:// path
+    train: PairDataConfig
+    dev: PairDataConfig | None = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scaling: ScalingConfigSpec = Field(default_factory=ScalingConfigSpec)
+    output: TrainOutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        n = self.scaling.num_workers
+        if self.training.batch_size % n:
+            raise ValueError(
+                f"`training.batch_size` ({self.training.batch_size}) must be divisible by "
+                f"`scaling.num_workers` ({n}): it is the global batch per optimizer step"
+            )
+        if self.training.select_best and (self.dev is None or self.training.eval_every != "epoch"):
+            raise ValueError(
+                "`training.select_best` needs a `dev` set and `training.eval_every: epoch`"
+            )
+        if self.training.select_best and self.training.checkpoint_steps:
+            raise ValueError(
+                "`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`"
+            )
+        if self.training.precision != "fp32" and not self.scaling.use_gpu:
+            raise ValueError(
+                f"`training.precision: {self.training.precision}` needs `scaling.use_gpu: true`; "
+                "use fp32 on CPU"
+            )
+        return self
