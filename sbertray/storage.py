@@ -14,7 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -50,9 +50,38 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(local))
 
 
-def redact(url: str) -> str:
-    """Drops any ``user:secret@`` part so URLs can be logged and written to manifests."""
-    return re.sub(r"(://)[^/@]+@", r"\1", str(url))
+# Names that say their value is a secret (`api_key`, `aws_secret`, `token`, `db_password`), as
+# config keys and as the last part of `key.path=value` overrides; `token_budget` is not one.
+_SECRET_NAME = re.compile(r"(?:^|[_.-])(key|secret|token|password|passwd|credentials?)$", re.I)
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """Drops every ``user:secret@`` part of the URLs in ``text``, so it can be logged and
+    written to manifests, reports and model cards."""
+    return _USERINFO.sub(r"\1", str(text))
+
+
+def redact_arg(arg: str) -> str:
+    """A command-line argument fit to write down: URL userinfo dropped, and the value of a
+    ``name=value`` override whose name looks like a secret replaced."""
+    name, sep, _ = arg.partition("=")
+    if sep and _SECRET_NAME.search(name):
+        return f"{name}={REDACTED}"
+    return redact(arg)
+
+
+def redact_value(value, key: str = ""):
+    """``value`` (a config dump: dicts, lists, strings) with URL userinfo dropped and the
+    values of secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {k: redact_value(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(v, key) for v in value]
+    if value is not None and _SECRET_NAME.search(key):
+        return REDACTED
+    return redact(value) if isinstance(value, str) else value
 
 
 def join(url: str, *parts: str) -> str:
@@ -95,8 +124,11 @@ def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
     endpoint = endpoint_url(storage)
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]
         kwargs["scheme"] = parsed.scheme or "https"
+        if parsed.username:  # `https://KEY:SECRET@host`, e.g. from ${VAR} references
+            kwargs["access_key"] = unquote(parsed.username)
+            kwargs["secret_key"] = unquote(parsed.password or "")
     if storage is not None and storage.anonymous:
         kwargs["anonymous"] = True
     return pafs.S3FileSystem(**kwargs)

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from processes import kill_when, run, sbertray_cmd
+from faulty_proxy import FaultyProxy
+from processes import cli_env, kill_when, run, sbertray_cmd
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
@@ -189,3 +191,79 @@ def test_lock_blocks_a_concurrent_run_and_stale_locks_are_taken_over(tmp_path):
     )
     with pytest.warns(UserWarning, match="heartbeat is 1[0-9]{2}s old"):
         OutputLock(out, "run-d", stale_after_s=60).acquire()
+
+
+def test_s3_connection_resets_are_retried_and_exhausted_retries_fail_cleanly(
+    ray_2cpu, s3_server, s3_prefix, sentences
+):
+    """Real faults between sbertray and S3: the first connections are reset (TCP RST) by a
+    proxy in front of the server. The run completes with every id once; with every
+    connection reset it fails with one storage error and commits nothing."""
+    fs, prefix = s3_server.filesystem(), s3_prefix[len("s3://") :]
+    for i in range(2):
+        ids = list(range(i * 150, (i + 1) * 150))
+        with fs.open_output_stream(f"{prefix}/in/s{i}.parquet") as f:
+            pq.write_table(pa.table({"id": ids, "text": [sentences[j] for j in ids]}), f)
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+
+    def config(proxy: FaultyProxy, out: str) -> EmbedConfig:
+        return parse_config(
+            EmbedConfig,
+            {
+                "input": {"path": f"{s3_prefix}/in"},
+                "output": {"path": f"{s3_prefix}/{out}", "rows_per_file": 100},
+                "compute": {"precision": "fp32"},
+                "storage": {"endpoint_url": proxy.endpoint_url},
+            },
+        )
+
+    with FaultyProxy(port, reset_first=4) as proxy:
+        summary = run_embed(config(proxy, "out"))
+    assert proxy.resets == 4 and proxy.connections > 4
+    assert summary.output_rows == 300
+    written = pa.concat_tables(
+        pq.read_table(i.path, filesystem=fs)
+        for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/out"))
+        if i.path.endswith(".parquet")
+    )
+    assert sorted(written.column("id").to_pylist()) == list(range(300))
+
+    with FaultyProxy(port, reset_all=True) as proxy, pytest.raises(storage.StorageError):
+        run_embed(config(proxy, "out2"))
+    assert not fs.get_file_info(f"{prefix}/out2/_SUCCESS").is_file
+
+
+def test_two_runs_on_one_s3_prefix_one_refuses(s3_server, s3_prefix, tmp_path, sentences):
+    fs, prefix = s3_server.filesystem(), s3_prefix[len("s3://") :]
+    for i in range(3):
+        ids = list(range(i * 200, (i + 1) * 200))
+        with fs.open_output_stream(f"{prefix}/in/s{i}.parquet") as f:
+            pq.write_table(pa.table({"id": ids, "text": [sentences[j] for j in ids]}), f)
+    config = tmp_path / "embed.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"path": f"{s3_prefix}/in"},
+                "output": {"path": f"{s3_prefix}/out", "rows_per_file": 100},
+                "compute": {"precision": "fp32"},
+            }
+        )
+    )
+    first = subprocess.Popen(
+        sbertray_cmd("embed", str(config)),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not fs.get_file_info(f"{prefix}/out/_lock.json").is_file:
+        assert first.poll() is None and time.time() < deadline, "the first run never locked"
+        time.sleep(0.2)
+    second = run(sbertray_cmd("embed", str(config)))
+    _, err = first.communicate(timeout=600)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert "_lock.json is held by run" in second.stderr
+    assert first.returncode == 0, err[-3000:]
+    assert fs.get_file_info(f"{prefix}/out/_SUCCESS").is_file

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -24,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sbertray import storage
-from sbertray.config import EmbedConfig
+from sbertray.config import EmbedConfig, dump_without, stable_hash
 from sbertray.embed.shards import InputPlan, WorkUnit
 from sbertray.errors import UserError
 
@@ -98,21 +97,11 @@ class UnitResult:
         }
 
 
-def stable_hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def content_hash(config: EmbedConfig, model_hash: str, schema: pa.Schema) -> str:
     """What decides the bytes of an output file: the model, the declared output schema and
     every config key but ``_NOT_IN_CONTENT``. A committed unit with the same hash and input
     fingerprint is not embedded again."""
-    settings = config.model_dump()
-    for section, keys in _NOT_IN_CONTENT.items():
-        if keys is None:
-            settings.pop(section, None)
-        else:
-            for key in keys:
-                settings[section].pop(key, None)
+    settings = dump_without(config, _NOT_IN_CONTENT)
     columns = [(f.name, str(f.type)) for f in schema]
     return stable_hash({"model_hash": model_hash, "schema": columns, "config": settings})
 
@@ -195,8 +184,14 @@ def check_invariant(out: storage.Location, plan: InputPlan, results: list[UnitRe
     for r in results:
         if r.output is None:
             continue
-        with out.fs.open_input_file(out.child(r.output).path) as handle:
-            table = pq.read_table(handle, columns=["id"])
+        try:
+            with out.fs.open_input_file(out.child(r.output).path) as handle:
+                table = pq.read_table(handle, columns=["id"])
+        except (OSError, pa.ArrowException) as exc:
+            raise InvariantError(
+                f"output {storage.redact(out.child(r.output).url)} of unit {r.unit_id} was "
+                f"committed but cannot be read back: {exc}"
+            ) from None
         written += table.num_rows
         ids.append(table.column("id"))
     dropped = sum(r.rows_dropped for r in results)

@@ -26,7 +26,7 @@ def add_run_to_card(model: storage.Location, summary: dict, command: str | None 
     dev = summary.get("dev_metrics")
     lines = [
         "### Trained with sbertray",
-        f"- Command: `{command or shlex.join(['sbertray', *sys.argv[1:]])}`",
+        f"- Command: `{command or shlex.join(['sbertray', *map(storage.redact_arg, sys.argv[1:])])}`",
         f"- Ray Train workers: {summary['num_workers']}; steps: {summary['global_step']}"
         + (
             f" (resumed from step {summary['resumed_from_step']})"
