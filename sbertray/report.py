@@ -1,5 +1,10 @@
-"""Run reports: ``report.json`` + ``report.md`` with PNG plots, written next to each run's
-output, and a terminal summary for ``sbertray report URL``."""
+"""Run reports: ``report.json`` + ``report.md`` with PNG plots, and a terminal summary for
+``sbertray report URL``.
+
+Embedding and nightly outputs are datasets that pandas, pyarrow, polars, DuckDB and Spark read
+whole, skipping names that start with ``_`` or ``.``: their reports go to ``<output>/_report/``
+(like ``_SUCCESS`` and ``_manifest.json``). A trained model's report sits beside the model.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from sbertray import storage
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+REPORT_DIR = "_report"  # under dataset outputs
 # Scores plotted per run at most: enough for a smooth histogram, cheap to read back.
 _MAX_SCORE_SAMPLES = 200_000
 
@@ -41,7 +47,15 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _write(out: storage.Location, report: dict, markdown: str, plots: dict[str, bytes]) -> None:
+def format_rate(rows: int, seconds: float) -> str:
+    """``"36 rows in 24.1 s, 1.49 rows/s"``: three significant digits, never "1 rows/s"."""
+    rate = rows / seconds if seconds > 0 else 0.0
+    shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+    return f"{rows:,} rows in {seconds:.1f} s, {shown} rows/s"
+
+
+def write(out: storage.Location, report: dict, markdown: str, plots: dict[str, bytes]) -> None:
+    """Writes ``report.json``, ``report.md`` and the plots into the folder ``out``."""
     for name, data in plots.items():
         storage.write_bytes(out.child(name), data)
     storage.write_bytes(out.child(REPORT_MD), markdown.encode())
@@ -83,7 +97,7 @@ def write_train_report(model_url: str, result: dict, storage_config=None) -> dic
             f"Pearson {dev['pearson_cosine']:.4f} ({dev['num_pairs']} pairs)"
         )
     lines += ["", *[f"![{p}]({p})" for p in sorted(plots)], ""]
-    _write(out, report, "\n".join(lines), plots)
+    write(out, report, "\n".join(lines), plots)
     return report
 
 
@@ -115,7 +129,8 @@ def _score_sample(out: storage.Location, outputs: list[str]) -> tuple[str | None
 
 
 def write_embed_report(out: storage.Location, manifest: dict, units: list[dict]) -> dict:
-    """Rows/s over time, rows per shard, score histogram and bad rows by reason."""
+    """Rows over time, rows per input file, score histogram and bad rows by reason, into
+    ``<out>/_report/``."""
     plots = {}
     timed = sorted((u for u in units if u.get("finished_at")), key=lambda u: u["finished_at"])
     if timed:
@@ -126,14 +141,18 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         plots["throughput.png"] = _png(fig)
     files = manifest.get("files", [])
     if files:
-        fig, ax = _figure("rows per input shard", "shard", "rows")
-        ax.bar(range(len(files)), [f["rows_out"] for f in files], label="embedded")
+        fig, ax = _figure("rows per input file", "input file", "rows")
+        names = [f["rel"] for f in files]
+        ax.bar(names, [f["rows_out"] for f in files], label="embedded")
         ax.bar(
-            range(len(files)),
+            names,
             [f["bad_rows"] for f in files],
             bottom=[f["rows_out"] for f in files],
             label="bad",
         )
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+        if len(names) > 40:  # thousands of small files: the names would be unreadable
+            ax.set_xticks([])
         ax.legend(fontsize=8)
         plots["rows_per_shard.png"] = _png(fig)
     label, scores = _score_sample(out, [o["path"] for f in files for o in f["outputs"]])
@@ -174,22 +193,38 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         f"dim {manifest['model']['dim']})",
         f"- rows: {totals['input_rows']:,} in, {totals['output_rows']:,} embedded, "
         f"{totals['bad_rows']:,} bad, {totals['truncated']:,} truncated",
-        f"- throughput: {manifest['timings']['rows_per_s']:,.0f} rows/s over {manifest['timings']['seconds']:.1f}s",
+        f"- this run: embedded {format_rate(manifest['timings']['embedded_rows'], manifest['timings']['seconds'])}",
         f"- bad files: {len(manifest.get('bad_files', []))}",
         "",
         *[f"![{p}]({p})" for p in sorted(plots)],
         "",
     ]
-    _write(out, report, "\n".join(lines), plots)
+    write(out.child(REPORT_DIR), report, "\n".join(lines), plots)
     return report
+
+
+def note_noop_rerun(out: storage.Location, line: str) -> None:
+    """A rerun that had nothing to do keeps the last real report and adds one line to it."""
+    md = out.child(REPORT_DIR, REPORT_MD)
+    if storage.exists(md):
+        storage.write_bytes(md, storage.read_bytes(md) + f"- {line}\n".encode())
+
+
+def find_report(loc: storage.Location) -> storage.Location | None:
+    """The report.json of a dataset output (``_report/``) or of a trained model (beside it)."""
+    for candidate in (loc.child(REPORT_DIR, REPORT_JSON), loc.child(REPORT_JSON)):
+        if storage.exists(candidate):
+            return candidate
+    return None
 
 
 def summarize(url: str, storage_config=None) -> str:
     """A terminal summary of the report at ``url`` (a model dir or an embedding output)."""
-    loc = storage.resolve(url, storage_config)
-    report_loc = loc.child(REPORT_JSON)
-    if not storage.exists(report_loc):
-        raise storage.StorageError(f"no {REPORT_JSON} under {storage.redact(url)}")
+    report_loc = find_report(storage.resolve(url, storage_config))
+    if report_loc is None:
+        raise storage.StorageError(
+            f"no {REPORT_DIR}/{REPORT_JSON} or {REPORT_JSON} under {storage.redact(url)}"
+        )
     report = json.loads(storage.read_bytes(report_loc))
     if report["kind"] == "nightly":
         return f"nightly run {report['run_id']} ({report['seconds']:.0f}s): " + "; ".join(
@@ -202,11 +237,15 @@ def summarize(url: str, storage_config=None) -> str:
             if dev
             else "no dev set"
         )
-        losses = report.get("loss_log") or [{"loss": float("nan")}]
+        losses = report.get("loss_log") or []
+        loss = (
+            f"loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}"
+            if losses
+            else "no loss logged"
+        )
         return (
             f"train {report['name']}: {report['global_step']} steps, {report['epochs']:.2f} epochs, "
-            f"{report['wall_time_s']:.0f}s; loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}; "
-            f"{metric}; plots: {', '.join(report['plots'])}"
+            f"{report['wall_time_s']:.0f}s; {loss}; {metric}; plots: {', '.join(report['plots'])}"
         )
     t = report["totals"]
     score = report.get("score")
@@ -217,6 +256,7 @@ def summarize(url: str, storage_config=None) -> str:
     )
     return (
         f"embed run {report['run_id']}: {t['output_rows']:,}/{t['input_rows']:,} rows embedded, "
-        f"{t['bad_rows']} bad, {t['truncated']} truncated, {report['timings']['rows_per_s']:,.0f} rows/s"
+        f"{t['bad_rows']} bad, {t['truncated']} truncated; this run "
+        f"{format_rate(report['timings']['embedded_rows'], report['timings']['seconds'])}"
         f"{scored}; bad files: {len(report['bad_files'])}; plots: {', '.join(report['plots'])}"
     )

@@ -17,6 +17,7 @@ import pytest
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
+from sbertray.embed.encoder import cpu_has_native_bf16
 from sbertray.embed.run import run_embed
 from sbertray.embed.shards import EmbedInputError
 from sbertray.modeling import ModelError
@@ -109,9 +110,7 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     assert table.column("group").to_pylist() == [f"g{i % 3}" for i in ids]
 
     files = sorted(
-        p.name
-        for p in (tmp_path / "out").iterdir()
-        if p.suffix in ("", ".json", ".parquet") and p.name != "report.json"
+        p.name for p in (tmp_path / "out").iterdir() if p.suffix in ("", ".json", ".parquet")
     )
     # Deterministic names: row groups of 64 grouped into files of >= 128 rows, per shard.
     assert files == [
@@ -142,6 +141,29 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
         f"select count(*), min(len(embedding)) from read_parquet('{tmp_path}/out/*.parquet')"
     ).fetchall()
     assert (count, dims) == (702, 384)
+
+
+@pytest.mark.parametrize(
+    ("precision", "backend", "worst_row", "mean_row"),
+    [("auto", "openvino", 0.9999, 0.9999), ("int8", "onnx", 0.9, 0.99)],
+)
+def test_default_and_int8_precisions_end_to_end(
+    ray_2cpu, base_model, sentences, tmp_path, precision, backend, worst_row, mean_row
+):
+    """What users run by default (auto: bf16 where native) and int8, through the whole job,
+    held to the README's quality thresholds against plain encode."""
+    ids = _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences[:300], [160, 140])
+    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), compute={"precision": precision})
+    assert run_embed(config).output_rows == 300
+    table = _read_output(str(tmp_path / "out")).sort_by("id")
+    assert table.column("id").to_pylist() == ids
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    cos = _cos(emb, base_model.encode(sentences[:300]))
+    assert cos.min() >= worst_row and cos.mean() >= mean_row, (cos.min(), cos.mean())
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    expected = native if precision == "auto" else precision
+    assert (manifest["compute"]["backend"], manifest["compute"]["precision"]) == (backend, expected)
 
 
 def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, base_model, sentences, tmp_path):
@@ -189,7 +211,10 @@ def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences, capfd):
     assert {"_SUCCESS", "_manifest.json"} <= names
     assert not any(n.startswith("_inprogress") for n in names)
     # Credentials reach the S3 client from the environment only: never written or printed.
-    written = [f"{s3_prefix[5:]}/out/{n}" for n in ("_manifest.json", "report.json", "report.md")]
+    written = [
+        f"{s3_prefix[5:]}/out/{n}"
+        for n in ("_manifest.json", "_report/report.json", "_report/report.md")
+    ]
     for path in written + [f"{s3_prefix[5:]}/out/shard-00.part-0000.parquet"]:
         with fs.open_input_stream(path) as f:
             assert SECRET_KEY.encode() not in f.read(), path

@@ -119,7 +119,7 @@ def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch):
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "[sbertray] embedded 36 rows from 3 files" in logs
+    assert "[sbertray] embedded 36 rows in " in logs and " rows/s from 3 files" in logs
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["totals"]["output_rows"] == 36 and (out / "_SUCCESS").exists()
     assert {p.name for p in out.glob("source=*")} == {"source=udemy", "source=coursera"}
@@ -141,11 +141,12 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
     model_dir = Path(first["model"])
     assert (model_dir / "model.safetensors").exists() and (model_dir / "report.md").exists()
     prefix = tmp_path / "emb" / f"model={first['model_hash'][:12]}"
-    assert (prefix / "_SUCCESS").exists() and (prefix / "report.json").exists()
-    assert (prefix / "throughput.png").exists() and (prefix / "scores.png").exists()
+    report_dir = prefix / "_report"
+    assert (prefix / "_SUCCESS").exists() and (report_dir / "report.json").exists()
+    assert (report_dir / "throughput.png").exists() and (report_dir / "scores.png").exists()
     summary = summarize(str(prefix))
     assert summary.startswith(
-        f"embed run {json.loads((prefix / 'report.json').read_text())['run_id']}: 36/36"
+        f"embed run {json.loads((report_dir / 'report.json').read_text())['run_id']}: 36/36"
     )
     assert "top-1 reference score mean" in summary
     assert summarize(str(tmp_path / "emb")).startswith(f"nightly run {first['run_id']}")
@@ -189,4 +190,10 @@ def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
     second = run_nightly(config)
     assert second["train"]["trained"] and not second["train"]["promoted"]
     assert second["model"] == first["model"] and second["model_hash"] == first["model_hash"]
+    # A bar every candidate clears: the new candidate replaces the current model.
+    shutil.copy(REPO / "jobs/samples/courses_categories.csv", train_copy)  # a new mtime
+    config.promotion.min_improvement = -1.0
+    third = run_nightly(config)
+    assert third["train"]["promoted"] and third["model"] == third["train"]["candidate"]
+    assert third["model"] not in (first["model"], second["model"])
     assert any(line.startswith("NOT promoting") for line in second["log"])

@@ -1,11 +1,14 @@
 """Ray Data wiring for the embed driver; the only module in ``embed/`` that imports Ray.
 
-Work units are the items of a Ray Data dataset; an autoscaling-free actor pool of ``EmbedStage``
+Work units are the items of a Ray Data dataset; a fixed-size actor pool of ``EmbedStage``
 actors takes one unit per call. Reads and writes happen inside the actors, so no separate
 read/write tasks wait for a CPU (see ``pool.py``).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import ray
 
@@ -49,8 +52,10 @@ def run_units(
     pool: PoolPlan,
     encoder: EncoderSpec,
     run_metadata: dict,
+    on_result: Callable[[UnitResult], None] | None = None,
 ) -> list[UnitResult]:
-    """Embeds ``units`` on a pool of ``pool.num_actors`` actors; returns each unit's result."""
+    """Embeds ``units`` on a pool of ``pool.num_actors`` actors; returns each unit's result,
+    handing each to ``on_result`` as it arrives (progress)."""
     reference = None
     if config.reference is not None:
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
@@ -84,4 +89,14 @@ def run_units(
         max_restarts=config.compute.max_retries,
         max_task_retries=config.compute.max_retries,
     )
-    return [UnitResult.from_row(row) for row in ds.take_all()]
+    context = ray.data.DataContext.get_current()
+    # sbertray reports progress from the units' own counts; Ray Data's bars and execution
+    # banners come back with `--verbose`.
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    results = []
+    for row in ds.iter_rows():
+        results.append(UnitResult.from_row(row))
+        if on_result is not None:
+            on_result(results[-1])
+    return results

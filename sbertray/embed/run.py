@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import sbertray
 from sbertray import storage
-from sbertray.config import EmbedConfig
+from sbertray.config import EmbedConfig, stable_hash
 from sbertray.embed import backends, commit
 from sbertray.embed.checks import check_output_outside_input, check_reference
 from sbertray.embed.commit import UnitResult
@@ -28,7 +28,14 @@ from sbertray.embed.pool import PoolPlan, plan_pool
 from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
 from sbertray.embed.stage import check_output_columns, output_schema
 from sbertray.modeling import PreparedModel, prepare_model, resolve_model_path
-from sbertray.report import write_embed_report
+from sbertray.progress import Progress
+from sbertray.report import (
+    REPORT_DIR,
+    REPORT_MD,
+    format_rate,
+    note_noop_rerun,
+    write_embed_report,
+)
 
 
 @dataclass
@@ -57,9 +64,10 @@ class EmbedSummary:
             f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
         )
         return (
-            f"[sbertray] embedded {self.embedded_rows:,} rows from {self.input_files} files in "
-            f"{self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); bad rows: {self.bad_rows}"
-            f"{bad_files}; truncated: {self.truncated}; output: {self.output_url}{resumed}"
+            f"[sbertray] embedded {format_rate(self.embedded_rows, self.seconds)} from "
+            f"{self.input_files} files; bad rows: {self.bad_rows}{bad_files}; truncated: "
+            f"{self.truncated}; output: {self.output_url}{resumed}; report: "
+            f"{storage.join(self.output_url, REPORT_DIR, REPORT_MD)}"
         )
 
 
@@ -120,11 +128,11 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
         "model": storage.redact(config.model),
         "model_hash": model.model_hash,
         **model.spec.facts(),
-        "config_hash": commit.stable_hash(config_dict),
+        "config_hash": stable_hash(config_dict),
         "content_hash": commit.content_hash(
             config, model.model_hash, output_schema(config, model.spec.dim)
         ),
-        "config": _redacted(config_dict),
+        "config": storage.redact_value(config_dict),
         "run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
         "sbertray_version": sbertray.__version__,
     }
@@ -157,7 +165,16 @@ def run_embed(
             pool, encoder = _start(plan, len(todo), len(done), ray_address)
             from sbertray.embed import ray_adapter
 
-            results += ray_adapter.run_units(plan.config, todo, pool, encoder, plan.run_metadata)
+            progress = Progress(sum(u.num_rows for u in todo))
+            results += ray_adapter.run_units(
+                plan.config,
+                todo,
+                pool,
+                encoder,
+                plan.run_metadata,
+                on_result=lambda r: progress.update(r.rows_in, r.rows_dropped),
+            )
+            progress.close()
         else:
             _say_nothing_to_do(plan)
         return _commit(plan, results, set(done), existing, pool, encoder, started)
@@ -288,19 +305,15 @@ def _commit(
             "bad_files": summary.bad_files,
             "timings": {
                 "seconds": summary.seconds,
+                "embedded_rows": summary.embedded_rows,
                 "rows_per_s": round(summary.rows_per_s, 1),
                 "unit_seconds": sum(r.seconds for r in committed),
             },
         },
     )
-    write_embed_report(out, record, [asdict(r) for r in results if r.unit_id not in done])
+    if summary.embedded_rows or not done or superseded or orphaned:
+        write_embed_report(out, record, [asdict(r) for r in results if r.unit_id not in done])
+    else:
+        note_noop_rerun(out, f"{record['finished']}: run {plan.run_id}: nothing to do")
     commit.write_manifest(out, record)
     return summary
-
-
-def _redacted(value):
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    return storage.redact(value) if isinstance(value, str) else value
