@@ -29,7 +29,7 @@ STATE = "_nightly_state.json"
 def _fingerprint(path: str, storage_config) -> str:
     """A hash of the training data's files (names, sizes, mtimes): changes when any does."""
     loc = storage.resolve(path, storage_config)
-    info = loc.fs.get_file_info(loc.path)
+    info = storage.file_info(loc)
     infos = [info] if info.type == storage.pafs.FileType.File else storage.list_files(loc)
     listing = [(i.path, i.size, i.mtime.isoformat() if i.mtime else None) for i in infos]
     return stable_hash(listing)

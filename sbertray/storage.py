@@ -153,11 +153,17 @@ def _wrap(action: str, loc: Location, exc: Exception) -> StorageError:
     return StorageError(f"could not {action} {redact(loc.url)}: {exc}")
 
 
-def exists(loc: Location) -> bool:
+def file_info(loc: Location) -> pafs.FileInfo:
+    """What is at ``loc`` (a file, a directory, or nothing); a storage failure is one
+    ``StorageError`` naming the URL."""
     try:
-        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+        return loc.fs.get_file_info(loc.path)
     except OSError as exc:
         raise _wrap("check", loc, exc) from exc
+
+
+def exists(loc: Location) -> bool:
+    return file_info(loc).type != pafs.FileType.NotFound
 
 
 def list_files(loc: Location) -> list[pafs.FileInfo]:

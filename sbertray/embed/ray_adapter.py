@@ -8,6 +8,7 @@ read/write tasks wait for a CPU (see ``pool.py``).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import ray
@@ -68,27 +69,33 @@ def run_units(
     ds = ray.data.from_items(
         [{"unit": i} for i in range(len(units))], override_num_blocks=len(units)
     )
-    ds = ds.map_batches(
-        _EmbedActor,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(
-            size=pool.num_actors,
-            max_concurrent_calls_per_actor=pool.calls_per_actor,
-            enable_true_multi_threading=pool.calls_per_actor > 1,
-        ),
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus_per_actor,
-        fn_constructor_kwargs={
-            "config": config,
-            "encoder": encoder,
-            "run_metadata": run_metadata,
-            "shared": shared,
-        },
-        # A killed or crashed actor is restarted and its unit retried; retries are safe
-        # because a unit always rewrites the same output name with the same rows.
-        max_restarts=config.compute.max_retries,
-        max_task_retries=config.compute.max_retries,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_restarts / max_task_retries (and
+        # ray_remote_args_fn) with no replacement for bounding actor retries yet; this one
+        # warning is silenced here only.
+        warnings.filterwarnings("ignore", message="`ray_remote_args(_fn)?` is deprecated")
+        ds = ds.map_batches(
+            _EmbedActor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=pool.num_actors,
+                max_concurrent_calls_per_actor=pool.calls_per_actor,
+                enable_true_multi_threading=pool.calls_per_actor > 1,
+            ),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus_per_actor,
+            fn_constructor_kwargs={
+                "config": config,
+                "encoder": encoder,
+                "run_metadata": run_metadata,
+                "shared": shared,
+            },
+            # A killed or crashed actor is restarted and its unit retried; retries are safe
+            # because a unit always rewrites the same output name with the same rows. Bounded:
+            # Ray Data's default retries forever, never ending on a unit that always crashes.
+            max_restarts=config.compute.max_retries,
+            max_task_retries=config.compute.max_retries,
+        )
     context = ray.data.DataContext.get_current()
     # sbertray reports progress from the units' own counts; Ray Data's bars and execution
     # banners come back with `--verbose`.

@@ -126,7 +126,7 @@ def _list_one(spec: str, storage_config: StorageConfig | None) -> list[InputFile
             if i.type == pafs.FileType.File
         ]
     loc = storage.resolve(spec, storage_config)
-    info = loc.fs.get_file_info(loc.path)
+    info = storage.file_info(loc)
     if info.type == pafs.FileType.NotFound:
         raise EmbedInputError(f"input `{storage.redact(spec)}`: no such file or directory")
     if info.type == pafs.FileType.File:  # the spec names the file itself

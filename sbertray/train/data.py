@@ -261,7 +261,7 @@ def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None
         raise DataError(f"{shown}: no such file or directory")
     if spec.format == "datasets" or (spec.format == "auto" and _is_datasets_dir(loc)):
         sources = [(loc, "datasets")]
-    elif loc.fs.get_file_info(loc.path).type == storage.pafs.FileType.Directory:
+    elif storage.file_info(loc).type == storage.pafs.FileType.Directory:
         infos = storage.list_files(loc)
         fmt_of = (lambda p: spec.format) if spec.format != "auto" else _detect_format
         sources = []
