@@ -1,8 +1,8 @@
 """``sbertray`` command line: a thin layer over the library.
 
-sbertray train RECIPE.yaml [key.path=value ...]
+sbertray train RECIPE.yaml [key.path=value ...] [--dry-run]
 sbertray evaluate MODEL DATA [--sentence-0 COL --sentence-1 COL --label COL --label-scale X]
-sbertray embed CONFIG.yaml [key.path=value ...]
+sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run]
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sbertray.train import train
 
     config = load_config(TrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        from sbertray.train.dry_run import dry_run
+
+        print(dry_run(config, ray_address=args.address))
+        return 0
     result = train(config, ray_address=args.address)
     metric = ""
     if result.dev_metrics:
@@ -66,6 +71,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from sbertray.embed.run import run_embed
 
     config = load_config(EmbedConfig, args.config, args.overrides)
+    if args.dry_run:
+        from sbertray.embed.dry_run import dry_run
+
+        print(dry_run(config, ray_address=args.address))
+        return 0
     summary = run_embed(config, ray_address=args.address)
     print(summary.closing_line())
     return 0
@@ -99,6 +109,12 @@ def _add_config_command(sub, name: str, func, *, help: str, example: str) -> Non
     p.add_argument("config", help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.epochs=1")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
+    if name in ("train", "embed"):
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check everything, print the plan and a time estimate, write nothing",
+        )
     p.set_defaults(func=func)
 
 

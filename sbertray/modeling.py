@@ -5,6 +5,7 @@ hub id), its content hash, its ``ModelSpec``, and preparing it for the embedding
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -127,6 +128,11 @@ def load_model(
     from sentence_transformers.models import Normalize
 
     path = resolve_model_path(name, storage_config)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # transformers draws a "Loading weights" bar per load; sbertray's lines say what runs.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         model = SentenceTransformer(path, device=device)
     except OSError as exc:

@@ -12,7 +12,8 @@ EVERY_ENV = "SBERTRAY_PROGRESS_EVERY_S"
 _DEFAULT_EVERY_S = 10.0
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``"45s"``, ``"3m07s"``, ``"2h05m"``."""
     seconds = int(max(seconds, 0))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -39,7 +40,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        eta_text = _duration(eta) if eta == eta else "?"
+        eta_text = format_duration(eta) if eta == eta else "?"
         return (
             f"[sbertray] {self.done:,}/{self.total:,} {self.what} ({pct:.0f}%), "
             f"{rate:,.1f} {self.what}/s, ETA {eta_text}, bad {self.bad:,}"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Caps a local Ray's CPUs (tests, laptops shared with other work); unset: all cores.
@@ -34,6 +35,10 @@ def init_ray(address: str | None = None) -> None:
     ray.init(
         num_cpus=int(num_cpus) if num_cpus else None,
         include_dashboard=False,
+        # Ray's start-up banners and notices only with `--verbose`: sbertray says what it does.
+        logging_level=logging.DEBUG
+        if logging.getLogger().isEnabledFor(logging.DEBUG)
+        else logging.ERROR,
         # Workers must never reach for the Hugging Face hub mid-job; models are resolved
         # (and downloaded from object storage if needed) by sbertray itself.
         runtime_env={

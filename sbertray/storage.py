@@ -212,6 +212,26 @@ def write_bytes(loc: Location, data: bytes) -> None:
         raise _wrap("write", loc, exc) from exc
 
 
+def check_writable(loc: Location) -> None:
+    """Fails if nothing can be written under ``loc``, leaving no trace: locally, the nearest
+    existing folder must be a writable folder; in object storage a probe object is written
+    and deleted (the only way to know)."""
+    if loc.is_local:
+        ancestor = Path(loc.path)
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            problem = "is a file" if not ancestor.is_dir() else "is not writable"
+            raise StorageError(f"output location is not writable: {ancestor} {problem}")
+        return
+    probe = loc.child(f"_probe-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except StorageError as exc:
+        raise StorageError(f"output location is not writable: {exc}") from None
+
+
 def delete(loc: Location, *, missing_ok: bool = True) -> None:
     try:
         info = loc.fs.get_file_info(loc.path)

@@ -100,6 +100,9 @@ class LocalS3:
             f"-s3.port={self.ports['s3']}",
             f"-s3.port.grpc={self.grpc_ports['s3']}",
             f"-s3.config={config}",
+            # Off: their fixed default ports (8181, 9101) collide between two servers.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
             "-volume.max=50",
         ]

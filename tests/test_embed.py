@@ -414,8 +414,39 @@ def test_generated_ids_and_hive_partitions(ray_2cpu, tmp_path, sentences):
     out = _read_output(str(tmp_path / "out"))
     ids = sorted(out.column("id").to_pylist())
     assert ids[0] == "day=2026-11-01/data.parquet#0" and len(set(ids)) == 12
-    assert sorted(set(out.column("day").to_pylist())) == ["2026-11-01", "2026-11-02"]
+    assert "day" not in out.column_names  # a partition key lives in the mirrored folders
     assert (tmp_path / "out" / "day=2026-11-02" / "data.part-0000.parquet").exists()
+    import pyarrow.dataset as ds
+
+    days = ds.dataset(tmp_path / "out", partitioning="hive").to_table().column("day")
+    assert sorted(set(days.to_pylist())) == ["2026-11-01", "2026-11-02"]
+    _every_reader_sees(tmp_path / "out", ids)
+
+
+def _every_reader_sees(out: Path, ids: list) -> None:
+    """The output directory, report and manifest included, reads as one dataset in pandas,
+    pyarrow, polars and DuckDB: the rows and ids, nothing else."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    assert (out / "_report" / "report.md").exists() and (out / "_manifest.json").exists()
+    frames = {
+        "pandas": pd.read_parquet(out)["id"].tolist(),
+        "pyarrow": ds.dataset(out, partitioning="hive").to_table().column("id").to_pylist(),
+        "polars": pl.scan_parquet(f"{out}/**/*.parquet", hive_partitioning=True)
+        .collect()["id"]
+        .to_list(),
+        "duckdb": [
+            r[0]
+            for r in duckdb.sql(
+                f"select id from read_parquet('{out}/**/*.parquet', hive_partitioning=true)"
+            ).fetchall()
+        ],
+    }
+    for reader, got in frames.items():
+        assert sorted(got) == sorted(ids), reader
 
 
 # --- recovery -------------------------------------------------------------------------------

@@ -106,16 +106,6 @@ def content_hash(config: EmbedConfig, model_hash: str, schema: pa.Schema) -> str
     return stable_hash({"model_hash": model_hash, "schema": columns, "config": settings})
 
 
-def probe_writable(out: storage.Location) -> None:
-    """Fails before any work if the output location is unreachable or read-only."""
-    probe = out.child(f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        storage.write_bytes(probe, b"")
-        storage.delete(probe)
-    except storage.StorageError as exc:
-        raise storage.StorageError(f"output location is not writable: {exc}") from None
-
-
 def write_unit(out: storage.Location, rel: str, table: pa.Table, compression: str) -> None:
     """Writes ``table`` to ``<out>/<rel>`` under a temporary name, then moves it into place."""
     final = out.child(rel)

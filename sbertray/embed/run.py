@@ -122,7 +122,7 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     model = model or prepare_job_model(config)
     inputs = plan_input(config)
     check_reference(config)
-    commit.probe_writable(out)
+    storage.check_writable(out)
     config_dict = config.model_dump()
     run_metadata = {
         "model": storage.redact(config.model),
@@ -180,17 +180,11 @@ def run_embed(
         return _commit(plan, results, set(done), existing, pool, encoder, started)
 
 
-def _start(
-    plan: EmbedPlan, todo: int, done: int, ray_address: str | None
-) -> tuple[PoolPlan, EncoderSpec]:
-    """Sizes the pool from the cluster and decides what its actors run."""
-    from sbertray.embed import ray_adapter
-
-    compute = plan.config.compute
-    pool = plan_pool(ray_adapter.cluster_resources(ray_address), compute, todo)
+def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
+    """The one ``EncoderSpec`` the run's actors get on this pool."""
     try:
-        encoder = backends.encoder_spec(
-            compute,
+        return backends.encoder_spec(
+            plan.config.compute,
             model=plan.model_for_actors,
             model_hash=plan.model.model_hash,
             device=pool.device,
@@ -199,6 +193,16 @@ def _start(
         )
     except ValueError as exc:
         raise EmbedInputError(f"compute: {exc}") from None
+
+
+def _start(
+    plan: EmbedPlan, todo: int, done: int, ray_address: str | None
+) -> tuple[PoolPlan, EncoderSpec]:
+    """Sizes the pool from the cluster and decides what its actors run."""
+    from sbertray.embed import ray_adapter
+
+    pool = plan_pool(ray_adapter.cluster_resources(ray_address), plan.config.compute, todo)
+    encoder = resolve_encoder(plan, pool)
     backends.prepare(encoder, plan.model.path)
     resumed = f"; {done} units already committed" if done else ""
     print(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +50,23 @@ def output_schema(
     dim: int,
     input_types: Mapping[str, pa.DataType] | None = None,
     reference: ReferenceSet | None = None,
+    partition_keys: Collection[str] = (),
 ) -> pa.Schema:
     """The columns of every output file, in order. ``input_types``: the unit's column types
     (ids and passthrough columns keep theirs); without them, and without the ``reference``,
-    those types are null: enough for the names and for hashing the layout."""
+    those types are null: enough for the names and for hashing the layout.
+
+    Passthrough columns that are hive partition keys of the unit's file (``partition_keys``)
+    stay in the output's mirrored ``key=value`` folders only, as in any hive dataset: in the
+    files too, readers would fail to merge the column with the partition field."""
     types = defaultdict(pa.null, input_types or {})
     inp = config.input
     first, *computed = _stage_fields(config, dim, types, reference)
-    passthrough = [pa.field(n, types[n]) for n in inp.passthrough if n != inp.id_column]
+    passthrough = [
+        pa.field(n, types[n])
+        for n in inp.passthrough
+        if n != inp.id_column and n not in partition_keys
+    ]
     return pa.schema([first, *passthrough, *computed])
 
 
@@ -146,9 +155,6 @@ class EmbedStage:
             self.input_fs = storage.resolve(unit.file.url, self.config.storage).fs
         with self.input_fs.open_input_file(unit.file.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(unit.row_groups), columns=columns)
-        for key in inp.passthrough:
-            if key in partition_keys and key not in table.column_names:
-                table = table.append_column(key, pa.array([partition_keys[key]] * table.num_rows))
         return table
 
     def process(self, unit: WorkUnit) -> UnitResult:
@@ -199,7 +205,8 @@ class EmbedStage:
         result.truncated = encoded.truncated + (encoded_pair.truncated if encoded_pair else 0)
         columns = self._columns(unit, table, kept_idx, encoded, encoded_pair)
         types = {name: table.schema.field(name).type for name in table.column_names}
-        schema = output_schema(self.config, self.encoder.dim, types, self.reference)
+        partition_keys = {key for key, _ in unit.file.partitions}
+        schema = output_schema(self.config, self.encoder.dim, types, self.reference, partition_keys)
         result.output = unit.output_rel
         result.rows_out = len(kept_idx)
         # Each output file records the unit it completes: a rerun after a crash reads these
@@ -230,7 +237,7 @@ class EmbedStage:
                 [f"{unit.file.rel}#{unit.first_row + i}" for i in kept_idx], pa.string()
             )
         for name in inp.passthrough:
-            if name != inp.id_column:
+            if name in table.column_names and name != inp.id_column:
                 columns[name] = table.column(name).take(take)
         dim = encoded.embeddings.shape[1]
         columns["embedding"] = _fixed_list(encoded.embeddings, dim)

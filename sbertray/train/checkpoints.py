@@ -92,16 +92,20 @@ class CheckpointStore:
             d for d in self._dirs(self.parent) if d.startswith(f"{base}-") and d != self.name
         )
 
-    def restore(self, target: Path) -> tuple[str | None, int]:
-        """Downloads the newest complete checkpoint into ``target``; returns (its local path,
-        its step), or (None, 0) when there is none."""
+    def latest_step(self) -> int:
+        """The step of the newest complete checkpoint, 0 when there is none."""
         complete = [
             int(match.group(1))
             for d in self._dirs(self.root)
             if (match := _CHECKPOINT_DIR.match(d)) and storage.exists(self.root.child(d, MARKER))
         ]
-        if not complete:
+        return max(complete, default=0)
+
+    def restore(self, target: Path) -> tuple[str | None, int]:
+        """Downloads the newest complete checkpoint into ``target``; returns (its local path,
+        its step), or (None, 0) when there is none."""
+        step = self.latest_step()
+        if not step:
             return None, 0
-        step = max(complete)
         storage.download_dir(self.root.child(dir_name(step)), target)
         return str(target), step

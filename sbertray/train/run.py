@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 from sbertray import storage
 from sbertray.config import TrainConfig
@@ -26,7 +27,7 @@ from sbertray.train.data import PairData, load_pairs
 from sbertray.train.worker import RESULT_FILE, TrainResult, run_name, train_worker
 
 
-def _worker_cpus(config: TrainConfig) -> float:
+def worker_cpus(config: TrainConfig) -> float:
     """CPUs per worker: the recipe's value, else an even share of the cluster so a single worker
     uses every core (torch's intra-op threads follow this number)."""
     if config.scaling.cpus_per_worker is not None:
@@ -37,21 +38,31 @@ def _worker_cpus(config: TrainConfig) -> float:
     return max(1.0, float(int(total // config.scaling.num_workers)))
 
 
-def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult:
-    """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A recipe checked before any worker starts."""
 
-    Rerunning the same recipe after a crash resumes from the last complete checkpoint in
-    ``output.checkpoints`` (the global step continues); a rerun with another config, data or
-    base model starts over (see ``checkpoints.py``).
+    config: TrainConfig  # local paths made absolute (workers run in other directories)
+    train: PairData
+    dev: PairData | None
+    fingerprint: str  # ``checkpoints.run_fingerprint``: which checkpoints are this run's
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: DDP drops the incomplete last batch, so an epoch is
+        floor(rows / global batch) steps on any number of workers."""
+        t = self.config.training
+        return t.max_steps or int(t.epochs * (self.train.table.num_rows // t.batch_size))
+
+
+def plan_training(config: TrainConfig) -> TrainingPlan:
+    """Validates the data, resolves the base model and checks that the outputs are writable.
 
     Raises:
-        DataError: bad training/dev data (before any worker starts).
+        DataError: bad training/dev data.
         ModelError: the base model cannot be found.
+        StorageError: an output location is not writable.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    started = time.time()
     config = config.model_copy(deep=True)
     config.output.model = storage.absolute(config.output.model)
     config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
@@ -59,24 +70,43 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
         config.base_model = storage.absolute(config.base_model)
     train_pairs = load_pairs(config.train, config.storage)
     dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
-    # Fails now, not inside a worker; the hash tells this run's checkpoints from another's.
     base_model_hash = model_hash(resolve_model_path(config.base_model, config.storage))
+    for url in (config.output.model, config.output.checkpoint_root):
+        storage.check_writable(storage.resolve(url, config.storage))
     fingerprint = run_fingerprint(
         config, [train_pairs.table, dev_pairs.table if dev_pairs else None], base_model_hash
     )
+    return TrainingPlan(config, train_pairs, dev_pairs, fingerprint)
+
+
+def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult:
+    """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
+
+    Rerunning the same recipe after a crash resumes from the last complete checkpoint in
+    ``output.checkpoints`` (the global step continues); a rerun with another config, data or
+    base model starts over (see ``checkpoints.py``).
+
+    Raises what ``plan_training`` raises, before any worker starts.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    plan = plan_training(config)
+    config, train_pairs, fingerprint = plan.config, plan.train, plan.fingerprint
     _report_skips("train", train_pairs)
-    if dev_pairs is not None:
-        _report_skips("dev", dev_pairs)
+    if plan.dev is not None:
+        _report_skips("dev", plan.dev)
 
     init_ray(ray_address)
     ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
-    cpus = _worker_cpus(config)
+    cpus = worker_cpus(config)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "config": config.model_dump(),
             "train": train_pairs.table,
-            "dev": dev_pairs.table if dev_pairs is not None else None,
+            "dev": plan.dev.table if plan.dev is not None else None,
             "cpus_per_worker": cpus,
             "fingerprint": fingerprint,
         },

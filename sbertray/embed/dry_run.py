@@ -1,0 +1,84 @@
+"""``sbertray embed CONFIG --dry-run``: every check the real run makes before it spends
+anything, then the plan it would carry out and an estimate of its time from embedding a
+sample of the input on this machine. Nothing is written to the output location."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+
+from sbertray import storage
+from sbertray.config import EmbedConfig
+from sbertray.embed import backends, commit
+from sbertray.embed.pool import plan_pool
+from sbertray.embed.run import EmbedPlan, plan_embed, resolve_encoder
+from sbertray.embed.shards import WorkUnit
+from sbertray.embed.texts import BadRows, column_texts
+from sbertray.modeling import resolve_model_path
+from sbertray.progress import format_duration
+from sbertray.report import REPORT_DIR
+
+# Texts embedded to estimate the rate: enough for a stable figure, a second or two on a CPU.
+SAMPLE_ROWS = 256
+
+
+def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
+    """The plan as lines of text. Raises what ``run_embed`` raises before it starts work."""
+    from sbertray.embed import ray_adapter
+
+    plan = plan_embed(config)
+    existing = {i.path for i in storage.list_files(plan.out)} if storage.exists(plan.out) else set()
+    done = commit.committed_units(
+        plan.out, plan.inputs, plan.run_metadata["content_hash"], existing
+    )
+    todo = [u for u in plan.inputs.units if u.unit_id not in done]
+    inputs = plan.inputs
+    lines = [
+        f"[sbertray] dry run: nothing is written to {plan.run_metadata['config']['output']['path']}",
+        f"  model: {plan.run_metadata['model']} (hash {plan.model.model_hash[:12]}, "
+        f"dim {plan.model.spec.dim}, max_seq_length {plan.model.spec.max_seq_length})",
+        f"  input: {len(inputs.files)} files, {inputs.total_rows:,} rows, "
+        f"{len(inputs.units)} units; {len(done)} already committed, "
+        f"{sum(u.num_rows for u in todo):,} rows to embed"
+        + (f"; {len(inputs.bad_files)} bad files skipped" if inputs.bad_files else ""),
+        f"  output: <input path>.part-NNNN.parquet ({', '.join(f.name for f in _schema(plan))}), "
+        f"_manifest.json, _SUCCESS, {REPORT_DIR}/",
+    ]
+    if not todo:
+        return "\n".join([*lines, "  nothing to embed"])
+    pool = plan_pool(ray_adapter.cluster_resources(ray_address), plan.config.compute, len(todo))
+    encoder = resolve_encoder(plan, pool)
+    rate, sampled = _sample_rate(plan, todo[0], encoder)
+    seconds = sum(u.num_rows for u in todo) / (rate * pool.num_actors)
+    lines += [
+        f"  pool: {pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
+        f"  estimate: {rate:,.0f} rows/s per actor on {sampled} sample rows here, so about "
+        f"{format_duration(seconds)} of embedding for {pool.num_actors} actor(s), plus start-up",
+    ]
+    return "\n".join(lines)
+
+
+def _schema(plan: EmbedPlan):
+    from sbertray.embed.stage import output_schema
+
+    return output_schema(plan.config, plan.model.spec.dim)
+
+
+def _sample_rate(plan: EmbedPlan, unit: WorkUnit, encoder) -> tuple[float, int]:
+    """Rows/s of one actor's encoder on the first unit's first texts, and how many."""
+    column = plan.config.input.text_column
+    fs = storage.resolve(unit.file.url, plan.config.storage).fs
+    with fs.open_input_file(unit.file.path) as handle:
+        table = pq.ParquetFile(handle).read_row_group(unit.row_groups[0], columns=[column])
+    texts = [
+        t
+        for t in column_texts(table.slice(0, SAMPLE_ROWS), column, plan.config, BadRows(unit))
+        if t
+    ]
+    model_dir = resolve_model_path(encoder.model, plan.config.storage)
+    text_encoder = backends.build_encoder(encoder, model_dir)
+    text_encoder.encode(texts[:8])  # warm-up: first-call allocations
+    started = time.perf_counter()
+    text_encoder.encode(texts)
+    return len(texts) / max(time.perf_counter() - started, 1e-6), len(texts)

@@ -1,0 +1,56 @@
+"""`--dry-run`: the checks of the real run, the plan and an estimate, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from processes import run, sbertray_cmd
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    config = str(REPO / "jobs/configs/embed_demo.yaml")
+    plan = run(sbertray_cmd("embed", config, f"output.path={out}", "--dry-run"))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "input: 3 files, 36 rows, 3 units; 0 already committed, 36 rows to embed" in plan.stdout
+    assert "(id, language, source, embedding, topk_ids, topk_scores)" in plan.stdout
+    assert "backend " in plan.stdout and "rows/s per actor on " in plan.stdout
+    assert "estimate: " in plan.stdout and "Traceback" not in plan.stderr
+    assert not out.exists()
+
+    bad = run(
+        sbertray_cmd("embed", config, f"output.path={out}", "input.text_column=nope", "--dry-run")
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "missing column `nope` (input.text_column)" in bad.stderr
+    assert not out.exists()
+
+
+def test_train_dry_run_counts_steps_and_writes_nothing(tmp_path):
+    model = tmp_path / "model"
+    plan = run(
+        sbertray_cmd(
+            "train", str(REPO / "jobs/configs/concepts.yaml"), f"output.model={model}", "--dry-run"
+        )
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    # 40 pairs, global batch 10: 4 steps an epoch, 5 epochs.
+    assert "steps: 20 of global batch 10 on 1 worker(s)" in plan.stdout
+    assert "resume: none, training from step 0" in plan.stdout
+    assert "s per step for one worker here" in plan.stdout
+    assert not model.exists() and not (tmp_path / "model-checkpoints").exists()
+
+    bad = run(
+        sbertray_cmd(
+            "train",
+            str(REPO / "jobs/configs/concepts.yaml"),
+            f"output.model={model}",
+            f"train.path={tmp_path / 'none.csv'}",
+            "--dry-run",
+        )
+    )
+    assert bad.returncode == 2 and "none.csv: no such file or directory" in bad.stderr
