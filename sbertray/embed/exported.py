@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,19 +118,29 @@ def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
     sample = model.tokenizer(
         ["an example", "another example sentence"], padding=True, return_tensors="pt"
     )
-    _write_atomic(
-        out / "model_fp32.onnx",
-        lambda tmp: torch.onnx.export(
-            _Encoder(),
-            tuple(sample[k] for k in _INPUTS),
-            tmp,
-            input_names=list(_INPUTS),
-            output_names=["last_hidden_state"],
-            dynamic_axes={k: {0: "batch", 1: "tokens"} for k in (*_INPUTS, "last_hidden_state")},
-            opset_version=_OPSET,
-            dynamo=False,
-        ),
-    )
+    with warnings.catch_warnings():
+        # The tracer's notes on this graph are expected (shapes stay dynamic through the
+        # dynamic_axes; the tests compare the export with the model's own vectors): no need for
+        # users to read them on every first run.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
+        _write_atomic(
+            out / "model_fp32.onnx",
+            lambda tmp: torch.onnx.export(
+                _Encoder(),
+                tuple(sample[k] for k in _INPUTS),
+                tmp,
+                input_names=list(_INPUTS),
+                output_names=["last_hidden_state"],
+                dynamic_axes={
+                    k: {0: "batch", 1: "tokens"} for k in (*_INPUTS, "last_hidden_state")
+                },
+                opset_version=_OPSET,
+                dynamo=False,
+            ),
+        )
     # The exact Rust tokenizer sentence-transformers runs (normalizer, special tokens).
     tokenizer_json = model.tokenizer.backend_tokenizer.to_str()
     _write_atomic(out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer_json))

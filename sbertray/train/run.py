@@ -12,6 +12,7 @@ recipe gives the same number of steps (and comparable metrics) on 1 or 4 workers
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
             "dev": plan.dev.table if plan.dev is not None else None,
             "cpus_per_worker": cpus,
             "fingerprint": fingerprint,
+            "verbose": logging.getLogger().isEnabledFor(logging.DEBUG),
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,

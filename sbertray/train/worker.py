@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sbertray import storage
 from sbertray.config import TrainConfig
+from sbertray.progress import format_duration
 from sbertray.train import checkpoints
 from sbertray.train.card import card_base_model
 from sbertray.train.checkpoints import CheckpointStore
@@ -60,14 +63,40 @@ def _make_report_callback(rank: int, store: CheckpointStore):
     from transformers import TrainerCallback
 
     class _RayTrainReport(TrainerCallback):
+        def __init__(self):
+            self.printed_step = -1  # the trainer may log one step more than once
+            self.first = None  # (time, step) of this process's first logged step, for the ETA
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if rank == 0 and logs and "loss" in logs:
-                print(
-                    f"[sbertray] step {state.global_step}/{state.max_steps} "
-                    f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
-                    f"lr {logs.get('learning_rate', 0):.2e}",
-                    flush=True,
-                )
+            if (
+                rank != 0
+                or not logs
+                or "loss" not in logs
+                or state.global_step == self.printed_step
+            ):
+                return
+            self.printed_step = state.global_step
+            now = time.monotonic()
+            self.first = self.first or (now, state.global_step)
+            done = state.global_step - self.first[1]
+            left = (
+                (now - self.first[0]) / done * (state.max_steps - state.global_step)
+                if done
+                else None
+            )
+            print(
+                f"[sbertray] step {state.global_step}/{state.max_steps} "
+                f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
+                f"lr {logs.get('learning_rate', 0):.2e} ETA "
+                + (format_duration(left) if left is not None else "?"),
+                flush=True,
+            )
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            scores = {k: v for k, v in (metrics or {}).items() if k.endswith("spearman_cosine")}
+            if rank == 0 and scores:
+                shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items())
+                print(f"[sbertray] step {state.global_step}: {shown}", flush=True)
 
         def on_save(self, args, state, control, **kwargs):
             ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -101,8 +130,8 @@ def _training_arguments(
         max_steps=t.max_steps or -1,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_ratio=t.warmup_ratio,
-        warmup_steps=t.warmup_steps,
+        # transformers 5 takes a ratio as a float `warmup_steps` (`warmup_ratio` is deprecated).
+        warmup_steps=float(t.warmup_ratio) if t.warmup_ratio else t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -140,6 +169,19 @@ def scratch_root() -> Path:
     return Path(os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray")
 
 
+def _quiet_worker_logs() -> None:
+    """Ray starts workers logging at INFO, so every library's notes reach the driver's
+    console (checkpoint saves, Ray Train's per-report lines). sbertray prints the progress
+    that matters; `sbertray -v` brings the rest back."""
+    import warnings
+
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("ray.train", "sentence_transformers", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # accelerate's own call into DDP, not ours; the fix is in accelerate.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+
+
 def train_worker(loop_config: dict) -> None:
     import datasets
     import ray.train
@@ -157,6 +199,8 @@ def train_worker(loop_config: dict) -> None:
     if not config.scaling.use_gpu:
         torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub mid-run
+    if not loop_config.get("verbose"):
+        _quiet_worker_logs()
 
     model = load_model(
         config.base_model,
