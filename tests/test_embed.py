@@ -110,7 +110,9 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     assert table.column("group").to_pylist() == [f"g{i % 3}" for i in ids]
 
     files = sorted(
-        p.name for p in (tmp_path / "out").iterdir() if p.suffix in ("", ".json", ".parquet")
+        p.name
+        for p in (tmp_path / "out").iterdir()
+        if p.is_file() and p.suffix in ("", ".json", ".parquet")
     )
     # Deterministic names: row groups of 64 grouped into files of >= 128 rows, per shard.
     assert files == [
