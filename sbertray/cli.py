@@ -8,6 +8,7 @@ sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run]
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,15 +17,22 @@ from sbertray.errors import UserError
 from sbertray.ray_runtime import prefer_loopback
 
 
+def _config_unless_dry_run(args: argparse.Namespace, schema, dry_run_module: str):
+    """The command's config; with ``--dry-run``, prints the plan instead and returns None."""
+    from sbertray.config import load_config
+
+    config = load_config(schema, args.config, args.overrides)
+    if not args.dry_run:
+        return config
+    print(importlib.import_module(dry_run_module).dry_run(config, ray_address=args.address))
+    return None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sbertray.config import TrainConfig, load_config
+    from sbertray.config import TrainConfig
     from sbertray.train import train
 
-    config = load_config(TrainConfig, args.config, args.overrides)
-    if args.dry_run:
-        from sbertray.train.dry_run import dry_run
-
-        print(dry_run(config, ray_address=args.address))
+    if (config := _config_unless_dry_run(args, TrainConfig, "sbertray.train.dry_run")) is None:
         return 0
     result = train(config, ray_address=args.address)
     metric = ""
@@ -67,14 +75,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from sbertray.config import EmbedConfig, load_config
+    from sbertray.config import EmbedConfig
     from sbertray.embed.run import run_embed
 
-    config = load_config(EmbedConfig, args.config, args.overrides)
-    if args.dry_run:
-        from sbertray.embed.dry_run import dry_run
-
-        print(dry_run(config, ray_address=args.address))
+    if (config := _config_unless_dry_run(args, EmbedConfig, "sbertray.embed.dry_run")) is None:
         return 0
     summary = run_embed(config, ray_address=args.address)
     print(summary.closing_line())
