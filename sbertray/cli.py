@@ -13,8 +13,11 @@ import json
 import logging
 import sys
 
+from sbertray import storage
+from sbertray.console import RunLog, console_stream
 from sbertray.errors import UserError
 from sbertray.ray_runtime import prefer_loopback
+from sbertray.report import REPORT_DIR
 
 
 def _config_unless_dry_run(args: argparse.Namespace, schema, dry_run_module: str):
@@ -24,7 +27,8 @@ def _config_unless_dry_run(args: argparse.Namespace, schema, dry_run_module: str
     config = load_config(schema, args.config, args.overrides)
     if not args.dry_run:
         return config
-    print(importlib.import_module(dry_run_module).dry_run(config, ray_address=args.address))
+    plan = importlib.import_module(dry_run_module).dry_run(config, ray_address=args.address)
+    print(plan, file=console_stream())  # the whole plan, not only its first line
     return None
 
 
@@ -47,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"[sbertray] done in {result.wall_time_s:.0f}s: {metric}{result.global_step} steps"
         f"{resumed}; model written to {result.model_url}"
     )
+    _publish_log(args, config.output.model, config.storage)
     return 0
 
 
@@ -82,6 +87,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         return 0
     summary = run_embed(config, ray_address=args.address)
     print(summary.closing_line())
+    _publish_log(args, storage.join(config.output.path, REPORT_DIR), config.storage)
     return 0
 
 
@@ -89,14 +95,18 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     from sbertray.config import NightlyConfig, load_config
     from sbertray.nightly import run_nightly
 
-    report = run_nightly(
-        load_config(NightlyConfig, args.config, args.overrides), ray_address=args.address
-    )
+    config = load_config(NightlyConfig, args.config, args.overrides)
+    report = run_nightly(config, ray_address=args.address)
     print(
         f"[sbertray nightly] done in {report['seconds']:.0f}s; model {report['model']} "
         f"(hash {report['model_hash'][:12]}); embeddings {report['embed']['output_url']}"
     )
+    _publish_log(args, storage.join(config.output, REPORT_DIR), config.storage)
     return 0
+
+
+def _publish_log(args: argparse.Namespace, folder_url: str, storage_config) -> None:
+    print(f"[sbertray] full log: {args.run_log.publish(folder_url, storage_config)}", flush=True)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -164,15 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run jobs: their console shows sbertray's lines, their log file the rest.
+_LOGGED_COMMANDS = ("train", "embed", "nightly")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prefer_loopback(getattr(args, "address", None))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    args.run_log = RunLog(args.command, verbose=args.verbose)
+    logged = args.command in _LOGGED_COMMANDS
     try:
-        return args.func(args)
+        if not logged:
+            return args.func(args)
+        with args.run_log:
+            return args.func(args)
     except UserError as exc:  # fixable from the message: no traceback, exit 2
-        print(f"sbertray {args.command}: error: {exc}", file=sys.stderr)
+        log = f"\n(full log: {args.run_log.path})" if logged else ""
+        print(f"sbertray {args.command}: error: {exc}{log}", file=sys.stderr)
         return 2
+    except BaseException:
+        if logged:  # a bug: its traceback follows on the console
+            print(f"sbertray {args.command}: full log: {args.run_log.path}", file=sys.stderr)
+        raise
 
 
 def job_main(command: str, argv: list[str] | None = None) -> int:

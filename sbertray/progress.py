@@ -5,8 +5,9 @@ seconds (default 10) with the same figures."""
 from __future__ import annotations
 
 import os
-import sys
 import time
+
+from sbertray.console import console_stream
 
 EVERY_ENV = "SBERTRAY_PROGRESS_EVERY_S"
 _DEFAULT_EVERY_S = 10.0
@@ -27,7 +28,7 @@ class Progress:
         self.total, self.what = total, what
         self.done = self.bad = 0
         self.started = self._last = time.monotonic()
-        self.stream = stream or sys.stdout
+        self.stream = stream or console_stream()
         self.every_s = float(os.environ.get(EVERY_ENV) or _DEFAULT_EVERY_S)
         self._bar = None
         if self.stream.isatty():

@@ -51,6 +51,7 @@ class LocalS3:
     def __init__(self, data_dir: str | None = None):
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="sbertray-s3-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.ports = {name: _free_port() for name in _PORTS}
         self.grpc_ports = {name: _free_port() for name in _PORTS}
         self.process: subprocess.Popen | None = None

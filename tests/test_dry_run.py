@@ -39,7 +39,7 @@ def test_train_dry_run_counts_steps_and_writes_nothing(tmp_path):
     )
     assert plan.returncode == 0, plan.stderr[-3000:]
     # 40 pairs, global batch 10: 4 steps an epoch, 5 epochs.
-    assert "steps: 20 of global batch 10 on 1 worker(s)" in plan.stdout
+    assert "training 40 pairs: 20 steps of global batch 10 on 1 worker(s)" in plan.stdout
     assert "resume: none, training from step 0" in plan.stdout
     assert "s per step for one worker here" in plan.stdout
     assert not model.exists() and not (tmp_path / "model-checkpoints").exists()

@@ -126,10 +126,13 @@ def _complete_checkpoints(root: Path) -> list[int]:
     )
 
 
-def test_resume_after_killing_the_run(tmp_path):
-    """Kill the whole training process tree once a checkpoint is complete on disk (Ray Train
-    may not have registered it yet), rerun the same command: the rerun continues from the
-    newest complete checkpoint and runs only the remaining steps."""
+def test_resume_after_killing_the_run(tmp_path, monkeypatch):
+    """Kill the whole training process tree twice: while the first checkpoint is being
+    written (none complete yet), then once a checkpoint is complete on disk (Ray Train may not
+    have registered it yet). The last rerun continues from the newest complete checkpoint and
+    runs only the remaining steps; a completed run leaves no scratch behind."""
+    scratch, ckpt = tmp_path / "scratch", tmp_path / "ckpt"
+    monkeypatch.setenv("SBERTRAY_SCRATCH", str(scratch))  # the runs' env: see processes.py
     cmd = sbertray_cmd(
         "train",
         str(REPO / "jobs/configs/concepts.yaml"),
@@ -138,10 +141,16 @@ def test_resume_after_killing_the_run(tmp_path):
         "training.keep_checkpoints=2",
         "training.logging_steps=2",
         f"output.model={tmp_path / 'model'}",
-        f"output.checkpoints={tmp_path / 'ckpt'}",
+        f"output.checkpoints={ckpt}",
     )
-    kill_when(cmd, lambda: bool(_complete_checkpoints(tmp_path / "ckpt")), what="a checkpoint")
-    complete = _complete_checkpoints(tmp_path / "ckpt")
+    kill_when(cmd, lambda: any(scratch.glob("*/hf/checkpoint-*")), what="a checkpoint save")
+    before = max(_complete_checkpoints(ckpt), default=0)
+    kill_when(
+        cmd,
+        lambda: max(_complete_checkpoints(ckpt), default=0) > before,
+        what="a newer complete checkpoint",
+    )
+    complete = _complete_checkpoints(ckpt)
     assert 0 < max(complete) < 32
     assert not (tmp_path / "model" / "train_result.json").exists()
 
@@ -153,8 +162,11 @@ def test_resume_after_killing_the_run(tmp_path):
     assert f"resumed from step {max(complete)}" in second.stdout
     ran = [int(step) for step in re.findall(r"\[sbertray\] step (\d+)/", second.stdout)]
     assert sorted(set(ran)) == list(range(max(complete) + 2, 33, 2))
+    assert "training 40 pairs: 32 steps of global batch 10" in second.stdout
     logged = [e["step"] for e in result["loss_log"]]
-    assert logged == list(range(2, 33, 2))  # the log spans the kill: nothing lost or repeated
+    # The log spans the kills, nothing lost or repeated: step 1, then every 2 steps.
+    assert logged == [1, *range(2, 33, 2)]
+    assert not any(scratch.iterdir())
 
 
 def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkeypatch):

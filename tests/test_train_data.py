@@ -32,10 +32,20 @@ def test_stsb_tsv_keeps_every_row_despite_quotes(stsb_dir):
     assert any('"' in s for s in pairs.table.column("sentence_0").to_pylist())
 
 
-def test_empty_string_is_valid_text(tmp_path):
-    path = _write_csv(tmp_path / "p.csv", ['Intro to SQL,"",0.0', "Intro to SQL,Data Science,1.0"])
-    pairs = load_pairs(_spec(path))
-    assert pairs.table.column("sentence_1").to_pylist() == ["", "Data Science"]
+def test_an_empty_sentence_is_a_bad_row_not_silent_noise(tmp_path):
+    path = _write_csv(
+        tmp_path / "p.csv", ['Intro to SQL,"  ",0.0', "Intro to SQL,Data Science,1.0"]
+    )
+    with pytest.raises(
+        DataError, match=r"p\.csv: row 0 \(line 2\): field `sentence_1`: empty text"
+    ):
+        load_pairs(_spec(path))
+    pairs = load_pairs(_spec(path, on_bad_row="skip"))
+    assert pairs.table.column("sentence_1").to_pylist() == ["Data Science"]
+    assert pairs.skipped == {"empty text": 1}
+    meant = load_pairs(_spec(path, empty_text="keep"))  # seed 000's data has empty categories
+    assert meant.table.column("sentence_1").to_pylist() == ["  ", "Data Science"]
+    assert meant.kept == {"empty text": 1} and meant.num_skipped == 0
 
 
 def test_missing_column_names_file_and_column(tmp_path):

@@ -36,6 +36,9 @@ class PairDataConfig(Strict):
     record_text: Literal["repr", "json", "template"] = "repr"
     record_template: str | None = None
     on_bad_row: Literal["fail", "skip"] = "fail"
+    # An empty or blank sentence is a bad row, unless the data means it (seed 000's categories
+    # are sometimes empty): `keep` trains on it and reports how many.
+    empty_text: Literal["bad_row", "keep"] = "bad_row"
     limit: int | None = Field(default=None, gt=0)  # first N rows only (quick runs)
     name: str | None = None  # data set name shown in evaluator metrics and the model card
 

@@ -52,6 +52,7 @@ class PairData:
     table: pa.Table  # PAIR_SCHEMA
     files: list[str]
     skipped: Counter = field(default_factory=Counter)  # reason -> rows dropped
+    kept: Counter = field(default_factory=Counter)  # reason -> odd rows a policy keeps
 
     @property
     def num_skipped(self) -> int:
@@ -157,6 +158,7 @@ class _RowChecker:
         self.spec, self.name = spec, name
         self.header_lines = _HEADER_LINES.get(fmt)
         self.skipped: Counter = Counter()
+        self.kept: Counter = Counter()
         self.errors: list[str] = []
 
     def where(self, row: int) -> str:
@@ -172,6 +174,12 @@ class _RowChecker:
 
     def text(self, row: int, fieldname: str, value) -> str | None:
         if isinstance(value, str):
+            if not value.strip():
+                if self.spec.empty_text == "keep":
+                    self.kept["empty text"] += 1
+                    return value
+                self.bad(row, fieldname, "empty text", value)
+                return None
             return value
         if isinstance(value, dict):
             try:
@@ -218,7 +226,8 @@ def _validate(
     if missing:
         raise DataError(
             f"{name}: missing column {', '.join(missing)}; the file has {list(columns)}. "
-            "Map your column names under `columns:`"
+            "Name yours: in a recipe under `columns:` (sentence_0, sentence_1, label), or with "
+            "`sbertray evaluate ... --sentence-0 COL --sentence-1 COL --label COL`"
         )
     checker = _RowChecker(spec, name, fmt)
     s0, s1, labels = columns[cols.sentence_0], columns[cols.sentence_1], columns[cols.label]
@@ -237,15 +246,20 @@ def _validate(
         more = (
             f"\n  ... and {total - len(checker.errors)} more" if total > len(checker.errors) else ""
         )
+        hint = (
+            "; empty sentences are meant: `empty_text: keep`"
+            if checker.skipped["empty text"]
+            else ""
+        )
         raise DataError(
-            f"{total} bad row(s); fix them or set `on_bad_row: skip`:\n  "
+            f"{total} bad row(s); fix them or set `on_bad_row: skip`{hint}:\n  "
             + "\n  ".join(checker.errors)
             + more
         )
     good = pa.Table.from_pydict(
         {"sentence_0": out0, "sentence_1": out1, "label": outl}, schema=PAIR_SCHEMA
     )
-    return good, checker.skipped
+    return good, checker.skipped, checker.kept
 
 
 def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None) -> PairData:
@@ -283,13 +297,14 @@ def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None
     else:
         sources = [(loc, spec.format if spec.format != "auto" else _detect_format(loc.path))]
 
-    tables, skipped, files = [], Counter(), []
+    tables, skipped, kept, files = [], Counter(), Counter(), []
     for src, fmt in sources:
         name = storage.redact(src.url)
         raw = _read_datasets_dir(src) if fmt == "datasets" else _read_file(src, fmt)
-        good, bad = _validate(raw, spec, name, fmt)
+        good, bad, odd = _validate(raw, spec, name, fmt)
         tables.append(good)
         skipped.update(bad)
+        kept.update(odd)
         files.append(name)
     table = pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
     if spec.limit is not None:
@@ -297,4 +312,4 @@ def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None
     if table.num_rows == 0:
         reason = f" ({sum(skipped.values())} bad rows skipped)" if skipped else ""
         raise DataError(f"{shown}: no usable rows{reason}")
-    return PairData(table=table, files=files, skipped=skipped)
+    return PairData(table=table, files=files, skipped=skipped, kept=kept)

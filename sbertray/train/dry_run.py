@@ -23,7 +23,7 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
 
     plan = plan_training(config)
     config = plan.config
-    t, rows = config.training, plan.train.table.num_rows
+    rows = plan.train.table.num_rows
     init_ray(ray_address)
     import ray
 
@@ -40,15 +40,12 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
     ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
     resume = CheckpointStore(ckpt_root, run_name(config, plan.fingerprint)).latest_step()
     step_s = _step_seconds(plan)
-    dropped = rows % t.batch_size
     return "\n".join(
         [
             "[sbertray] dry run: nothing is written",
             f"  data: {rows:,} training pairs ({plan.train.num_skipped} bad rows skipped)"
             + (f", {plan.dev.table.num_rows:,} dev pairs" if plan.dev else ", no dev set"),
-            f"  steps: {plan.steps:,} of global batch {t.batch_size} on "
-            f"{config.scaling.num_workers} worker(s) x {cpus:g} CPU; the last {dropped} rows of "
-            "each epoch's shuffle fill no whole batch and are not trained on",
+            f"  {plan.describe()}, {cpus:g} CPU each",
             f"  resume: {'from step ' + str(resume) if resume else 'none, training from step 0'}",
             f"  outputs: model {storage.redact(config.output.model)}, checkpoints "
             f"{storage.redact(ckpt_root.url)}",

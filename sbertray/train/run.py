@@ -48,6 +48,20 @@ class TrainingPlan:
     dev: PairData | None
     fingerprint: str  # ``checkpoints.run_fingerprint``: which checkpoints are this run's
 
+    def describe(self) -> str:
+        t, rows = self.config.training, self.train.table.num_rows
+        dropped = rows % t.batch_size
+        left_out = (
+            f"; the last {dropped} rows of each epoch's shuffle fill no whole batch and are "
+            "not trained on"
+            if dropped and not t.max_steps
+            else ""
+        )
+        return (
+            f"training {rows:,} pairs: {self.steps:,} steps of global batch {t.batch_size} on "
+            f"{self.config.scaling.num_workers} worker(s){left_out}"
+        )
+
     @property
     def steps(self) -> int:
         """Optimizer steps: DDP drops the incomplete last batch, so an epoch is
@@ -98,6 +112,7 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     _report_skips("train", train_pairs)
     if plan.dev is not None:
         _report_skips("dev", plan.dev)
+    print(f"[sbertray] {plan.describe()}", flush=True)
 
     init_ray(ray_address)
     ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
@@ -141,3 +156,5 @@ def _report_skips(kind: str, pairs: PairData) -> None:
     if pairs.num_skipped:
         reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
         print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)
+    for reason, n in pairs.kept.items():
+        print(f"[sbertray] {kind}: kept {n} rows with {reason} (as configured)", flush=True)

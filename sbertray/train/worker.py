@@ -138,6 +138,7 @@ def _training_arguments(
         fp16=t.precision == "fp16",
         bf16=t.precision == "bf16",
         logging_steps=t.logging_steps,
+        logging_first_step=True,  # a loss on record however short the run
         eval_strategy="epoch" if dev_name and t.eval_every == "epoch" else "no",
         save_strategy="steps" if t.checkpoint_steps else "epoch",
         save_steps=t.checkpoint_steps or 500,

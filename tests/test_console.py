@@ -1,0 +1,68 @@
+"""What a user sees: sbertray's own lines on the console, the rest in a run log published
+beside the outputs; `-v` brings it all back."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from processes import run, sbertray_cmd
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+_NOISE = re.compile(r"Warning|Traceback|DeprecationWarning|pid=\d+")
+
+
+def _console(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBERTRAY_PROGRESS_EVERY_S", "0")  # a progress line per unit, off a tty
+    model = tmp_path / "model"
+    train = run(
+        sbertray_cmd(
+            "train",
+            str(REPO / "jobs/configs/resume_roles.yaml"),
+            "training.max_steps=4",
+            "training.logging_steps=2",
+            f"output.model={model}",
+        )
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    lines = _console(train)
+    assert len(lines) <= 12, "\n".join(lines)
+    assert not [line for line in lines if _NOISE.search(line)], "\n".join(lines)
+    assert "[sbertray] step 4/4" in train.stdout and "[sbertray] full log: " in train.stdout
+    log = (model / "run.log").read_text()
+    assert "RayTrainWorker pid=" in log and "[sbertray] step 4/4" in log  # Ray's lines kept
+
+    out = tmp_path / "emb"
+    embed = run(
+        sbertray_cmd(
+            "embed",
+            str(REPO / "jobs/configs/embed_demo.yaml"),
+            f"model={model}",
+            f"output.path={out}",
+        )
+    )
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    lines = _console(embed)
+    assert len(lines) <= 12, "\n".join(lines)
+    assert not [line for line in lines if _NOISE.search(line)], "\n".join(lines)
+    progress = re.findall(r"\[sbertray\] (\d+)/(\d+) rows", embed.stdout)
+    assert progress and progress[-1] == ("36", "36"), embed.stdout  # real counts, right total
+    assert (out / "_report" / "run.log").exists()
+
+    verbose = run(
+        sbertray_cmd(
+            "-v",
+            "embed",
+            str(REPO / "jobs/configs/embed_demo.yaml"),
+            f"model={model}",
+            f"output.path={tmp_path / 'emb2'}",
+        )
+    )
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert len(_console(verbose)) > 3 * len(lines)  # Ray's and the libraries' lines are back
