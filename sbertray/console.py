@@ -77,8 +77,15 @@ class RunLog:
     def __enter__(self) -> RunLog:
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._saved = sys.stdout, sys.stderr
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Ray's C++ core writes straight to file descriptor 2, past sys.stderr: point that
+        # descriptor at the log, and give the console its own copy of the terminal.
+        self._console_fd = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        console_err = open(self._console_fd, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stdout = _Filter(sys.stdout, self._file, self.verbose)
-        sys.stderr = _Filter(sys.stderr, self._file, self.verbose)
+        sys.stderr = _Filter(console_err, self._file, self.verbose)
         # Python logging: everything to the file; warnings and up also to the console when
         # verbose (the filter shows them then).
         logging.basicConfig(
@@ -94,6 +101,8 @@ class RunLog:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = self._saved
+        os.dup2(self._console_fd, 2)
+        os.close(self._console_fd)
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
         self._file.close()
 
