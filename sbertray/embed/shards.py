@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from sbertray.config import EmbedConfig, StorageConfig
 from sbertray.errors import UserError
 
 _GLOB_CHARS = "*?["
+_FOOTER_READERS = 16  # footers read at once
 _TEXT_TYPES = (
     pa.types.is_string,
     pa.types.is_large_string,
@@ -227,8 +229,10 @@ def plan_input(config: EmbedConfig) -> InputPlan:
             f"input `{storage.redact(str(config.input.path))}`: no Parquet files found"
         )
     good, bad, schemas = [], [], []
-    for f in found:
-        checked, schema = read_footer(fs, f)
+    # Footers one after another cost a round trip each in object storage: read them at once.
+    with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
+        footers = list(pool.map(lambda f: read_footer(fs, f), found))
+    for checked, schema in footers:
         if checked.error:
             if config.bad_input.on_bad_file == "fail":
                 raise EmbedInputError(
