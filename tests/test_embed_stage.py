@@ -67,3 +67,49 @@ def test_passthrough_that_would_overwrite_an_output_column_is_refused(tmp_path, 
         check_output_columns(config)
     config.input.passthrough = ["lang", "doc_id"]  # the id column itself is written as `id`
     check_output_columns(config)
+
+
+def test_reference_mode_runs_without_torch(tmp_path, bundled_model_path):
+    """What a CPU actor runs in reference (top-k) mode, from the export the driver made: the
+    process never imports torch or transformers (5 s of start-up per actor)."""
+    import subprocess
+    import sys
+
+    from sbertray.modeling import prepare_model
+
+    prepare_model(bundled_model_path, export=True)  # the driver's export step
+    (tmp_path / "in").mkdir()
+    pq.write_table(
+        pa.table({"id": [1, 2], "text": ["a cat", "stocks fell"]}), tmp_path / "in" / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"id": ["pets", "money"], "text": ["animals", "finance"]}),
+        tmp_path / "ref.parquet",
+    )
+    config = {
+        "input": {"path": str(tmp_path / "in")},
+        "output": {"path": str(tmp_path / "out")},
+        "reference": {"path": str(tmp_path / "ref.parquet"), "top_k": 1},
+    }
+    script = """
+import json, sys
+from sbertray.config import EmbedConfig, parse_config
+from sbertray.embed.encoder import EncoderSpec
+from sbertray.embed.shards import plan_input
+from sbertray.embed.stage import EmbedStage, embed_reference
+config = parse_config(EmbedConfig, json.loads(sys.argv[1]))
+spec = EncoderSpec(model=sys.argv[2], backend="openvino", precision="fp32")
+stage = EmbedStage(config, spec, {}, embed_reference(config, spec))
+assert stage.process(plan_input(config).units[0]).rows_out == 2
+print("torch" in sys.modules, "transformers" in sys.modules)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(config), bundled_model_path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False"]
+    top = pq.read_table(tmp_path / "out" / "a.part-0000.parquet").column("topk_ids").to_pylist()
+    assert top == [["pets"], ["money"]]

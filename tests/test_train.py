@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from processes import kill_when, run, sbertray_cmd
 
-from sbertray.config import TrainConfig, load_config
+from sbertray.config import PairDataConfig, TrainConfig, load_config
 from sbertray.report import summarize
 from sbertray.train import checkpoints, evaluate_model, train
 from sbertray.train.data import load_pairs
@@ -74,7 +74,11 @@ def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, st
         assert section in card, section
     assert "`per_device_train_batch_size`: 8" in card  # 16 global / 2 workers
     saved = json.loads((tmp_path / "model" / "train_result.json").read_text())
-    assert [e["step"] for e in saved["loss_log"]] == list(range(10, 90, 10))
+    assert [e["step"] for e in saved["loss_log"]] == [1, *range(10, 90, 10)]
+    # The report's dev curve starts from the base model's score.
+    start = saved["eval_log"][0]
+    assert start["step"] == 0
+    assert start["stsb-dev_spearman_cosine"] == pytest.approx(base.spearman_cosine, abs=1e-3)
 
 
 def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix):
@@ -167,6 +171,22 @@ def test_resume_after_killing_the_run(tmp_path, monkeypatch):
     # The log spans the kills, nothing lost or repeated: step 1, then every 2 steps.
     assert logged == [1, *range(2, 33, 2)]
     assert not any(scratch.iterdir())
+
+    # The same recipe never interrupted gives the same model, as far as the scores go.
+    whole = run(
+        [*cmd[:-2], f"output.model={tmp_path / 'whole'}", f"output.checkpoints={tmp_path / 'c2'}"]
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    from sentence_transformers import SentenceTransformer
+
+    pairs = load_pairs(PairDataConfig(path=str(REPO / "jobs/samples/concept_pairs.csv")))
+    resumed, uninterrupted = (
+        evaluate_model(
+            SentenceTransformer(str(tmp_path / name), device="cpu"), pairs
+        ).spearman_cosine
+        for name in ("model", "whole")
+    )
+    assert resumed == pytest.approx(uninterrupted, abs=0.002)
 
 
 def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkeypatch):

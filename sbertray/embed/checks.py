@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -56,7 +57,7 @@ def check_ids(
         {
             "id": pa.chunked_array([c for col in columns for c in col.chunks], columns[0].type),
             "file": pa.array(
-                [i for i, col in enumerate(columns) for _ in range(len(col))], pa.int32()
+                np.repeat(np.arange(len(columns), dtype=np.int32), [len(c) for c in columns])
             ),
         }
     )

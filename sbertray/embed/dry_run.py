@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
-from sbertray.embed import backends, commit
+from sbertray.embed import backends
 from sbertray.embed.pool import plan_pool
-from sbertray.embed.run import EmbedPlan, plan_embed, resolve_encoder
+from sbertray.embed.run import EmbedPlan, find_committed, plan_embed, resolve_encoder
 from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import BadRows, column_texts
 from sbertray.modeling import resolve_model_path
@@ -28,10 +28,7 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     from sbertray.embed import ray_adapter
 
     plan = plan_embed(config)
-    existing = {i.path for i in storage.list_files(plan.out)} if storage.exists(plan.out) else set()
-    done = commit.committed_units(
-        plan.out, plan.inputs, plan.run_metadata["content_hash"], existing
-    )
+    _, done = find_committed(plan)
     todo = [u for u in plan.inputs.units if u.unit_id not in done]
     inputs = plan.inputs
     lines = [

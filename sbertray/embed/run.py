@@ -153,12 +153,7 @@ def run_embed(
     started = time.time()
     plan = plan_embed(config, model)
     with OutputLock(plan.out, plan.run_id, stale_after_s=plan.config.output.lock_stale_after_s):
-        existing = (
-            {i.path for i in storage.list_files(plan.out)} if storage.exists(plan.out) else set()
-        )
-        done = commit.committed_units(
-            plan.out, plan.inputs, plan.run_metadata["content_hash"], existing
-        )
+        existing, done = find_committed(plan)
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
         results, pool, encoder = list(done.values()), None, None
         if todo:
@@ -178,6 +173,15 @@ def run_embed(
         else:
             _say_nothing_to_do(plan)
         return _commit(plan, results, set(done), existing, pool, encoder, started)
+
+
+def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
+    """The files already under the output, and the units among them that this run need not
+    embed again (same content hash, same input fingerprint)."""
+    out = plan.out
+    existing = {i.path for i in storage.list_files(out)} if storage.exists(out) else set()
+    content_hash = plan.run_metadata["content_hash"]
+    return existing, commit.committed_units(out, plan.inputs, content_hash, existing)
 
 
 def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:

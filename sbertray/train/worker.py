@@ -55,7 +55,7 @@ def run_name(config: TrainConfig, fingerprint: str) -> str:
     return f"{base}-{fingerprint[:8]}"
 
 
-def _make_report_callback(rank: int, store: CheckpointStore):
+def _make_report_callback(rank: int, store: CheckpointStore, evaluator=None):
     """A transformers callback that hands each saved checkpoint to Ray Train (rank 0's copy: it
     holds the model, optimizer, scheduler and trainer state), marks it complete once uploaded,
     and prints progress on rank 0."""
@@ -91,6 +91,14 @@ def _make_report_callback(rank: int, store: CheckpointStore):
                 + (format_duration(left) if left is not None else "?"),
                 flush=True,
             )
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            """The base model's dev score as step 0 of the eval log, so the report shows the
+            gain from the start (kept in the trainer state, so a resumed run has it too)."""
+            if rank == 0 and evaluator is not None and state.global_step == 0 and model:
+                scores = {f"eval_{k}": v for k, v in evaluator(model).items()}
+                state.log_history.append({"step": 0, "epoch": 0.0, **scores})
+                self.on_evaluate(args, state, control, metrics=scores)
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             scores = {k: v for k, v in (metrics or {}).items() if k.endswith("spearman_cosine")}
@@ -251,7 +259,7 @@ def train_worker(loop_config: dict) -> None:
         train_dataset=train_ds,
         loss=CosineSimilarityLoss(model),
         evaluator=evaluator,
-        callbacks=[_make_report_callback(rank, store)],
+        callbacks=[_make_report_callback(rank, store, evaluator)],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
