@@ -35,6 +35,13 @@ class EmbedOutputConfig(Strict):
     # A run holds `_lock.json` here; a lock this long without a heartbeat (or whose process is
     # gone from this host) is taken over.
     lock_stale_after_s: float = Field(600.0, gt=0)
+    # Compact embeddings (see embed/compact.py): fewer dimensions and fewer bits per value.
+    # Scores (pair cosine, top-k) are always computed from the full float32 vectors.
+    embedding_dtype: Literal["float32", "float16", "int8", "binary"] = "float32"
+    truncate_dim: int | None = Field(default=None, gt=0)  # Matryoshka-style: the first N dims
+    # int8 ranges (JSON [[min per dim], [max per dim]]); null: calibrated once on a sample of the
+    # first run, kept in the manifest, and reused by later runs into the same output.
+    int8_ranges: str | None = None
 
 
 class ReferenceConfig(Strict):

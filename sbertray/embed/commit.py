@@ -97,13 +97,15 @@ class UnitResult:
         }
 
 
-def content_hash(config: EmbedConfig, model_hash: str, schema: pa.Schema) -> str:
-    """What decides the bytes of an output file: the model, the declared output schema and
-    every config key but ``_NOT_IN_CONTENT``. A committed unit with the same hash and input
+def content_hash(config: EmbedConfig, model_hash: str, schema: pa.Schema, int8_ranges=None) -> str:
+    """What decides the bytes of an output file: the model, the declared output schema, the
+    int8 ranges (if any) and every config key but ``_NOT_IN_CONTENT``. A committed unit with the same hash and input
     fingerprint is not embedded again."""
     settings = dump_without(config, _NOT_IN_CONTENT)
     columns = [(f.name, str(f.type)) for f in schema]
-    return stable_hash({"model_hash": model_hash, "schema": columns, "config": settings})
+    return stable_hash(
+        {"model_hash": model_hash, "schema": columns, "config": settings, "int8": int8_ranges}
+    )
 
 
 def write_unit(out: storage.Location, rel: str, table: pa.Table, compression: str) -> None:
@@ -269,6 +271,12 @@ def manifest_record(
         "totals": totals,
         **run,
     }
+
+
+def read_manifest(out: storage.Location) -> dict | None:
+    """The last committed manifest under ``out`` (int8 ranges are reused from it)."""
+    loc = out.child(MANIFEST)
+    return json.loads(storage.read_bytes(loc)) if storage.exists(loc) else None
 
 
 def write_manifest(out: storage.Location, manifest: dict) -> None:

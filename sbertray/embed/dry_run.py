@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import time
 
-import pyarrow.parquet as pq
-
-from sbertray import storage
 from sbertray.config import EmbedConfig
 from sbertray.embed import backends
 from sbertray.embed.pool import plan_pool
 from sbertray.embed.run import EmbedPlan, find_committed, plan_embed, resolve_encoder
 from sbertray.embed.shards import WorkUnit
-from sbertray.embed.texts import BadRows, column_texts
+from sbertray.embed.texts import sample_texts
 from sbertray.modeling import resolve_model_path
 from sbertray.progress import format_duration
 from sbertray.report import REPORT_DIR
@@ -64,15 +61,7 @@ def _schema(plan: EmbedPlan):
 
 def _sample_rate(plan: EmbedPlan, unit: WorkUnit, encoder) -> tuple[float, int]:
     """Rows/s of one actor's encoder on the first unit's first texts, and how many."""
-    column = plan.config.input.text_column
-    fs = storage.resolve(unit.file.url, plan.config.storage).fs
-    with fs.open_input_file(unit.file.path) as handle:
-        table = pq.ParquetFile(handle).read_row_group(unit.row_groups[0], columns=[column])
-    texts = [
-        t
-        for t in column_texts(table.slice(0, SAMPLE_ROWS), column, plan.config, BadRows(unit))
-        if t
-    ]
+    texts = sample_texts(plan.config, [unit], SAMPLE_ROWS)
     model_dir = resolve_model_path(encoder.model, plan.config.storage)
     text_encoder = backends.build_encoder(encoder, model_dir)
     text_encoder.encode(texts[:8])  # warm-up: first-call allocations

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import sbertray
 from sbertray import storage
 from sbertray.config import EmbedConfig, stable_hash
-from sbertray.embed import backends, commit
+from sbertray.embed import backends, commit, compact
 from sbertray.embed.checks import check_output_outside_input, check_reference
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
@@ -120,9 +120,15 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     check_output_outside_input(config)
     out = storage.resolve(config.output.path, config.storage)
     model = model or prepare_job_model(config)
+    compact.check(config.output, model.spec.dim)
     inputs = plan_input(config)
     check_reference(config)
     storage.check_writable(out)
+    ranges = (
+        compact.resolve_int8_ranges(config, out, model, inputs)
+        if config.output.embedding_dtype == "int8"
+        else None
+    )
     config_dict = config.model_dump()
     run_metadata = {
         "model": storage.redact(config.model),
@@ -130,12 +136,14 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
         **model.spec.facts(),
         "config_hash": stable_hash(config_dict),
         "content_hash": commit.content_hash(
-            config, model.model_hash, output_schema(config, model.spec.dim)
+            config, model.model_hash, output_schema(config, model.spec.dim), ranges
         ),
         "config": storage.redact_value(config_dict),
         "run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
         "sbertray_version": sbertray.__version__,
     }
+    if ranges is not None:
+        run_metadata["int8_ranges"] = ranges
     return EmbedPlan(config, out, model, inputs, run_metadata)
 
 
@@ -311,6 +319,11 @@ def _commit(
             "compute": compute,
             "pool": asdict(pool) if pool else None,
             "bad_files": summary.bad_files,
+            "compact": {
+                "embedding_dtype": config.output.embedding_dtype,
+                "truncate_dim": config.output.truncate_dim,
+                "int8_ranges": plan.run_metadata.get("int8_ranges"),
+            },
             "timings": {
                 "seconds": summary.seconds,
                 "embedded_rows": summary.embedded_rows,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
-from sbertray.embed import backends
+from sbertray.embed import backends, compact
 from sbertray.embed.commit import UnitResult, write_unit
 from sbertray.embed.encoder import EncodeResult, EncoderSpec
 from sbertray.embed.shards import WorkUnit, read_reference
@@ -74,7 +74,7 @@ def _stage_fields(
     config: EmbedConfig, dim: int, types: Mapping[str, pa.DataType], reference
 ) -> list[pa.Field]:
     """The columns the stage itself writes: the id first, then what it computes."""
-    inp, vector = config.input, pa.list_(pa.float32(), dim)
+    inp, vector = config.input, compact.vector_type(config.output, dim)
     fields = [
         pa.field("id", types[inp.id_column] if inp.id_column else pa.string()),
         pa.field("embedding", vector),
@@ -240,9 +240,15 @@ class EmbedStage:
             if name in table.column_names and name != inp.id_column:
                 columns[name] = table.column(name).take(take)
         dim = encoded.embeddings.shape[1]
-        columns["embedding"] = _fixed_list(encoded.embeddings, dim)
+        output, ranges = self.config.output, self.run_metadata.get("int8_ranges")
+        stored = compact.width(output, dim)
+        columns["embedding"] = _fixed_list(
+            compact.compact(encoded.embeddings, output, ranges), stored
+        )
         if encoded_pair is not None:
-            columns["embedding_pair"] = _fixed_list(encoded_pair.embeddings, dim)
+            columns["embedding_pair"] = _fixed_list(
+                compact.compact(encoded_pair.embeddings, output, ranges), stored
+            )
             columns["cosine"] = pa.array(pair_cosine(encoded.embeddings, encoded_pair.embeddings))
         if self.reference is not None:
             k = min(self.config.reference.top_k, len(self.reference.ids))

@@ -83,3 +83,23 @@ def column_texts(table: pa.Table, column: str, config: EmbedConfig, bad: BadRows
 
 
 _NON_STRING = object()
+
+
+def sample_texts(config: EmbedConfig, units: list[WorkUnit], rows: int) -> list[str]:
+    """Up to ``rows`` embeddable texts from the first units (estimates, int8 calibration)."""
+    import pyarrow.parquet as pq
+
+    from sbertray import storage
+
+    column, texts = config.input.text_column, []
+    for unit in units:
+        fs = storage.resolve(unit.file.url, config.storage).fs
+        with fs.open_input_file(unit.file.path) as handle:
+            table = pq.ParquetFile(handle).read_row_groups(list(unit.row_groups), columns=[column])
+        needed = rows - len(texts)
+        texts += [
+            t for t in column_texts(table.slice(0, needed), column, config, BadRows(unit)) if t
+        ]
+        if len(texts) >= rows:
+            break
+    return texts
