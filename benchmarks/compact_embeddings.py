@@ -46,6 +46,9 @@ def _similarity(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     from sbertray.config import EmbedConfig, parse_config
     from sbertray.embed import compact
     from sbertray.embed.encoder import EncoderSpec

@@ -105,7 +105,39 @@ def resolve_model_path(name: str, storage_config: StorageConfig | None = None) -
     if looks_like_path or name.count("/") > 1:
         _check_model_dir(local, shown)
         return str(local.resolve())
+    _check_hub_reachable(name)
     return name  # a hub id such as "org/model"
+
+
+# Seconds to wait for the Hugging Face hub before saying it cannot be reached.
+_HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _check_hub_reachable(name: str) -> None:
+    """A hub id not in the local Hugging Face cache must be downloaded: say at once when that
+    cannot happen (offline, or the hub unreachable) instead of a minute of retries."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: sentence-transformers loads it without the network
+    hint = "if it is a local folder, check the path"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"model `{name}`: not a local folder and not in the Hugging Face cache, and "
+            f"HF_HUB_OFFLINE is set ({hint})"
+        )
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except OSError as exc:
+        raise ModelError(
+            f"model `{name}`: not a local folder, not in the Hugging Face cache, and the hub "
+            f"at {constants.ENDPOINT} cannot be reached ({exc}); {hint}"
+        ) from None
 
 
 def load_model(

@@ -42,4 +42,45 @@ def test_a_missing_local_model_is_named_at_once(name, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(ModelError, match=f"model `{name}`: no such directory"):
         resolve_model_path(name)
-    assert resolve_model_path("org/model") == "org/model"  # no local `org/`: a hub id
+    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
+        resolve_model_path("org/model")  # no local `org/`: a hub id, and not one cached
+
+
+def test_an_unreachable_hub_is_one_quick_error(tmp_path):
+    """A hub id that is not cached, with the hub unreachable (a closed loopback port stands in
+    for a machine without internet): one error at once, not a minute of retries."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: connections are refused
+    (tmp_path / "pairs.csv").write_text("sentence_0,sentence_1,label\na,b,0.5\nc,d,0.1\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sbertray", "evaluate", "someone/no-such-model", "pairs.csv"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.time() - started < 30
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "someone/no-such-model`: not a local folder, not in the Hugging Face cache" in proc.stderr
+    )
+    offline = subprocess.run(
+        [sys.executable, "-m", "sbertray", "evaluate", "someone/no-such-model", "pairs.csv"],
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr
