@@ -11,9 +11,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from sbertray import storage
 
@@ -65,10 +63,7 @@ class RunLog:
     command's outputs."""
 
     def __init__(self, command: str, *, verbose: bool = False):
-        folder = Path(
-            os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray"
-        )
-        folder = folder / "logs"
+        folder = storage.scratch_root() / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.path = folder / f"{command}-{stamp}-{os.getpid()}.log"

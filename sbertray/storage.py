@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,13 @@ def absolute(path: str) -> str:
 _SECRET_NAME = re.compile(r"(?:^|[_.-])(key|secret|token|password|passwd|credentials?)$", re.I)
 _USERINFO = re.compile(r"(://)[^/@\s]+@")
 REDACTED = "***"
+
+
+def scratch_root() -> Path:
+    """This machine's folder for a run's local files (run logs; a training worker's
+    checkpoints and model before upload): ``$SBERTRAY_SCRATCH``, else ``<system temp>/sbertray``.
+    A completed run removes its own part."""
+    return Path(os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray")
 
 
 def redact(text: str) -> str:

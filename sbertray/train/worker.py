@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,13 +170,6 @@ def _freeze_unused_pooler(model) -> None:
         pooler.requires_grad_(False)
 
 
-def scratch_root() -> Path:
-    """Where workers keep a run's local files (transformers' checkpoints before upload, the
-    checkpoint resumed from, the model before upload): ``$SBERTRAY_SCRATCH``, else
-    ``<system temp>/sbertray``. A run's folder is removed when the run completes."""
-    return Path(os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray")
-
-
 def _quiet_worker_logs() -> None:
     """Ray starts workers logging at INFO, so every library's notes reach the driver's
     console (checkpoint saves, Ray Train's per-report lines). sbertray prints the progress
@@ -235,7 +227,7 @@ def train_worker(loop_config: dict) -> None:
     evaluator = build_evaluator(dev_pairs, dev_name) if dev_pairs is not None else None
 
     name = run_name(config, loop_config["fingerprint"])
-    local_root = scratch_root() / name
+    local_root = storage.scratch_root() / name
     local_root.mkdir(parents=True, exist_ok=True)
     ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
     store = CheckpointStore(ckpt_root, name)
