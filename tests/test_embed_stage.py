@@ -31,7 +31,7 @@ def test_a_unit_becomes_one_file_in_the_declared_schema(tmp_path, base_model, bu
     config.bad_input.on_null_text = "skip"
     (unit,) = plan_input(config).units
     spec = EncoderSpec(model=bundled_model_path, backend="torch", precision="fp32")
-    stage = EmbedStage(config, spec, {"run_id": "r1"})
+    stage = EmbedStage(config, spec, {"run_id": "r1", "content_hash": "c1"})
 
     result = stage.process(unit)
 
@@ -51,10 +51,10 @@ def test_a_unit_becomes_one_file_in_the_declared_schema(tmp_path, base_model, bu
 
 def test_output_schema_follows_the_mode(tmp_path):
     plain = output_schema(_config(tmp_path), 4)
-    assert plain.names == ["id", "lang", "embedding"]
+    assert plain.names == ["id", "lang", "embedding", "content_key"]
     assert plain.field("embedding").type == pa.list_(pa.float32(), 4)
     pairs = output_schema(_config(tmp_path, pair_column="other"), 4)
-    assert pairs.names == ["id", "lang", "embedding", "embedding_pair", "cosine"]
+    assert pairs.names == ["id", "lang", "embedding", "embedding_pair", "cosine", "content_key"]
     generated = output_schema(_config(tmp_path, id_column=None), 4)
     assert generated.field("id").type == pa.string()
 
@@ -99,7 +99,7 @@ from sbertray.embed.shards import plan_input
 from sbertray.embed.stage import EmbedStage, embed_reference
 config = parse_config(EmbedConfig, json.loads(sys.argv[1]))
 spec = EncoderSpec(model=sys.argv[2], backend="openvino", precision="fp32")
-stage = EmbedStage(config, spec, {}, embed_reference(config, spec))
+stage = EmbedStage(config, spec, {"content_hash": "c1"}, embed_reference(config, spec))
 assert stage.process(plan_input(config).units[0]).rows_out == 2
 print("torch" in sys.modules, "transformers" in sys.modules)
 """
@@ -113,3 +113,30 @@ print("torch" in sys.modules, "transformers" in sys.modules)
     assert proc.stdout.split() == ["False", "False"]
     top = pq.read_table(tmp_path / "out" / "a.part-0000.parquet").column("topk_ids").to_pylist()
     assert top == [["pets"], ["money"]]
+
+
+def test_repeated_texts_are_embedded_once_and_pairs_keyed_in_order(tmp_path, bundled_model_path):
+    (tmp_path / "in").mkdir()
+    left = ["a cat", "a dog", "a cat", "rain", "a cat", "a dog"]
+    right = ["rain", "a cat", "rain", "a cat", "sun", "a cat"]
+    pq.write_table(
+        pa.table({"id": range(6), "text": left, "other": right, "lang": ["en"] * 6}),
+        tmp_path / "in" / "part.parquet",
+    )
+    config = _config(tmp_path, pair_column="other")
+    (unit,) = plan_input(config).units
+    spec = EncoderSpec(model=bundled_model_path, backend="openvino", precision="fp32")
+
+    result = EmbedStage(config, spec, {"content_hash": "c1"}).process(unit)
+
+    # Distinct (text, pair) rows: (cat, rain) x2, (dog, cat) x2, (rain, cat), (cat, sun).
+    assert (result.rows_out, result.rows_embedded, result.rows_reused) == (6, 4, 0)
+    written = pq.read_table(tmp_path / "out" / result.output)
+    vectors = np.stack(written.column("embedding").to_numpy(zero_copy_only=False))
+    keys = written.column("content_key").to_pylist()
+    assert keys[0] == keys[2] and keys[1] == keys[5] and len(set(keys)) == 4
+    assert keys[3] != keys[0]  # the same two texts, the other way round
+    assert np.array_equal(vectors[0], vectors[2]) and np.array_equal(vectors[0], vectors[4])
+    single = EmbedStage(_config(tmp_path / "x"), spec, {"content_hash": "c1"}).encoder
+    expected = single.encode(left).embeddings
+    assert ((vectors * expected).sum(1) / np.linalg.norm(vectors, axis=1)).min() >= 0.9999

@@ -75,6 +75,13 @@ class ComputeConfig(Strict):
     num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
+    # Where units run. auto: in this process, without starting Ray (about 10 s of start-up and
+    # shutdown on a laptop), when no cluster is given (`--address` / $RAY_ADDRESS), no Ray runs
+    # in this process, no GPU is visible, and at most `local_max_rows` rows are expected to need
+    # the model (rows of changed files minus the earlier output rows that can donate vectors);
+    # else, and with `ray`, on a Ray Data actor pool. `local`: always in this process, on CPU.
+    executor: Literal["auto", "ray", "local"] = "auto"
+    local_max_rows: int = Field(20_000, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ComputeConfig:
@@ -92,6 +99,8 @@ class ComputeConfig(Strict):
                 f"{', '.join(backends.precisions())}"
             )
         backends.check_compute(self)
+        if self.executor == "local" and self.device == "cuda":
+            raise ValueError("`compute.executor: local` runs on CPU; use `device: auto` or `cpu`")
         return self
 
 

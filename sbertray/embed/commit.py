@@ -48,6 +48,8 @@ _NOT_IN_CONTENT = {
         "num_actors",
         "cpus_per_actor",
         "max_retries",
+        "executor",
+        "local_max_rows",
     },
     "storage": None,
 }
@@ -67,7 +69,9 @@ class UnitResult:
     rows_out: int = 0
     rows_dropped: int = 0  # rows skipped as bad (rows_out + rows_dropped == rows_in)
     bad_rows: dict = field(default_factory=dict)  # reason -> count (a row may have two)
-    truncated: int = 0
+    truncated: int = 0  # among the texts embedded (copied vectors were counted when embedded)
+    rows_reused: int = 0  # rows whose computed columns were copied from an earlier output row
+    rows_embedded: int = 0  # distinct texts embedded (a text repeated in the unit counts once)
     output: str | None = None  # relative output path once committed
     error: str | None = None
     error_kind: str | None = None  # "bad_rows" | "bad_file"
@@ -94,6 +98,8 @@ class UnitResult:
             "rows_dropped": self.rows_dropped,
             "bad_rows": self.bad_rows,
             "truncated": self.truncated,
+            "rows_reused": self.rows_reused,
+            "rows_embedded": self.rows_embedded,
         }
 
 
@@ -162,6 +168,8 @@ def committed_units(
             rows_dropped=rec["rows_dropped"],
             bad_rows=rec["bad_rows"],
             truncated=rec["truncated"],
+            rows_reused=rec.get("rows_reused", 0),
+            rows_embedded=rec.get("rows_embedded", 0),
             output=unit.output_rel,
         )
 
@@ -207,6 +215,11 @@ def remove_temp_files(out: storage.Location, results: list[UnitResult]) -> None:
         ):
             if info.base_name.startswith(TMP_PREFIX):
                 out.fs.delete_file(info.path)
+
+
+def output_parts(paths: set[str]) -> list[str]:
+    """The committed output parts among ``paths`` (not temp files, reports or the manifest)."""
+    return [p for p in paths if _PART.search(p)]
 
 
 def remove_stale_parts(

@@ -8,11 +8,15 @@ for actors that can never start, so that is an error here, before any work.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from sbertray.config import ComputeConfig
 from sbertray.embed import backends
 from sbertray.errors import UserError
+from sbertray.ray_runtime import NUM_CPUS_ENV
 
 # A GPU actor still tokenizes, reads and writes Parquet on the CPU.
 CPUS_PER_GPU_ACTOR = 1.0
@@ -33,8 +37,11 @@ class PoolPlan:
     threads: int  # intra-op threads per actor: its CPU share
     device: str  # "cpu" | "cuda"
     calls_per_actor: int = 1  # units in flight per actor (CPU actors: 1, their cores are busy)
+    in_process: bool = False  # the driver runs the units itself, no Ray (``compute.executor``)
 
     def describe(self) -> str:
+        if self.in_process:
+            return f"in this process (no Ray), {self.threads} thread(s)"
         each = f"{self.cpus_per_actor:g} CPU" + (
             f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         )
@@ -76,6 +83,36 @@ def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int)
     actors = min(compute.num_actors or max(1, int(cpus // per_cpu)), units)
     _check_cpus(actors, per_cpu, cpus)
     return PoolPlan(actors, per_cpu, 0.0, max(1, int(per_cpu)), "cpu")
+
+
+def runs_in_process(compute: ComputeConfig, address: str | None, rows_to_embed: int) -> bool:
+    """Whether the driver should run the units itself (``compute.executor``): small work on
+    this machine, where starting a local Ray and its actors would cost more than the work."""
+    if compute.executor != "auto":
+        return compute.executor == "local"
+    ray = sys.modules.get("ray")
+    return (
+        not (address or os.environ.get("RAY_ADDRESS"))
+        and not (ray is not None and ray.is_initialized())
+        and not (compute.device == "cuda" or _gpu_visible())
+        and rows_to_embed <= compute.local_max_rows
+    )
+
+
+def in_process_pool() -> PoolPlan:
+    """One in-process stage with a thread per core (capped like a local Ray's CPUs)."""
+    cpus = len(os.sched_getaffinity(0))
+    if os.environ.get(NUM_CPUS_ENV):
+        cpus = min(cpus, int(os.environ[NUM_CPUS_ENV]))
+    return PoolPlan(1, float(cpus), 0.0, cpus, "cpu", in_process=True)
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA GPU this process may use, without importing torch or CUDA."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def _check_cpus(actors: int, per_cpu: float, cpus: float) -> None:

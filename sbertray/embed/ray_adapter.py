@@ -17,6 +17,7 @@ from sbertray.config import EmbedConfig
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan
+from sbertray.embed.reuse import DonorIndex
 from sbertray.embed.shards import WorkUnit
 from sbertray.ray_runtime import init_ray
 
@@ -33,8 +34,8 @@ class _EmbedActor:
     def __init__(self, config: EmbedConfig, encoder: EncoderSpec, run_metadata: dict, shared: list):
         from sbertray.embed.stage import EmbedStage
 
-        self.units, reference = ray.get(shared)
-        self.stage = EmbedStage(config, encoder, run_metadata, reference)
+        self.units, reference, donors = ray.get(shared)
+        self.stage = EmbedStage(config, encoder, run_metadata, reference, donors)
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.stage.process(self.units[int(i)]).to_row() for i in batch["unit"]]
@@ -53,6 +54,7 @@ def run_units(
     pool: PoolPlan,
     encoder: EncoderSpec,
     run_metadata: dict,
+    donors: DonorIndex | None = None,
     on_result: Callable[[UnitResult], None] | None = None,
 ) -> list[UnitResult]:
     """Embeds ``units`` on a pool of ``pool.num_actors`` actors; returns each unit's result,
@@ -63,9 +65,13 @@ def run_units(
             _embed_reference
         )
         reference = task.remote(config, encoder)
-    # Units and the reference set go through the object store once, not into every actor's
-    # constructor arguments.
-    shared = [ray.put(units), reference if reference is not None else ray.put(None)]
+    # Units, the reference set and the donor index go through the object store once (each
+    # node maps it, zero-copy), not into every actor's constructor arguments.
+    shared = [
+        ray.put(units),
+        reference if reference is not None else ray.put(None),
+        ray.put(donors),
+    ]
     ds = ray.data.from_items(
         [{"unit": i} for i in range(len(units))], override_num_blocks=len(units)
     )

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import sbertray
 from sbertray import storage
 from sbertray.config import EmbedConfig, stable_hash
-from sbertray.embed import backends, commit, compact
+from sbertray.embed import backends, commit, compact, reuse
 from sbertray.embed.checks import check_output_outside_input, check_reference
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lock import OutputLock
-from sbertray.embed.pool import PoolPlan, plan_pool
-from sbertray.embed.shards import EmbedInputError, InputPlan, plan_input
-from sbertray.embed.stage import check_output_columns, output_schema
+from sbertray.embed.pool import PoolPlan, in_process_pool, plan_pool, runs_in_process
+from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit, plan_input
+from sbertray.embed.stage import check_output_columns, computed_columns, output_schema
 from sbertray.modeling import PreparedModel, prepare_model, resolve_model_path
 from sbertray.progress import Progress
 from sbertray.report import (
@@ -49,7 +50,9 @@ class EmbedSummary:
     truncated: int
     seconds: float
     skipped_units: int = 0  # committed by an earlier run (resume / incremental)
-    embedded_rows: int = 0  # rows embedded by this run (output_rows counts earlier runs' too)
+    embedded_rows: int = 0  # rows this run wrote (output_rows counts earlier runs' too)
+    reused_rows: int = 0  # of those, rows whose vectors were copied from earlier output
+    texts_embedded: int = 0  # distinct texts this run ran the model on
     superseded_parts: int = 0  # outputs of changed input files that no longer exist, removed
     orphaned_parts: int = 0  # outputs of deleted input files, removed
     units: list[dict] = field(default_factory=list)
@@ -63,8 +66,16 @@ class EmbedSummary:
         resumed = (
             f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
         )
+        copied = self.embedded_rows - self.texts_embedded
+        model_runs = (
+            f" ({self.texts_embedded:,} texts through the model, the other {copied:,} rows' "
+            f"vectors copied: {self.reused_rows:,} from earlier output, "
+            f"{copied - self.reused_rows:,} repeated texts)"
+            if copied
+            else ""
+        )
         return (
-            f"[sbertray] embedded {format_rate(self.embedded_rows, self.seconds)} from "
+            f"[sbertray] embedded {format_rate(self.embedded_rows, self.seconds)}{model_runs} from "
             f"{self.input_files} files; bad rows: {self.bad_rows}{bad_files}; truncated: "
             f"{self.truncated}; output: {self.output_url}{resumed}; report: "
             f"{storage.join(self.output_url, REPORT_DIR, REPORT_MD)}"
@@ -165,16 +176,15 @@ def run_embed(
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
         results, pool, encoder = list(done.values()), None, None
         if todo:
-            pool, encoder = _start(plan, len(todo), len(done), ray_address)
-            from sbertray.embed import ray_adapter
-
+            donors = find_donors(plan, existing, done)
+            pool, encoder = _start(plan, todo, len(done), donors, ray_address)
             progress = Progress(sum(u.num_rows for u in todo))
-            results += ray_adapter.run_units(
-                plan.config,
+            results += _execute(
+                plan,
                 todo,
                 pool,
                 encoder,
-                plan.run_metadata,
+                donors,
                 on_result=lambda r: progress.update(r.rows_in, r.rows_dropped),
             )
             progress.close()
@@ -192,8 +202,21 @@ def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
     return existing, commit.committed_units(out, plan.inputs, content_hash, existing)
 
 
+def find_donors(
+    plan: EmbedPlan, existing: set[str], done: dict[str, UnitResult]
+) -> reuse.DonorIndex | None:
+    """The rows of output parts this run replaces or removes, by content key, when they were
+    written with this run's content hash: their vectors are copied, not recomputed."""
+    kept = {plan.out.child(r.output).path for r in done.values() if r.output}
+    candidates = sorted(p for p in commit.output_parts(existing) if p not in kept)
+    files = reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"])
+    if not files:
+        return None
+    return reuse.build_index(plan.out, [path for path, _ in files], computed_columns(plan.config))
+
+
 def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
-    """The one ``EncoderSpec`` the run's actors get on this pool."""
+    """The one ``EncoderSpec`` the run's units get on this pool."""
     try:
         return backends.encoder_spec(
             plan.config.compute,
@@ -208,22 +231,58 @@ def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
 
 
 def _start(
-    plan: EmbedPlan, todo: int, done: int, ray_address: str | None
+    plan: EmbedPlan,
+    todo: list[WorkUnit],
+    done: int,
+    donors: reuse.DonorIndex | None,
+    ray_address: str | None,
 ) -> tuple[PoolPlan, EncoderSpec]:
-    """Sizes the pool from the cluster and decides what its actors run."""
-    from sbertray.embed import ray_adapter
+    """Decides where the units run (this process, or a pool sized from the cluster) and what
+    they run."""
+    compute = plan.config.compute
+    expected = max(0, sum(u.num_rows for u in todo) - (len(donors) if donors else 0))
+    if runs_in_process(compute, ray_address, expected):
+        pool = in_process_pool()
+    else:
+        from sbertray.embed import ray_adapter
 
-    pool = plan_pool(ray_adapter.cluster_resources(ray_address), plan.config.compute, todo)
+        pool = plan_pool(ray_adapter.cluster_resources(ray_address), compute, len(todo))
     encoder = resolve_encoder(plan, pool)
     backends.prepare(encoder, plan.model.path)
     resumed = f"; {done} units already committed" if done else ""
+    reusing = (
+        f"; vectors of {len(donors):,} texts in {donors.files} earlier output files reusable"
+        if donors
+        else ""
+    )
     print(
         f"[sbertray] {len(plan.inputs.files)} files, {plan.inputs.total_rows:,} rows; embedding "
-        f"{todo} of {len(plan.inputs.units)} units{resumed}; pool: {pool.describe()}; "
-        f"backend {encoder.backend}, precision {encoder.precision}",
+        f"{len(todo)} of {len(plan.inputs.units)} units{resumed}{reusing}; pool: "
+        f"{pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
         flush=True,
     )
     return pool, encoder
+
+
+def _execute(
+    plan: EmbedPlan,
+    todo: list[WorkUnit],
+    pool: PoolPlan,
+    encoder: EncoderSpec,
+    donors: reuse.DonorIndex | None,
+    on_result: Callable[[UnitResult], None],
+) -> list[UnitResult]:
+    if pool.in_process:
+        from sbertray.embed import in_process
+
+        return in_process.run_units(
+            plan.config, todo, encoder, plan.run_metadata, donors, on_result
+        )
+    from sbertray.embed import ray_adapter
+
+    return ray_adapter.run_units(
+        plan.config, todo, pool, encoder, plan.run_metadata, donors, on_result
+    )
 
 
 def _say_nothing_to_do(plan: EmbedPlan) -> None:
@@ -286,6 +345,8 @@ def _commit(
         superseded_parts=superseded,
         orphaned_parts=orphaned,
         embedded_rows=sum(r.rows_out for r in committed if r.unit_id not in done),
+        reused_rows=sum(r.rows_reused for r in committed if r.unit_id not in done),
+        texts_embedded=sum(r.rows_embedded for r in committed if r.unit_id not in done),
         output_url=storage.redact(out.url),
         input_files=len(kept.files),
         input_rows=sum(u.num_rows for u in kept.units),
@@ -327,6 +388,8 @@ def _commit(
             "timings": {
                 "seconds": summary.seconds,
                 "embedded_rows": summary.embedded_rows,
+                "reused_rows": summary.reused_rows,
+                "texts_embedded": summary.texts_embedded,
                 "rows_per_s": round(summary.rows_per_s, 1),
                 "unit_seconds": sum(r.seconds for r in committed),
             },

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
-from sbertray.embed import backends, compact
+from sbertray.embed import backends, compact, reuse
 from sbertray.embed.commit import UnitResult, write_unit
-from sbertray.embed.encoder import EncodeResult, EncoderSpec
+from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.shards import WorkUnit, read_reference
 from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import BadRows, column_texts
@@ -87,7 +87,13 @@ def _stage_fields(
             pa.field("topk_ids", pa.list_(reference.ids.type if reference else pa.null(), k)),
             pa.field("topk_scores", pa.list_(pa.float32(), k)),
         ]
-    return fields
+    return [*fields, pa.field(reuse.KEY_COLUMN, reuse.KEY_TYPE)]
+
+
+def computed_columns(config: EmbedConfig) -> list[str]:
+    """The columns a row's text decides (copied from a donor row with the same content key)."""
+    own = [f.name for f in _stage_fields(config, 1, defaultdict(pa.null), None)]
+    return [name for name in own if name not in ("id", reuse.KEY_COLUMN)]
 
 
 def check_output_columns(config: EmbedConfig) -> None:
@@ -123,6 +129,7 @@ class EmbedStage:
             model is resolved on this node, downloaded once per node if it is remote.
         run_metadata: written into every output file's Parquet schema metadata.
         reference: the reference set for top-k (reference mode).
+        donors: earlier output rows whose computed columns are copied for equal texts.
     """
 
     def __init__(
@@ -131,13 +138,23 @@ class EmbedStage:
         encoder: EncoderSpec,
         run_metadata: dict,
         reference: ReferenceSet | None = None,
+        donors: reuse.DonorIndex | None = None,
     ):
         self.config = config
+        self.donors = donors
         model_dir = resolve_model_path(encoder.model, config.storage)
         self.encoder = backends.build_encoder(encoder, model_dir)
         self.reference = reference
         self.run_metadata = run_metadata
         self.output = storage.resolve(config.output.path, config.storage)
+        names = computed_columns(config)
+        self._computed_schema = pa.schema(
+            [
+                f
+                for f in output_schema(config, self.encoder.dim, reference=reference)
+                if f.name in names
+            ]
+        )
         self.input_fs = None
 
     def _read(self, unit: WorkUnit) -> pa.Table:
@@ -198,12 +215,15 @@ class EmbedStage:
         result.rows_dropped = int((~keep).sum())
 
         kept_idx = np.flatnonzero(keep)
-        encoded = self.encoder.encode([texts[i] for i in kept_idx])
-        encoded_pair = None
-        if pairs is not None:
-            encoded_pair = self.encoder.encode([pairs[i] for i in kept_idx])
-        result.truncated = encoded.truncated + (encoded_pair.truncated if encoded_pair else 0)
-        columns = self._columns(unit, table, kept_idx, encoded, encoded_pair)
+        texts = [texts[i] for i in kept_idx]
+        pairs = [pairs[i] for i in kept_idx] if pairs is not None else None
+        keys = reuse.row_keys(self.run_metadata["content_hash"], texts, pairs)
+        computed, result.rows_reused, result.rows_embedded, result.truncated = self._computed(
+            keys, texts, pairs
+        )
+        columns = self._passthrough(unit, table, kept_idx)
+        columns.update({name: computed.column(name) for name in computed.column_names})
+        columns[reuse.KEY_COLUMN] = reuse.key_array(keys)
         types = {name: table.schema.field(name).type for name in table.column_names}
         partition_keys = {key for key, _ in unit.file.partitions}
         schema = output_schema(self.config, self.encoder.dim, types, self.reference, partition_keys)
@@ -219,15 +239,35 @@ class EmbedStage:
         result.seconds = round(result.finished_at - started, 3)
         return result
 
-    def _columns(
-        self,
-        unit: WorkUnit,
-        table: pa.Table,
-        kept_idx: np.ndarray,
-        encoded: EncodeResult,
-        encoded_pair: EncodeResult | None,
-    ) -> dict[str, pa.Array]:
-        """The values of every column ``output_schema`` declares, for the kept rows."""
+    def _computed(
+        self, keys: np.ndarray, texts: list[str], pairs: list[str] | None
+    ) -> tuple[pa.Table, int, int, int]:
+        """The computed columns of every kept row, in row order: copied from the donors where
+        the key is known, else computed once per distinct key. Returns them with the rows
+        reused, the texts embedded, and how many of those were truncated."""
+        found = self.donors.lookup(keys) if self.donors is not None else np.full(len(keys), -1)
+        missing = np.flatnonzero(found < 0)
+        # Repeated texts (same key) are embedded once and their columns copied to each row.
+        _, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
+        todo = missing[first]
+        encoded = self.encoder.encode([texts[i] for i in todo])
+        encoded_pair = self.encoder.encode([pairs[i] for i in todo]) if pairs is not None else None
+        fresh = self._compute(encoded.embeddings, encoded_pair.embeddings if encoded_pair else None)
+        truncated = encoded.truncated + (encoded_pair.truncated if encoded_pair else 0)
+        # Each row picks its columns: fresh ones (in the order of `todo`), then the donors'.
+        reused = np.flatnonzero(found >= 0)
+        order = np.empty(len(keys), dtype=np.int64)
+        order[missing] = inverse.reshape(-1)
+        order[reused] = len(todo) + np.arange(len(reused))
+        if len(reused):
+            donated = self.donors.columns.take(pa.array(found[reused]))
+            fresh = pa.concat_tables([fresh, donated.cast(fresh.schema)])
+        if not np.array_equal(order, np.arange(len(keys))):
+            fresh = fresh.take(pa.array(order))
+        return fresh, len(reused), len(todo), truncated
+
+    def _passthrough(self, unit: WorkUnit, table: pa.Table, kept_idx: np.ndarray) -> dict:
+        """The id and passthrough columns of the kept rows."""
         inp, take = self.config.input, pa.array(kept_idx)
         columns: dict[str, pa.Array] = {}
         if inp.id_column:
@@ -239,22 +279,26 @@ class EmbedStage:
         for name in inp.passthrough:
             if name in table.column_names and name != inp.id_column:
                 columns[name] = table.column(name).take(take)
-        dim = encoded.embeddings.shape[1]
+        return columns
+
+    def _compute(self, embeddings: np.ndarray, pair_embeddings: np.ndarray | None) -> pa.Table:
+        """The computed columns (``computed_columns``) of freshly embedded texts, scores from
+        the full float32 vectors."""
+        if not len(embeddings):
+            return self._computed_schema.empty_table()
         output, ranges = self.config.output, self.run_metadata.get("int8_ranges")
-        stored = compact.width(output, dim)
-        columns["embedding"] = _fixed_list(
-            compact.compact(encoded.embeddings, output, ranges), stored
-        )
-        if encoded_pair is not None:
+        stored = compact.width(output, self.encoder.dim)
+        columns = {"embedding": _fixed_list(compact.compact(embeddings, output, ranges), stored)}
+        if pair_embeddings is not None:
             columns["embedding_pair"] = _fixed_list(
-                compact.compact(encoded_pair.embeddings, output, ranges), stored
+                compact.compact(pair_embeddings, output, ranges), stored
             )
-            columns["cosine"] = pa.array(pair_cosine(encoded.embeddings, encoded_pair.embeddings))
+            columns["cosine"] = pa.array(pair_cosine(embeddings, pair_embeddings), pa.float32())
         if self.reference is not None:
             k = min(self.config.reference.top_k, len(self.reference.ids))
-            idx, scores = top_k(encoded.embeddings, self.reference.embeddings, k)
+            idx, scores = top_k(embeddings, self.reference.embeddings, k)
             columns["topk_ids"] = pa.FixedSizeListArray.from_arrays(
                 self.reference.ids.take(pa.array(idx.reshape(-1))), k
             )
             columns["topk_scores"] = _fixed_list(scores, k)
-        return columns
+        return pa.table(columns)

@@ -1,0 +1,112 @@
+"""Row-level reuse: an input rewritten with a few changed rows (reordered, moved between files,
+compacted into fewer files) embeds only the new and changed texts, and its output equals a full
+run's."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sbertray.config import ComputeConfig, EmbedConfig, parse_config
+from sbertray.embed.pool import runs_in_process
+from sbertray.embed.run import run_embed
+
+pytestmark = pytest.mark.slow
+
+
+def _config(inp, out, executor: str, **output) -> EmbedConfig:
+    return parse_config(
+        EmbedConfig,
+        {
+            "input": {"path": str(inp), "id_column": "id", "passthrough": ["n"]},
+            "output": {"path": str(out), "rows_per_file": 20, **output},
+            "compute": {"precision": "fp32", "executor": executor},
+        },
+    )
+
+
+def _write(root, name: str, ids: list[int], texts: dict[int, str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": ids, "text": [texts[i] for i in ids], "n": [i * 10 for i in ids]})
+    pq.write_table(table, root / name, row_group_size=10)
+
+
+def _read(out) -> dict[int, tuple[bytes, np.ndarray, int]]:
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("*.parquet")))
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id written twice"
+    keys, ns = table.column("content_key").to_pylist(), table.column("n").to_pylist()
+    return {i: (k, v, n) for i, k, v, n in zip(ids, keys, vectors, ns, strict=True)}
+
+
+def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path, stsb_dev):
+    texts = dict(enumerate(list(dict.fromkeys(stsb_dev[0] + stsb_dev[1]))[:120]))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for f in range(3):
+        _write(inp, f"day-{f}.parquet", list(range(f * 40, f * 40 + 40)), texts)
+    first = run_embed(_config(inp, out, "local"))
+    assert (first.texts_embedded, first.reused_rows) == (120, 0)
+    before = _read(out)
+
+    # The next snapshot: 5 texts edited, 3 rows deleted, 4 rows new, every row shuffled and
+    # the 3 files compacted into 2 with new names.
+    edited, deleted, new = [3, 41, 42, 80, 119], [7, 50, 99], [500, 501, 502, 503]
+    for i in edited:
+        texts[i] += " (edited)"
+    texts |= {i: f"a brand new sentence number {i}" for i in new}
+    rows = [i for i in texts if i not in deleted]
+    np.random.default_rng(0).shuffle(rows)
+    for path in inp.glob("*.parquet"):
+        path.unlink()
+    _write(inp, "compacted-a.parquet", rows[:60], texts)
+    _write(inp, "compacted-b.parquet", rows[60:], texts)
+
+    # Through the actor pool: the donor index reaches the actors by the object store.
+    second = run_embed(_config(inp, out, "ray"))
+    assert (second.output_rows, second.embedded_rows) == (121, 121)
+    assert (second.texts_embedded, second.reused_rows) == (9, 112)
+    assert second.orphaned_parts == 6  # the old files' parts: gone, their rows live on
+    after = _read(out)
+    assert sorted(after) == sorted(rows)
+    for i in rows:
+        if i in before and i not in edited:  # copied, bit for bit
+            assert after[i][0] == before[i][0] and np.array_equal(after[i][1], before[i][1])
+        assert after[i][2] == i * 10  # passthrough columns come from the new input
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["timings"]["reused_rows"] == 112
+    assert manifest["timings"]["texts_embedded"] == 9
+
+    # The same rows embedded from scratch, in this process: the same keys and vectors.
+    full = run_embed(_config(inp, tmp_path / "full", "local"))
+    assert (full.texts_embedded, full.reused_rows) == (121, 0)
+    scratch = _read(tmp_path / "full")
+    assert {i: v[0] for i, v in scratch.items()} == {i: v[0] for i, v in after.items()}
+    a = np.stack([after[i][1] for i in rows])
+    b = np.stack([scratch[i][1] for i in rows])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99999
+
+    # Anything that changes the vectors changes every key: nothing is copied.
+    third = run_embed(_config(inp, out, "local", embedding_dtype="float16"))
+    assert (third.texts_embedded, third.reused_rows) == (121, 0)
+
+
+def test_small_work_without_a_cluster_runs_in_this_process(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in a fresh CLI process
+    monkeypatch.setattr("sbertray.embed.pool._gpu_visible", lambda: False)
+    auto = ComputeConfig()
+    assert runs_in_process(auto, None, rows_to_embed=auto.local_max_rows)
+    assert not runs_in_process(auto, None, rows_to_embed=auto.local_max_rows + 1)
+    assert not runs_in_process(auto, "ray://head:10001", rows_to_embed=10)
+    assert not runs_in_process(ComputeConfig(device="cuda"), None, rows_to_embed=10)
+    assert not runs_in_process(ComputeConfig(executor="ray"), None, rows_to_embed=10)
+    assert runs_in_process(ComputeConfig(executor="local"), "ray://head:10001", 10**9)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert not runs_in_process(auto, None, rows_to_embed=10)
