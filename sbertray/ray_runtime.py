@@ -48,3 +48,22 @@ def init_ray(address: str | None = None) -> None:
             }
         },
     )
+
+
+def spans_many_nodes() -> bool:
+    """Whether the Ray cluster this process joined has more than one node, or an autoscaler
+    whose node types may add more."""
+    import ray
+
+    if sum(1 for node in ray.nodes() if node["Alive"]) > 1:
+        return True
+    try:
+        from ray._private.state import state
+
+        cluster = state.get_cluster_config()
+    except Exception:  # a private API (Ray Train reads it too): without it, nodes now decide
+        return False
+    if cluster is None:
+        return False
+    counts = [group.max_count for group in cluster.node_group_configs]
+    return -1 in counts or sum(counts) > 1

@@ -294,3 +294,21 @@ def download_dir(src: Location, local_dir: str | Path) -> Path:
     except OSError as exc:
         raise _wrap("download", src, exc) from exc
     return local_dir
+
+
+def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
+    """Refuses local ``paths`` (config key -> path) not under ``storage.shared_paths``: on a
+    cluster of many nodes each node would write to its own disk, not where the user looks."""
+    shared = [absolute(p).rstrip("/") + "/" for p in storage.shared_paths]
+    local = {
+        key: path
+        for key, path in paths.items()
+        if path and is_local(path) and not any((absolute(path) + "/").startswith(s) for s in shared)
+    }
+    if local:
+        listed = ", ".join(f"`{key}: {path}`" for key, path in local.items())
+        raise StorageError(
+            f"{listed}: a local path, but this Ray cluster has (or may add) more than one node, "
+            "and each node would write to its own disk. Use an object-storage URL (s3://, "
+            "gs://, ...) or a folder every node mounts, listed in `storage.shared_paths`"
+        )

@@ -37,7 +37,7 @@ def test_gpu_cluster_gets_one_actor_per_gpu():
 def test_pool_that_cannot_fit_is_refused_instead_of_hanging():
     with pytest.raises(PoolSizeError, match=r"3 actors x 1 CPUs = 3 CPUs, but the cluster has 2"):
         plan_pool({"CPU": 2.0}, ComputeConfig(num_actors=3), num_units=8)
-    with pytest.raises(PoolSizeError, match="reports no GPUs"):
+    with pytest.raises(PoolSizeError, match="reports no GPUs, and no node type"):
         plan_pool({"CPU": 2.0}, ComputeConfig(device="cuda"), num_units=8)
     with pytest.raises(
         PoolSizeError, match="`compute.num_actors: 8` GPU actors but the cluster has 2 GPUs"
@@ -51,3 +51,35 @@ def test_gpu_actors_overlap_units_and_cpu_only_backends_stay_on_cpu():
     for compute in (ComputeConfig(backend="openvino"), ComputeConfig(precision="int8")):
         plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, compute, num_units=10)
         assert (plan.device, plan.num_actors, plan.calls_per_actor) == ("cpu", 10, 1)
+
+
+def test_a_cold_cluster_starts_one_actor_and_grows_to_what_its_node_types_allow():
+    cold = plan_pool({"CPU": 0.0}, ComputeConfig(), num_units=8, limits={"CPU": 2.0})
+    assert (cold.min_actors, cold.num_actors, cold.cpus_per_actor, cold.autoscaling) == (
+        1,
+        2,
+        1.0,
+        True,
+    )
+    assert cold.describe().startswith("1-2 (autoscaling) cpu actor(s)")
+    # Warm, and the autoscaler may add 6 more CPUs: start with what is there, grow to 8.
+    warm = plan_pool({"CPU": 2.0}, ComputeConfig(), num_units=20, limits={"CPU": 8.0})
+    assert (warm.min_actors, warm.num_actors) == (2, 8)
+    bounded = ComputeConfig(min_actors=2, max_actors=3)
+    assert plan_pool({"CPU": 0.0}, bounded, 20, {"CPU": 8.0}).min_actors == 2
+    assert plan_pool({"CPU": 0.0}, bounded, 20, {"CPU": 8.0}).num_actors == 3
+    # The autoscaler does not say what it can add: ask for one actor, grow with the units.
+    unknown = plan_pool({"CPU": 0.0}, ComputeConfig(), num_units=5)
+    assert (unknown.min_actors, unknown.num_actors, unknown.device) == (1, 5, "cpu")
+    gpus = plan_pool({"CPU": 0.0}, ComputeConfig(), 8, limits={"CPU": 16.0, "GPU": 2.0})
+    assert (gpus.device, gpus.min_actors, gpus.num_actors) == ("cuda", 1, 2)
+    assert plan_pool({"CPU": 0.0}, ComputeConfig(device="cuda"), 8).device == "cuda"
+
+
+def test_a_pool_no_node_type_can_hold_is_refused():
+    with pytest.raises(PoolSizeError, match="no node type its autoscaler can add has any"):
+        plan_pool({"CPU": 0.0}, ComputeConfig(), num_units=8, limits={"memory": 1e9})
+    with pytest.raises(PoolSizeError, match="no node type its autoscaler can add has any"):
+        plan_pool({"CPU": 4.0}, ComputeConfig(device="cuda"), 8, limits={"CPU": 8.0})
+    with pytest.raises(ValueError, match="not both"):
+        ComputeConfig(num_actors=2, max_actors=4)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sbertray.errors import UserError
 
@@ -37,6 +37,9 @@ class StorageConfig(Strict):
     endpoint_url: str | None = None  # S3-compatible endpoint; default: $AWS_ENDPOINT_URL
     region: str | None = None  # default: $AWS_REGION, then us-east-1
     anonymous: bool = False  # public buckets
+    # Local folders every node of the cluster sees (an NFS / EFS / FSx mount): on a cluster
+    # of more than one node, outputs may be local paths only under these.
+    shared_paths: list[str] = Field(default_factory=list)
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -72,7 +72,15 @@ class ComputeConfig(Strict):
     # None: by device (CPU 1024 / 256, GPU 65536 / 4096; see embed/encoder.py).
     token_budget: int | None = Field(default=None, gt=0)
     max_batch_rows: int | None = Field(default=None, gt=0)
-    num_actors: int | None = Field(default=None, gt=0)  # None: sized from cluster resources
+    num_actors: int | None = Field(default=None, gt=0)  # a fixed pool; None: autoscaling
+    # Bounds of the autoscaling pool. None: it starts with the actors the cluster can place now
+    # (at least 1: on a cold cluster the autoscaler adds a node for it) and grows to what the
+    # autoscaler's node types allow where Ray reports them, else to the resources there are now.
+    min_actors: int | None = Field(default=None, gt=0)
+    max_actors: int | None = Field(default=None, gt=0)
+    # The wait for the pool's first actors (nodes being added meanwhile) before a clear error,
+    # instead of waiting forever for a pool no node can hold.
+    placement_timeout_s: int = Field(900, gt=0)
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
     # Where units run. auto: in this process, without starting Ray (about 10 s of start-up and
@@ -99,6 +107,10 @@ class ComputeConfig(Strict):
                 f"{', '.join(backends.precisions())}"
             )
         backends.check_compute(self)
+        if self.num_actors and (self.min_actors or self.max_actors):
+            raise ValueError("set `compute.num_actors` (a fixed pool) or min/max_actors, not both")
+        if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
+            raise ValueError("`compute.min_actors` is larger than `compute.max_actors`")
         if self.executor == "local" and self.device == "cuda":
             raise ValueError("`compute.executor: local` runs on CPU; use `device: auto` or `cpu`")
         return self

@@ -46,6 +46,9 @@ _NOT_IN_CONTENT = {
         "token_budget",
         "max_batch_rows",
         "num_actors",
+        "min_actors",
+        "max_actors",
+        "placement_timeout_s",
         "cpus_per_actor",
         "max_retries",
         "executor",
@@ -77,6 +80,7 @@ class UnitResult:
     error_kind: str | None = None  # "bad_rows" | "bad_file"
     seconds: float = 0.0
     finished_at: float = 0.0  # unix time the unit was committed (throughput over time)
+    attempt: int = 1  # the round that committed it (> 1: its actor or node was lost before)
 
     def to_row(self) -> dict:
         row = asdict(self)

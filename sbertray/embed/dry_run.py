@@ -8,8 +8,14 @@ import time
 
 from sbertray.config import EmbedConfig
 from sbertray.embed import backends
-from sbertray.embed.pool import plan_pool
-from sbertray.embed.run import EmbedPlan, find_committed, plan_embed, resolve_encoder
+from sbertray.embed.run import (
+    EmbedPlan,
+    choose_pool,
+    donor_files,
+    find_committed,
+    plan_embed,
+    resolve_encoder,
+)
 from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import sample_texts
 from sbertray.modeling import resolve_model_path
@@ -22,10 +28,8 @@ SAMPLE_ROWS = 256
 
 def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     """The plan as lines of text. Raises what ``run_embed`` raises before it starts work."""
-    from sbertray.embed import ray_adapter
-
     plan = plan_embed(config)
-    _, done = find_committed(plan)
+    existing, done = find_committed(plan)
     todo = [u for u in plan.inputs.units if u.unit_id not in done]
     inputs = plan.inputs
     lines = [
@@ -41,14 +45,20 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     ]
     if not todo:
         return "\n".join([*lines, "  nothing to embed"])
-    pool = plan_pool(ray_adapter.cluster_resources(ray_address), plan.config.compute, len(todo))
+    reusable = sum(rows for _, rows in donor_files(plan, existing, done))
+    pool = choose_pool(plan, todo, reusable, ray_address)
     encoder = resolve_encoder(plan, pool)
     rate, sampled = _sample_rate(plan, todo[0], encoder)
     seconds = sum(u.num_rows for u in todo) / (rate * pool.num_actors)
     lines += [
         f"  pool: {pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
         f"  estimate: {rate:,.0f} rows/s per actor on {sampled} sample rows here, so about "
-        f"{format_duration(seconds)} of embedding for {pool.num_actors} actor(s), plus start-up",
+        f"{format_duration(seconds)} of embedding for {pool.num_actors} actor(s), plus start-up"
+        + (
+            f"; up to {reusable:,} rows' vectors may be copied from earlier output"
+            if reusable
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

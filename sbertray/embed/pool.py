@@ -31,13 +31,18 @@ class PoolSizeError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class PoolPlan:
-    num_actors: int
+    num_actors: int  # the most actors the pool grows to
     cpus_per_actor: float
     gpus_per_actor: float
     threads: int  # intra-op threads per actor: its CPU share
     device: str  # "cpu" | "cuda"
     calls_per_actor: int = 1  # units in flight per actor (CPU actors: 1, their cores are busy)
     in_process: bool = False  # the driver runs the units itself, no Ray (``compute.executor``)
+    min_actors: int = 0  # the pool starts with this many; 0: num_actors (a fixed pool)
+
+    @property
+    def autoscaling(self) -> bool:
+        return 0 < self.min_actors < self.num_actors
 
     def describe(self) -> str:
         if self.in_process:
@@ -45,44 +50,83 @@ class PoolPlan:
         each = f"{self.cpus_per_actor:g} CPU" + (
             f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         )
-        return f"{self.num_actors} {self.device} actor(s), {each} each, {self.threads} thread(s)"
+        count = (
+            f"{self.min_actors}-{self.num_actors} (autoscaling)"
+            if self.autoscaling
+            else str(self.num_actors)
+        )
+        return f"{count} {self.device} actor(s), {each} each, {self.threads} thread(s)"
 
 
-def plan_pool(cluster: dict[str, float], compute: ComputeConfig, num_units: int) -> PoolPlan:
-    """Returns the pool for ``num_units`` work units on a cluster with ``cluster`` resources
-    (``ray.cluster_resources()``).
+def plan_pool(
+    cluster: dict[str, float],
+    compute: ComputeConfig,
+    num_units: int,
+    limits: dict[str, float] | None = None,
+) -> PoolPlan:
+    """Returns the pool for ``num_units`` work units on a cluster with ``cluster`` resources now
+    (``ray.cluster_resources()``) and ``limits``, what its autoscaler may grow it to (None: not
+    known, or no autoscaler).
 
-    GPU actors: one per GPU (half precision). CPU actors: as many as there are CPUs (and units),
-    each with an equal share of CPUs as threads, so actors never oversubscribe cores. Configs
-    only CPU backends run (onnx, openvino; int8) get CPU actors on GPU clusters too.
+    GPU actors: one per GPU (half precision). CPU actors: one per CPU share, each with its share
+    as threads, so actors never oversubscribe cores. The pool starts with the actors the
+    cluster can place now (at least one: on a cold cluster the autoscaler adds a node for it)
+    and grows to what the limits allow, as Ray Data's autoscaling actor pool. Configs only CPU
+    backends run (onnx, openvino; int8) get CPU actors on GPU clusters too.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    # A cold cluster whose autoscaler does not say what it can add: ask, and let the bounded
+    # wait for the first actor (`compute.placement_timeout_s`) catch a pool that never starts.
+    known = limits is not None or cpus >= 1
+    most = {k: max(float((limits or {}).get(k, 0)), v) for k, v in (("CPU", cpus), ("GPU", gpus))}
     units = max(1, num_units)
-    if compute.device == "cuda" and gpus < 1:
-        raise PoolSizeError("`compute.device: cuda` but the Ray cluster reports no GPUs")
-    if compute.device != "cpu" and gpus >= 1 and backends.may_run_on(compute, "cuda"):
+    gpu_possible = most["GPU"] >= 1 or (not known and compute.device == "cuda")
+    if compute.device == "cuda" and not gpu_possible:
+        raise PoolSizeError(
+            "`compute.device: cuda` but the Ray cluster reports no GPUs, and no node type its "
+            "autoscaler can add has any"
+        )
+    if compute.device != "cpu" and gpu_possible and backends.may_run_on(compute, "cuda"):
         per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
-        wanted = compute.num_actors or int(gpus)
-        if wanted > gpus:
+        wanted = compute.num_actors or compute.max_actors or int(most["GPU"]) or units
+        if compute.num_actors and known and wanted > most["GPU"]:
             raise PoolSizeError(
-                f"`compute.num_actors: {wanted}` GPU actors but the cluster has {gpus:g} GPUs"
+                f"`compute.num_actors: {wanted}` GPU actors but the cluster has {most['GPU']:g} "
+                "GPUs"
             )
         actors = min(wanted, units)
-        _check_cpus(actors, per_cpu, cpus)
-        return PoolPlan(actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda", CALLS_PER_GPU_ACTOR)
+        if known:
+            _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
+        low = _min_actors(compute, actors, int(gpus))
+        return PoolPlan(
+            actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda", CALLS_PER_GPU_ACTOR, False, low
+        )
 
-    if cpus < 1:
+    if known and most["CPU"] < 1:
         raise PoolSizeError(
-            f"the Ray cluster reports {cpus:g} CPUs; an embedding actor needs at least 1"
+            f"the Ray cluster reports {cpus:g} CPUs and no node type its autoscaler can add has "
+            "any; an embedding actor needs at least 1"
         )
     if compute.cpus_per_actor:
         per_cpu = compute.cpus_per_actor
-    else:
+    elif cpus >= 1:
         # Fewer units than CPUs: give each actor more threads instead of idling cores.
         per_cpu = float(max(1, int(cpus // min(compute.num_actors or units, units, int(cpus)))))
-    actors = min(compute.num_actors or max(1, int(cpus // per_cpu)), units)
-    _check_cpus(actors, per_cpu, cpus)
-    return PoolPlan(actors, per_cpu, 0.0, max(1, int(per_cpu)), "cpu")
+    else:  # a cold cluster: the nodes to come are not known yet
+        per_cpu = 1.0
+    fits = max(1, int(most["CPU"] // per_cpu)) if known else units
+    actors = min(compute.num_actors or compute.max_actors or fits, units)
+    if known:
+        _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
+    low = _min_actors(compute, actors, int(cpus // per_cpu))
+    return PoolPlan(actors, per_cpu, 0.0, max(1, int(per_cpu)), "cpu", 1, False, low)
+
+
+def _min_actors(compute: ComputeConfig, actors: int, placeable_now: int) -> int:
+    """The pool's starting size: what fits now (at least one), or ``compute.min_actors``."""
+    if compute.num_actors:
+        return actors
+    return min(actors, compute.min_actors or max(1, placeable_now))
 
 
 def runs_in_process(compute: ComputeConfig, address: str | None, rows_to_embed: int) -> bool:
@@ -116,7 +160,7 @@ def _gpu_visible() -> bool:
 
 
 def _check_cpus(actors: int, per_cpu: float, cpus: float) -> None:
-    if actors * per_cpu > cpus:
+    if actors and actors * per_cpu > cpus:
         raise PoolSizeError(
             f"{actors} actors x {per_cpu:g} CPUs = {actors * per_cpu:g} CPUs, but the cluster has "
             f"{cpus:g}: the pool could never start. Lower `compute.num_actors` or `compute.cpus_per_actor`"

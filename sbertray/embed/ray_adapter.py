@@ -1,31 +1,43 @@
 """Ray Data wiring for the embed driver; the only module in ``embed/`` that imports Ray.
 
-Work units are the items of a Ray Data dataset; a fixed-size actor pool of ``EmbedStage``
-actors takes one unit per call. Reads and writes happen inside the actors, so no separate
-read/write tasks wait for a CPU (see ``pool.py``).
+Work units are the items of a Ray Data dataset; an actor pool of ``EmbedStage`` actors (fixed,
+or autoscaling between the bounds ``pool.py`` plans) takes one unit per call. Reads and writes
+happen inside the actors, so no separate read/write tasks wait for a CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import ray
 
 from sbertray.config import EmbedConfig
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.pool import PoolPlan
+from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.reuse import DonorIndex
 from sbertray.embed.shards import WorkUnit
+from sbertray.errors import UserError
 from sbertray.ray_runtime import init_ray
 
 
-def cluster_resources(address: str | None) -> dict[str, float]:
-    """Joins (or starts) Ray and returns what the cluster has."""
+def cluster_resources(address: str | None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Joins (or starts) Ray; returns what the cluster has now, and what its autoscaler may
+    grow it to (node types x their max workers) where Ray reports that, else None."""
     init_ray(address)
-    return ray.cluster_resources()
+    try:
+        # Ray Train and Ray Data size themselves from the same record.
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: without it the pool sizes itself from what is there now
+        limits = None
+    return ray.cluster_resources(), limits
 
 
 class _EmbedActor:
@@ -38,14 +50,37 @@ class _EmbedActor:
         self.stage = EmbedStage(config, encoder, run_metadata, reference, donors)
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self.stage.process(self.units[int(i)]).to_row() for i in batch["unit"]]
+        rows = [self._process(int(i)) for i in batch["unit"]]
         return {key: [r[key] for r in rows] for key in rows[0]}
+
+    def _process(self, index: int) -> dict:
+        """The unit's result row; an exception travels back in it (``raised``) so the driver
+        re-raises it as it is, while a unit lost with its actor or node has no row at all."""
+        try:
+            return {**self.stage.process(self.units[index]).to_row(), "raised": None}
+        except Exception as exc:
+            return {
+                **UnitResult(self.units[index].unit_id, "", 0).to_row(),
+                "raised": _pickled(exc),
+            }
+
+
+def _pickled(exc: Exception) -> bytes:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # not picklable: its type, message and where it came from
+        trace = "".join(traceback.format_exception(exc))
+        return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}\n{trace}"))
 
 
 def _embed_reference(config: EmbedConfig, encoder: EncoderSpec):
     from sbertray.embed.stage import embed_reference
 
     return embed_reference(config, encoder)
+
+
+class UnitsLostError(UserError, RuntimeError):
+    """Units whose actor or node was lost on every attempt."""
 
 
 def run_units(
@@ -57,8 +92,14 @@ def run_units(
     donors: DonorIndex | None = None,
     on_result: Callable[[UnitResult], None] | None = None,
 ) -> list[UnitResult]:
-    """Embeds ``units`` on a pool of ``pool.num_actors`` actors; returns each unit's result,
-    handing each to ``on_result`` as it arrives (progress)."""
+    """Embeds ``units`` on a pool of up to ``pool.num_actors`` actors; returns each unit's
+    result, handing each to ``on_result`` as it arrives (progress).
+
+    A crashed or killed actor is restarted and its unit retried by Ray. A unit whose actor
+    cannot come back (its node is gone, and no node has room for it) is left out by Ray Data
+    and run again in another round, on the actors there are then, up to
+    ``compute.max_retries`` rounds; its result says which round (``attempt``) committed it.
+    """
     reference = None
     if config.reference is not None:
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
@@ -72,9 +113,53 @@ def run_units(
         reference if reference is not None else ray.put(None),
         ray.put(donors),
     ]
-    ds = ray.data.from_items(
-        [{"unit": i} for i in range(len(units))], override_num_blocks=len(units)
+    actor_args = {"config": config, "encoder": encoder, "run_metadata": run_metadata}
+    results: dict[str, UnitResult] = {}
+    pending = list(range(len(units)))
+    rounds = config.compute.max_retries + 1
+    for attempt in range(1, rounds + 1):
+        if attempt > 1:
+            print(
+                f"[sbertray] {len(pending)} units were lost with their actor or node; running "
+                f"them again (attempt {attempt} of {rounds})",
+                flush=True,
+            )
+            # Whatever is left of the cluster: start with one actor, grow to the same bound.
+            pool = replace(pool, min_actors=1)
+        for row in _run_round(config, pending, pool, {**actor_args, "shared": shared}):
+            if raised := row.pop("raised"):
+                raise pickle.loads(raised)
+            result = UnitResult.from_row(row)
+            result.attempt = attempt
+            results[result.unit_id] = result
+            if on_result is not None:
+                on_result(result)
+        pending = [i for i in pending if units[i].unit_id not in results]
+        if not pending:
+            return list(results.values())
+    raise UnitsLostError(
+        f"{len(pending)} units were lost with their actor or node on all {rounds} attempts "
+        f"(`compute.max_retries: {config.compute.max_retries}`), e.g. "
+        f"{units[pending[0]].unit_id}; see the run log. Rerun to finish them: committed "
+        "units are kept"
     )
+
+
+def _run_round(config: EmbedConfig, pending: list[int], pool: PoolPlan, actor_args: dict):
+    """One Ray Data pass over the ``pending`` units; yields result rows as they arrive."""
+    context = ray.data.DataContext.get_current()
+    # sbertray reports progress from the units' own counts; Ray Data's bars and execution
+    # banners come back with `--verbose`.
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    # The pool's first actors must start within the timeout (nodes may be added meanwhile):
+    # a pool no node can ever hold is an error, not a wait forever.
+    context.wait_for_min_actors_s = config.compute.placement_timeout_s
+    # A unit whose actor is gone for good does not end the pass: it is missing from the
+    # results, and `run_units` runs it again. (Exceptions come back as rows, not errors.)
+    context.max_errored_blocks = len(pending)
+    # (A dataset keeps the context it was created with: set before creating it.)
+    ds = ray.data.from_items([{"unit": i} for i in pending], override_num_blocks=len(pending))
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing max_restarts / max_task_retries (and
         # ray_remote_args_fn) with no replacement for bounding actor retries yet; this one
@@ -84,32 +169,32 @@ def run_units(
             _EmbedActor,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(
-                size=pool.num_actors,
+                min_size=pool.min_actors or pool.num_actors,
+                max_size=pool.num_actors,
                 max_concurrent_calls_per_actor=pool.calls_per_actor,
                 enable_true_multi_threading=pool.calls_per_actor > 1,
             ),
             num_cpus=pool.cpus_per_actor,
             num_gpus=pool.gpus_per_actor,
-            fn_constructor_kwargs={
-                "config": config,
-                "encoder": encoder,
-                "run_metadata": run_metadata,
-                "shared": shared,
-            },
+            fn_constructor_kwargs=actor_args,
             # A killed or crashed actor is restarted and its unit retried; retries are safe
             # because a unit always rewrites the same output name with the same rows. Bounded:
             # Ray Data's default retries forever, never ending on a unit that always crashes.
             max_restarts=config.compute.max_retries,
             max_task_retries=config.compute.max_retries,
         )
-    context = ray.data.DataContext.get_current()
-    # sbertray reports progress from the units' own counts; Ray Data's bars and execution
-    # banners come back with `--verbose`.
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    context.enable_progress_bars = context.print_on_execution_start = verbose
-    results = []
-    for row in ds.iter_rows():
-        results.append(UnitResult.from_row(row))
-        if on_result is not None:
-            on_result(results[-1])
-    return results
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.GetTimeoutError:
+        raise PoolSizeError(
+            f"no embedding actor could start within {config.compute.placement_timeout_s}s "
+            f"(`compute.placement_timeout_s`): each asks for {pool.cpus_per_actor:g} CPU"
+            + (f" + {pool.gpus_per_actor:g} GPU" if pool.gpus_per_actor else "")
+            + f"; the cluster has {_resources_now()} and no node that fits was added. Check "
+            "the cluster's node types or `compute.device` / `compute.cpus_per_actor`"
+        ) from None
+
+
+def _resources_now() -> str:
+    now = ray.cluster_resources()
+    return ", ".join(f"{now.get(k, 0):g} {k}" for k in ("CPU", "GPU"))

@@ -30,6 +30,7 @@ from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit, plan_inp
 from sbertray.embed.stage import check_output_columns, computed_columns, output_schema
 from sbertray.modeling import PreparedModel, prepare_model, resolve_model_path
 from sbertray.progress import Progress
+from sbertray.ray_runtime import spans_many_nodes
 from sbertray.report import (
     REPORT_DIR,
     REPORT_MD,
@@ -55,6 +56,7 @@ class EmbedSummary:
     texts_embedded: int = 0  # distinct texts this run ran the model on
     superseded_parts: int = 0  # outputs of changed input files that no longer exist, removed
     orphaned_parts: int = 0  # outputs of deleted input files, removed
+    retried_units: int = 0  # units run again after their actor or node was lost for good
     units: list[dict] = field(default_factory=list)
 
     @property
@@ -171,12 +173,18 @@ def run_embed(
     """
     started = time.time()
     plan = plan_embed(config, model)
+    if not runs_in_process(plan.config.compute, ray_address, rows_to_embed=0):
+        _check_paths_on_cluster(plan, ray_address)  # before the lock creates anything
     with OutputLock(plan.out, plan.run_id, stale_after_s=plan.config.output.lock_stale_after_s):
         existing, done = find_committed(plan)
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
         results, pool, encoder = list(done.values()), None, None
         if todo:
-            donors = find_donors(plan, existing, done)
+            files = donor_files(plan, existing, done)
+            donors = None
+            if files:
+                columns = computed_columns(plan.config)
+                donors = reuse.build_index(plan.out, [path for path, _ in files], columns)
             pool, encoder = _start(plan, todo, len(done), donors, ray_address)
             progress = Progress(sum(u.num_rows for u in todo))
             results += _execute(
@@ -202,17 +210,27 @@ def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
     return existing, commit.committed_units(out, plan.inputs, content_hash, existing)
 
 
-def find_donors(
+def donor_files(
     plan: EmbedPlan, existing: set[str], done: dict[str, UnitResult]
-) -> reuse.DonorIndex | None:
-    """The rows of output parts this run replaces or removes, by content key, when they were
-    written with this run's content hash: their vectors are copied, not recomputed."""
+) -> list[tuple[str, int]]:
+    """The output parts this run replaces or removes that were written with this run's content
+    hash, with their row counts: their rows' vectors are copied, not recomputed."""
     kept = {plan.out.child(r.output).path for r in done.values() if r.output}
     candidates = sorted(p for p in commit.output_parts(existing) if p not in kept)
-    files = reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"])
-    if not files:
-        return None
-    return reuse.build_index(plan.out, [path for path, _ in files], computed_columns(plan.config))
+    return reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"])
+
+
+def choose_pool(
+    plan: EmbedPlan, todo: list[WorkUnit], reusable_rows: int, ray_address: str | None
+) -> PoolPlan:
+    """This process for small work (``compute.executor``), else a pool sized from the cluster."""
+    expected = max(0, sum(u.num_rows for u in todo) - reusable_rows)
+    if runs_in_process(plan.config.compute, ray_address, expected):
+        return in_process_pool()
+    from sbertray.embed import ray_adapter
+
+    resources, limits = ray_adapter.cluster_resources(ray_address)
+    return plan_pool(resources, plan.config.compute, len(todo), limits)
 
 
 def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
@@ -237,16 +255,8 @@ def _start(
     donors: reuse.DonorIndex | None,
     ray_address: str | None,
 ) -> tuple[PoolPlan, EncoderSpec]:
-    """Decides where the units run (this process, or a pool sized from the cluster) and what
-    they run."""
-    compute = plan.config.compute
-    expected = max(0, sum(u.num_rows for u in todo) - (len(donors) if donors else 0))
-    if runs_in_process(compute, ray_address, expected):
-        pool = in_process_pool()
-    else:
-        from sbertray.embed import ray_adapter
-
-        pool = plan_pool(ray_adapter.cluster_resources(ray_address), compute, len(todo))
+    """Decides where the units run and what they run."""
+    pool = choose_pool(plan, todo, len(donors) if donors else 0, ray_address)
     encoder = resolve_encoder(plan, pool)
     backends.prepare(encoder, plan.model.path)
     resumed = f"; {done} units already committed" if done else ""
@@ -262,6 +272,14 @@ def _start(
         flush=True,
     )
     return pool, encoder
+
+
+def _check_paths_on_cluster(plan: EmbedPlan, ray_address: str | None) -> None:
+    from sbertray.embed import ray_adapter
+
+    ray_adapter.cluster_resources(ray_address)  # joins the cluster
+    if spans_many_nodes():
+        storage.check_shared({"output.path": plan.config.output.path}, plan.config.storage)
 
 
 def _execute(
@@ -346,6 +364,7 @@ def _commit(
         orphaned_parts=orphaned,
         embedded_rows=sum(r.rows_out for r in committed if r.unit_id not in done),
         reused_rows=sum(r.rows_reused for r in committed if r.unit_id not in done),
+        retried_units=sum(r.attempt > 1 for r in committed if r.unit_id not in done),
         texts_embedded=sum(r.rows_embedded for r in committed if r.unit_id not in done),
         output_url=storage.redact(out.url),
         input_files=len(kept.files),
@@ -368,6 +387,7 @@ def _commit(
         "truncated": summary.truncated,
         "superseded_parts_removed": summary.superseded_parts,
         "orphaned_parts_removed": summary.orphaned_parts,
+        "units_retried": summary.retried_units,
     }
     record = commit.manifest_record(
         plan.run_metadata,

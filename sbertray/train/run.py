@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sbertray import storage
 from sbertray.config import TrainConfig
 from sbertray.modeling import model_hash, resolve_model_path
-from sbertray.ray_runtime import init_ray
+from sbertray.ray_runtime import init_ray, spans_many_nodes
 from sbertray.report import write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint
@@ -115,6 +115,12 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     print(f"[sbertray] {plan.describe()}", flush=True)
 
     init_ray(ray_address)
+    if spans_many_nodes():
+        outputs = {
+            "output.model": config.output.model,
+            "output.checkpoints": config.output.checkpoint_root,
+        }
+        storage.check_shared(outputs, config.storage)
     ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
     cpus = worker_cpus(config)
     trainer = TorchTrainer(

@@ -1,0 +1,119 @@
+"""Cluster scenarios on real multi-node Ray on this machine (``ray.cluster_utils.Cluster``: one
+process tree per node, each node with its own resources and environment), run as a script so
+that the test session's own Ray is untouched. Prints one JSON line of what it saw.
+
+    python tests/multinode.py WORKDIR
+
+1. A cold cluster (head without CPUs, no worker node, no autoscaler): the pool waits a bounded
+   time for its first actor, then fails with a clear error.
+2. Two 1-CPU worker nodes join. A local output path is refused before anything is written.
+3. The same run into a folder declared shared (`storage.shared_paths`; on one machine every
+   "node" sees it): one worker node is removed mid-run, and the run still completes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.cluster_utils import Cluster
+
+from sbertray.config import EmbedConfig, parse_config
+from sbertray.embed.run import run_embed
+from sbertray.errors import UserError
+
+UNITS, ROWS = 12, 100
+
+
+def _config(work: Path, out: Path, **compute) -> EmbedConfig:
+    return parse_config(
+        EmbedConfig,
+        {
+            "input": {"path": str(work / "in"), "id_column": "id"},
+            "output": {"path": str(out), "rows_per_file": ROWS},
+            "compute": {"precision": "fp32", "executor": "ray", **compute},
+            "storage": {"shared_paths": [str(work / "shared")]},
+        },
+    )
+
+
+def _error(call) -> str | None:
+    try:
+        call()
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def main(work: Path) -> None:
+    (work / "in").mkdir(parents=True)
+    texts = [f"sentence number {i} about topic {i % 7}" for i in range(UNITS * ROWS)]
+    pq.write_table(
+        pa.table({"id": range(len(texts)), "text": texts}),
+        work / "in" / "data.parquet",
+        row_group_size=ROWS,
+    )
+    seen: dict = {}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        cluster.connect()
+        started = time.time()
+        seen["cold_error"] = _error(
+            lambda: run_embed(_config(work, work / "shared" / "cold", placement_timeout_s=5))
+        )
+        seen["cold_seconds"] = round(time.time() - started, 1)
+
+        nodes = [
+            cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / f"cache-{i}")})
+            for i in range(2)
+        ]
+        local = work / "local-out"
+        seen["local_error"] = _error(lambda: run_embed(_config(work, local)))
+        seen["local_created"] = local.exists()
+
+        out = work / "shared" / "out"
+        result: dict = {}
+
+        def embed() -> None:
+            try:
+                result["summary"] = run_embed(_config(work, out))
+            except Exception as exc:  # reported, not raised: the main thread asserts
+                result["error"] = repr(exc)
+
+        runner = threading.Thread(target=embed)
+        started = time.time()
+        runner.start()
+        while len(list(out.glob("*.parquet"))) < 2 and runner.is_alive():
+            time.sleep(0.1)
+        seen["committed_before_loss"] = len(list(out.glob("*.parquet")))
+        # All nodes share 127.0.0.1, so the driver may have attached to either worker node:
+        # remove the other one.
+        driver_node = ray._private.worker.global_worker.node._raylet_socket_name
+        lost = next(n for n in nodes if n._raylet_socket_name != driver_node)
+        cluster.remove_node(lost, allow_graceful=False)
+        runner.join(timeout=600)
+        seen["node_loss_seconds"] = round(time.time() - started, 1)
+        seen["node_loss_error"] = result.get("error")
+        if "summary" in result:
+            ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+            seen["ids"] = [len(ids), len(set(ids)), min(ids), max(ids)]
+            seen["temp_files"] = len(list(out.glob("_inprogress-*")))
+            seen["success"] = (out / "_SUCCESS").exists()
+            seen["output_rows"] = result["summary"].output_rows
+            seen["retried_units"] = result["summary"].retried_units
+            manifest = json.loads((out / "_manifest.json").read_text())
+            seen["manifest_units_retried"] = manifest["totals"]["units_retried"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

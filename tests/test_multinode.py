@@ -1,0 +1,39 @@
+"""Multi-node Ray on this machine: a cold cluster, local paths refused, a node lost mid-run
+(scenarios in ``multinode.py``, run as their own process beside the session's Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+def test_cold_cluster_local_paths_and_a_lost_node(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "multinode.py"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # A cold cluster no node is added to: a clear error after the bounded wait, not a hang.
+    assert "no embedding actor could start within 5s" in seen["cold_error"]
+    assert "each asks for 1 CPU; the cluster has 0 CPU" in seen["cold_error"]
+    assert seen["cold_seconds"] < 60
+    # Two nodes: a local output path is refused before anything is written.
+    assert "`output.path: " in seen["local_error"] and "storage.shared_paths" in seen["local_error"]
+    assert not seen["local_created"]
+    # A node removed mid-run: the run completes, every id exactly once, nothing left over.
+    assert seen["node_loss_error"] is None and seen["success"]
+    assert seen["committed_before_loss"] >= 2
+    assert seen["ids"] == [1200, 1200, 0, 1199] and seen["temp_files"] == 0
+    assert seen["output_rows"] == 1200
+    assert seen["retried_units"] == seen["manifest_units_retried"] >= 1  # the lost one(s)
