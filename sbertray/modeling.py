@@ -53,31 +53,41 @@ def _check_model_dir(path: Path, shown: str) -> None:
         )
 
 
-def _download_once(loc: storage.Location, url: str) -> Path:
-    """Downloads a remote model into the node-local cache. Concurrent actors on one node race
-    safely: each downloads into its own temp dir and the first rename wins."""
-    key = hashlib.sha256(storage.redact(url).encode()).hexdigest()[:16]
-    target = cache_root() / "models" / key
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=target.parent))
-    try:
-        storage.download_dir(loc, tmp)
-        (tmp / ".complete").touch()
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race (or a stale partial dir is there)
-            if not (target / ".complete").exists():
-                shutil.rmtree(target, ignore_errors=True)
+def _download_once(loc: storage.Location, url: str, expected_hash: str | None) -> Path:
+    """Downloads a remote model into this node's cache, once per node and per version of the
+    remote files: the other processes of the node wait on a lock and use the same copy. With
+    ``expected_hash`` (the model hash the driver planned with), a copy with other content is
+    an error, not a silent mix of model versions in one run."""
+    files = storage.list_files(loc)
+    version = sorted((f.path, f.size, str(f.mtime)) for f in files)
+    key = hashlib.sha256(repr((storage.redact(url), version)).encode()).hexdigest()[:16]
+    root = cache_root() / "models"
+    target = root / key
+    with storage.node_lock(root / f"{key}.lock"):
+        if not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a download killed half-way
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
+            try:
+                storage.download_dir(loc, tmp)
+                (tmp / ".complete").write_text(model_hash(tmp))
                 os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    got = (target / ".complete").read_text()
+    if expected_hash and got and got != expected_hash:
+        raise ModelError(
+            f"model `{storage.redact(url)}` changed during the run: this node has version "
+            f"{got[:12]}, the run was planned with {expected_hash[:12]}; rerun the job"
+        )
     return target
 
 
-def resolve_model_path(name: str, storage_config: StorageConfig | None = None) -> str:
+def resolve_model_path(
+    name: str, storage_config: StorageConfig | None = None, expected_hash: str | None = None
+) -> str:
     """Returns something ``SentenceTransformer()`` can load: a local directory or a hub id.
+    A model in object storage is downloaded into this node's cache (once per node and version);
+    ``expected_hash``: the content hash it must have (actors pass the driver's).
 
     Raises:
         ModelError: a local or remote path that does not exist or is not a model directory.
@@ -91,7 +101,7 @@ def resolve_model_path(name: str, storage_config: StorageConfig | None = None) -
             loc.child("config.json")
         ):
             raise ModelError(f"model `{shown}`: not found, or not a sentence-transformers model")
-        path = _download_once(loc, name)
+        path = _download_once(loc, name, expected_hash)
         _check_model_dir(path, shown)
         return str(path)
     local = Path(name[len("file://") :] if name.startswith("file://") else name).expanduser()

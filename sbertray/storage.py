@@ -8,11 +8,14 @@ written anywhere.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -312,3 +315,16 @@ def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
             "and each node would write to its own disk. Use an object-storage URL (s3://, "
             "gs://, ...) or a folder every node mounts, listed in `storage.shared_paths`"
         )
+
+
+@contextmanager
+def node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on this machine (``flock`` on ``path``): processes of one node that
+    would each download or export the same thing wait for the first to finish instead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,13 +2,16 @@
 process tree per node, each node with its own resources and environment), run as a script so
 that the test session's own Ray is untouched. Prints one JSON line of what it saw.
 
-    python tests/multinode.py WORKDIR
+    python tests/multinode.py WORKDIR MODEL_URL
+
+MODEL_URL: the model in object storage (the S3 endpoint and credentials in the environment).
 
 1. A cold cluster (head without CPUs, no worker node, no autoscaler): the pool waits a bounded
    time for its first actor, then fails with a clear error.
 2. Two 1-CPU worker nodes join. A local output path is refused before anything is written.
 3. The same run into a folder declared shared (`storage.shared_paths`; on one machine every
-   "node" sees it): one worker node is removed mid-run, and the run still completes.
+   "node" sees it): one worker node is removed mid-run, and the run still completes. Each
+   worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from sbertray.errors import UserError
 UNITS, ROWS = 12, 100
 
 
-def _config(work: Path, out: Path, **compute) -> EmbedConfig:
+def _config(work: Path, out: Path, model: str, **compute) -> EmbedConfig:
     return parse_config(
         EmbedConfig,
         {
+            "model": model,
             "input": {"path": str(work / "in"), "id_column": "id"},
             "output": {"path": str(out), "rows_per_file": ROWS},
             "compute": {"precision": "fp32", "executor": "ray", **compute},
@@ -51,7 +55,7 @@ def _error(call) -> str | None:
     return None
 
 
-def main(work: Path) -> None:
+def main(work: Path, model: str) -> None:
     (work / "in").mkdir(parents=True)
     texts = [f"sentence number {i} about topic {i % 7}" for i in range(UNITS * ROWS)]
     pq.write_table(
@@ -65,7 +69,7 @@ def main(work: Path) -> None:
         cluster.connect()
         started = time.time()
         seen["cold_error"] = _error(
-            lambda: run_embed(_config(work, work / "shared" / "cold", placement_timeout_s=5))
+            lambda: run_embed(_config(work, work / "shared" / "cold", model, placement_timeout_s=5))
         )
         seen["cold_seconds"] = round(time.time() - started, 1)
 
@@ -74,7 +78,7 @@ def main(work: Path) -> None:
             for i in range(2)
         ]
         local = work / "local-out"
-        seen["local_error"] = _error(lambda: run_embed(_config(work, local)))
+        seen["local_error"] = _error(lambda: run_embed(_config(work, local, model)))
         seen["local_created"] = local.exists()
 
         out = work / "shared" / "out"
@@ -82,7 +86,7 @@ def main(work: Path) -> None:
 
         def embed() -> None:
             try:
-                result["summary"] = run_embed(_config(work, out))
+                result["summary"] = run_embed(_config(work, out, model))
             except Exception as exc:  # reported, not raised: the main thread asserts
                 result["error"] = repr(exc)
 
@@ -109,6 +113,14 @@ def main(work: Path) -> None:
             seen["retried_units"] = result["summary"].retried_units
             manifest = json.loads((out / "_manifest.json").read_text())
             seen["manifest_units_retried"] = manifest["totals"]["units_retried"]
+            seen["model_hash"] = manifest["model"]["model_hash"]
+        seen["node_models"] = [
+            [
+                (p.parent.name, p.read_text())
+                for p in (work / f"cache-{i}").glob("models/*/.complete")
+            ]
+            for i in range(2)
+        ]
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -116,4 +128,4 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,9 +1,11 @@
 """Model facts in one place: resolution errors, the content hash, the spec and the export."""
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sbertray import storage
 from sbertray.embed import exported
 from sbertray.modeling import ModelError, ModelSpec, model_hash, prepare_model, resolve_model_path
 
@@ -84,3 +86,30 @@ def test_an_unreachable_hub_is_one_quick_error(tmp_path):
         timeout=120,
     )
     assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr
+
+
+def test_a_remote_model_is_downloaded_once_per_node_and_checked_against_its_hash(
+    s3_prefix, bundled_model_path, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SBERTRAY_CACHE", str(tmp_path / "node-cache"))
+    url = f"{s3_prefix}/base"
+    storage.upload_dir(bundled_model_path, storage.resolve(url))
+    downloads = []
+    real_download = storage.download_dir
+    monkeypatch.setattr(
+        storage, "download_dir", lambda *a: downloads.append(a) or real_download(*a)
+    )
+    expected = model_hash(bundled_model_path)
+
+    # Four actors of one node starting together: one downloads, the others wait and share it.
+    with ThreadPoolExecutor(4) as pool:
+        paths = set(pool.map(lambda _: resolve_model_path(url, None, expected), range(4)))
+    assert len(downloads) == 1 and len(paths) == 1
+    assert model_hash(paths.pop()) == expected
+
+    with pytest.raises(ModelError, match="changed during the run"):
+        resolve_model_path(url, None, "0" * 64)
+    # A new version at the same URL is a new download, never the stale copy.
+    storage.write_bytes(storage.resolve(f"{url}/vocab_extra.txt"), b"new")
+    newer = resolve_model_path(url)
+    assert len(downloads) == 2 and model_hash(newer) != expected

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from sbertray import storage
+
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
-def test_cold_cluster_local_paths_and_a_lost_node(tmp_path):
+def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_model_path):
+    model = f"{s3_prefix}/base"
+    storage.upload_dir(bundled_model_path, storage.resolve(model))
     proc = subprocess.run(
-        [sys.executable, str(HERE / "multinode.py"), str(tmp_path / "work")],
+        [sys.executable, str(HERE / "multinode.py"), str(tmp_path / "work"), model],
         capture_output=True,
         text=True,
         timeout=600,
@@ -37,3 +41,6 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path):
     assert seen["ids"] == [1200, 1200, 0, 1199] and seen["temp_files"] == 0
     assert seen["output_rows"] == 1200
     assert seen["retried_units"] == seen["manifest_units_retried"] >= 1  # the lost one(s)
+    # The model in object storage: each node downloaded its own copy, with the run's hash.
+    for node in seen["node_models"]:
+        assert [content for _, content in node] == [seen["model_hash"]]

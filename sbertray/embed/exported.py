@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sbertray import storage
 from sbertray.embed.encoder import EncoderSpec, TextEncoder
 from sbertray.modeling import SPEC_FORMAT, ModelSpec, cache_root, load_model, model_hash
 
@@ -159,9 +160,13 @@ def ensure(
     out = artifact_dir(model_dir, digest)
     spec = _read_spec(out)
     if spec is None:
-        if model is None:
-            model = load_model(model_dir, device="cpu")
-        spec = export(model, model_dir, out)
+        # Once per node: the node's other actors wait here, then read the export.
+        with storage.node_lock(out.parent / f"{out.name}.lock"):
+            spec = _read_spec(out)
+            if spec is None:
+                if model is None:
+                    model = load_model(model_dir, device="cpu")
+                spec = export(model, model_dir, out)
     if precision != "int8":  # fp32 and bf16 (a runtime hint) run the fp32 graph
         return out / "model_fp32.onnx", spec
     target = out / "model_int8.onnx"

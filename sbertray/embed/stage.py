@@ -111,7 +111,7 @@ def check_output_columns(config: EmbedConfig) -> None:
 def embed_reference(config: EmbedConfig, encoder: EncoderSpec) -> ReferenceSet:
     """Reads and embeds the reference set (once per run, on a node sized like an actor)."""
     ids, texts = read_reference(config)
-    model_dir = resolve_model_path(encoder.model, config.storage)
+    model_dir = resolve_model_path(encoder.model, config.storage, encoder.model_hash)
     embeddings = backends.build_encoder(encoder, model_dir).encode(texts).embeddings
     return ReferenceSet(ids=ids, embeddings=embeddings)
 
@@ -142,7 +142,7 @@ class EmbedStage:
     ):
         self.config = config
         self.donors = donors
-        model_dir = resolve_model_path(encoder.model, config.storage)
+        model_dir = resolve_model_path(encoder.model, config.storage, encoder.model_hash)
         self.encoder = backends.build_encoder(encoder, model_dir)
         self.reference = reference
         self.run_metadata = run_metadata
