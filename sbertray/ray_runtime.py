@@ -50,6 +50,17 @@ def init_ray(address: str | None = None) -> None:
     )
 
 
+def _node_groups() -> list:
+    """The autoscaler's node types (resources, max count), where Ray reports them."""
+    try:
+        from ray._private.state import state
+
+        cluster = state.get_cluster_config()
+    except Exception:  # a private API (Ray Train reads it too): without it, nodes now decide
+        return []
+    return list(cluster.node_group_configs) if cluster is not None else []
+
+
 def spans_many_nodes() -> bool:
     """Whether the Ray cluster this process joined has more than one node, or an autoscaler
     whose node types may add more."""
@@ -57,13 +68,21 @@ def spans_many_nodes() -> bool:
 
     if sum(1 for node in ray.nodes() if node["Alive"]) > 1:
         return True
+    counts = [group.max_count for group in _node_groups()]
+    return -1 in counts or sum(counts) > 1
+
+
+def autoscaling_limits() -> dict[str, float] | None:
+    """The most of each resource the autoscaler may grow the cluster to (node types x their
+    max count), where Ray reports it; Ray Train and Ray Data size themselves from it too."""
     try:
         from ray._private.state import state
 
-        cluster = state.get_cluster_config()
-    except Exception:  # a private API (Ray Train reads it too): without it, nodes now decide
-        return False
-    if cluster is None:
-        return False
-    counts = [group.max_count for group in cluster.node_group_configs]
-    return -1 in counts or sum(counts) > 1
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: without it, pools size themselves from what is there
+        return None
+
+
+def node_type_cpus() -> list[float]:
+    """CPUs of each node type the autoscaler may add (empty where Ray does not say)."""
+    return [float(g.resources.get("CPU", 0)) for g in _node_groups() if g.max_count != 0]

@@ -5,95 +5,34 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray_heads import RAY, RayHead
 
+from sbertray import storage
 from sbertray.config import NightlyConfig, load_config
 from sbertray.nightly import run_nightly
 from sbertray.report import summarize
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture
 def ray_head():
-    """`ray start --head` on loopback with explicit ports and its own temp dir; stopped by
-    killing exactly the processes that carry that temp dir (no machine-wide `ray stop`)."""
-    import psutil
-
-    temp_dir = f"/tmp/sbr-{uuid.uuid4().hex[:8]}"
-    gcs, dashboard, client, node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_env = (
-        _free_ports(9)
-    )
-    low = 20000 + (os.getpid() % 200) * 100
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--num-cpus",
-        "2",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--dashboard-host",
-        "127.0.0.1",
-        f"--port={gcs}",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_mgr}",
-        f"--object-manager-port={obj_mgr}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={rt_env}",
-        f"--min-worker-port={low}",
-        f"--max-worker-port={low + 99}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    # Job entrypoints run `python` from the head's PATH: make that this environment's python,
-    # as a cluster's setup commands would.
-    # Token auth off: this head listens on loopback only, for this test alone.
-    env = {
-        **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-    }
-    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    """A 2-CPU head on loopback; token auth off (it serves this test alone)."""
+    head = RayHead(2, env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"})
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield head.start()
     finally:
-        procs = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if temp_dir in " ".join(p.info["cmdline"] or [])
-        ]
-        for p in procs:
-            p.kill()
-        psutil.wait_procs(procs, timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch):
@@ -197,3 +136,69 @@ def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
     assert third["train"]["promoted"] and third["model"] == third["train"]["candidate"]
     assert third["model"] not in (first["model"], second["model"])
     assert any(line.startswith("NOT promoting") for line in second["log"])
+
+
+def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server, s3_prefix):
+    """`ray job submit` as users meet it: Ray's default token authentication on, a head that
+    takes no work, and worker nodes the autoscaler adds (fake multi-node provider: 1-CPU nodes,
+    0 to 2) only once the jobs ask for them."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    head = RayHead(
+        0,
+        env={**auth, **s3_server.env(), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        worker_types={"cpu_worker": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 2}},
+    )
+    url = head.start()
+
+    def submit(*entrypoint: str) -> subprocess.CompletedProcess:
+        runtime_env = {"excludes": ["runs", ".venv"]}
+        return subprocess.run(
+            [RAY, "job", "submit", f"--address={url}", "--working-dir", str(REPO)]
+            + ["--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint],
+            env={**os.environ, **auth},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    try:
+        embed = submit(
+            "jobs/embed.py",
+            "--config",
+            "jobs/configs/embed_demo.yaml",
+            f"output.path={s3_prefix}/emb",
+        )
+        assert embed.returncode == 0, embed.stdout[-4000:] + embed.stderr[-2000:]
+        assert "(autoscaling) cpu actor(s)" in embed.stdout
+        assert "[sbertray] 36/36 rows (100%)" in embed.stdout and " ETA " in embed.stdout
+        manifest = json.loads(
+            storage.read_bytes(storage.resolve(f"{s3_prefix}/emb/_manifest.json"))
+        )
+        assert manifest["totals"]["output_rows"] == 36
+
+        nightly = submit(
+            "jobs/nightly.py",
+            "--config",
+            "jobs/configs/nightly_demo.yaml",
+            f"models={s3_prefix}/models",
+            f"output={s3_prefix}/nightly",
+        )
+        assert nightly.returncode == 0, nightly.stdout[-4000:] + nightly.stderr[-2000:]
+        assert "[sbertray] step " in nightly.stdout  # training progress, from the workers
+        assert "[sbertray] 36/36 rows (100%)" in nightly.stdout
+
+        # Without the token the cluster turns a client away.
+        anonymous = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        denied = subprocess.run(
+            [RAY, "job", "list", f"--address={url}"],
+            env={**anonymous, "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert denied.returncode != 0
+    finally:
+        head.stop()

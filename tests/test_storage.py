@@ -92,7 +92,10 @@ def test_credentials_in_the_endpoint_never_reach_outputs_or_logs(s3_server, s3_p
     with fs.open_output_stream(f"{prefix}/in/a.parquet") as f:
         pq.write_table(pa.table({"id": [1, 2], "text": ["one", "two"]}), f)
     config = tmp_path / "embed.yaml"
-    config.write_text(f"input: {{path: {s3_prefix}/in}}\noutput: {{path: {s3_prefix}/out}}\n")
+    config.write_text(  # on Ray (not in-process, as 2 rows would be): its logs are checked too
+        f"input: {{path: {s3_prefix}/in}}\noutput: {{path: {s3_prefix}/out}}\n"
+        "compute: {executor: ray}\n"
+    )
     endpoint = s3_server.endpoint_url.replace("://", f"://{ACCESS_KEY}:{SECRET_KEY}@")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
     env["SBERTRAY_RAY_NUM_CPUS"] = "2"

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import ray
 
+from sbertray import storage
 from sbertray.config import EmbedConfig
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
@@ -23,20 +24,14 @@ from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.reuse import DonorIndex
 from sbertray.embed.shards import WorkUnit
 from sbertray.errors import UserError
-from sbertray.ray_runtime import init_ray
+from sbertray.ray_runtime import autoscaling_limits, init_ray
 
 
 def cluster_resources(address: str | None) -> tuple[dict[str, float], dict[str, float] | None]:
     """Joins (or starts) Ray; returns what the cluster has now, and what its autoscaler may
     grow it to (node types x their max workers) where Ray reports that, else None."""
     init_ray(address)
-    try:
-        # Ray Train and Ray Data size themselves from the same record.
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: without it the pool sizes itself from what is there now
-        limits = None
+    limits = autoscaling_limits()
     return ray.cluster_resources(), limits
 
 
@@ -105,7 +100,15 @@ def run_units(
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
             _embed_reference
         )
-        reference = task.remote(config, encoder)
+        # Relative paths as the driver sees them: the task's node runs in another directory.
+        located = config.model_copy(deep=True)
+        ref = located.reference
+        ref.path = (
+            storage.absolute(ref.path)
+            if isinstance(ref.path, str)
+            else [storage.absolute(p) for p in ref.path]
+        )
+        reference = task.remote(located, encoder)
     # Units, the reference set and the donor index go through the object store once (each
     # node maps it, zero-copy), not into every actor's constructor arguments.
     shared = [

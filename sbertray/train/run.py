@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sbertray import storage
 from sbertray.config import TrainConfig
 from sbertray.modeling import model_hash, resolve_model_path
-from sbertray.ray_runtime import init_ray, spans_many_nodes
+from sbertray.ray_runtime import init_ray, node_type_cpus, spans_many_nodes
 from sbertray.report import write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint
@@ -29,14 +29,19 @@ from sbertray.train.worker import RESULT_FILE, TrainResult, run_name, train_work
 
 
 def worker_cpus(config: TrainConfig) -> float:
-    """CPUs per worker: the recipe's value, else an even share of the cluster so a single worker
-    uses every core (torch's intra-op threads follow this number)."""
+    """CPUs per worker: the recipe's value, else an even share of the cluster's CPUs, at most
+    one node's worth (a worker runs on one node), so a single worker uses every core of its
+    node (torch's intra-op threads follow this number). On a cold cluster: the CPUs of the
+    largest node type the autoscaler can add."""
     if config.scaling.cpus_per_worker is not None:
         return config.scaling.cpus_per_worker
     import ray
 
-    total = ray.cluster_resources().get("CPU", 1)
-    return max(1.0, float(int(total // config.scaling.num_workers)))
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    largest = max([*nodes, *node_type_cpus()], default=1.0)
+    total, workers = sum(nodes), config.scaling.num_workers
+    share = total // workers if total >= workers else largest
+    return max(1.0, float(int(min(share, largest))))
 
 
 @dataclass(frozen=True)
