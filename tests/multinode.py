@@ -12,6 +12,8 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
 3. The same run into a folder declared shared (`storage.shared_paths`; on one machine every
    "node" sees it): one worker node is removed mid-run, and the run still completes. Each
    worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
+4. A node joins again; fine-tuning with `scaling.max_failures: 1` loses the node its worker
+   runs on after the first checkpoint, and goes on from that checkpoint on the other node.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sbertray.embed.run import run_embed
 from sbertray.errors import UserError
 
 UNITS, ROWS = 12, 100
+STSB_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "train.tsv"
 
 
 def _config(work: Path, out: Path, model: str, **compute) -> EmbedConfig:
@@ -53,6 +56,69 @@ def _error(call) -> str | None:
     except UserError as exc:
         return str(exc)
     return None
+
+
+def _train_losing_a_node(cluster: Cluster, work: Path, model: str) -> dict:
+    from ray.util.state import list_actors
+
+    from sbertray.config import TrainConfig
+    from sbertray.train import checkpoints
+    from sbertray.train.run import train
+
+    pairs = [line.split("\t") for line in STSB_TRAIN.read_text().splitlines()[1:321]]
+    pq.write_table(
+        pa.table({k: [p[i] for p in pairs] for k, i in (("a", 0), ("b", 1), ("score", 2))}),
+        work / "pairs.parquet",
+    )
+    out = work / "shared" / "model"
+    config = parse_config(
+        TrainConfig,
+        {
+            "name": "node-loss",
+            "base_model": model,
+            "train": {
+                "path": str(work / "pairs.parquet"),
+                "columns": {"sentence_0": "a", "sentence_1": "b", "label": "score"},
+                "label_scale": 0.2,
+            },
+            "training": {
+                "batch_size": 16,
+                "max_steps": 16,
+                "checkpoint_steps": 4,
+                "max_seq_length": 64,
+                "eval_every": "end",
+            },
+            "scaling": {"num_workers": 1, "max_failures": 1},
+            "output": {"model": str(out)},
+            "storage": {"shared_paths": [str(work / "shared")]},
+        },
+    )
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["train"] = train(config)
+        except Exception as exc:  # reported, not raised: the main thread asserts
+            result["error"] = repr(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    ckpts = Path(config.output.checkpoint_root)
+    while not list(ckpts.glob(f"*/checkpoint-*/{checkpoints.MARKER}")) and runner.is_alive():
+        time.sleep(0.2)
+    seen = {
+        "checkpoints_before_loss": len(list(ckpts.glob(f"*/checkpoint-*/{checkpoints.MARKER}")))
+    }
+    (worker,) = list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
+    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == worker.node_id))
+    runner.join(timeout=600)
+    seen["error"] = result.get("error")
+    if "train" in result:
+        seen["global_step"] = result["train"].global_step
+        seen["resumed_from_step"] = result["train"].resumed_from_step
+    return seen
 
 
 def main(work: Path, model: str) -> None:
@@ -121,6 +187,9 @@ def main(work: Path, model: str) -> None:
             ]
             for i in range(2)
         ]
+        nodes = [n for n in nodes if n is not lost]
+        nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
+        seen["train"] = _train_losing_a_node(cluster, work, model)
     finally:
         ray.shutdown()
         cluster.shutdown()

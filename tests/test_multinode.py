@@ -1,5 +1,6 @@
 """Multi-node Ray on this machine: a cold cluster, local paths refused, a node lost mid-run
-(scenarios in ``multinode.py``, run as their own process beside the session's Ray)."""
+while embedding and while fine-tuning (scenarios in ``multinode.py``, run as their own
+process beside the session's Ray)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(seen))  # what each scenario did, for `pytest -s`
 
     # A cold cluster no node is added to: a clear error after the bounded wait, not a hang.
     assert "no embedding actor could start within 5s" in seen["cold_error"]
@@ -44,3 +46,7 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     # The model in object storage: each node downloaded its own copy, with the run's hash.
     for node in seen["node_models"]:
         assert [content for _, content in node] == [seen["model_hash"]]
+    # Fine-tuning loses its worker's node after a checkpoint: it goes on from there elsewhere.
+    train = seen["train"]
+    assert train["error"] is None and train["checkpoints_before_loss"] >= 1
+    assert train["global_step"] == 16 and train["resumed_from_step"] >= 4
