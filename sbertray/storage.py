@@ -299,6 +299,23 @@ def download_dir(src: Location, local_dir: str | Path) -> Path:
     return local_dir
 
 
+# Where Ray unpacks a job's `--working-dir`: deleted with the job (or the cluster).
+_JOB_PACKAGE = "/runtime_resources/working_dir_files/"
+
+
+def check_lasting(paths: dict[str, str]) -> None:
+    """Refuses outputs (config key -> path) inside the temporary copy of a Ray job's working
+    directory, where a relative output path of a `ray job submit` lands."""
+    doomed = {key: path for key, path in paths.items() if path and _JOB_PACKAGE in absolute(path)}
+    if doomed:
+        listed = ", ".join(f"`{key}: {path}`" for key, path in doomed.items())
+        raise StorageError(
+            f"{listed}: inside this Ray job's temporary copy of its working directory, which "
+            "is deleted with the job. Give an object-storage URL (s3://, gs://, ...) or an "
+            "absolute path outside it"
+        )
+
+
 def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
     """Refuses local ``paths`` (config key -> path) not under ``storage.shared_paths``: on a
     cluster of many nodes each node would write to its own disk, not where the user looks."""

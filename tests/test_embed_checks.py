@@ -14,6 +14,7 @@ from sbertray.embed import ray_adapter
 from sbertray.embed.commit import InvariantError
 from sbertray.embed.run import run_embed
 from sbertray.embed.shards import EmbedInputError
+from sbertray.storage import StorageError
 
 
 def _write(path, **columns) -> None:
@@ -78,6 +79,11 @@ def test_paths_that_cannot_work_are_refused(tmp_path):
         r"reference .*/topics\.parquet: missing column `text` \(reference.text_column\)",
         reference={"path": str(tmp_path / "topics.parquet")},
     )
+    # A relative output of a `ray job submit` job lands in the job's temporary package.
+    package = tmp_path / "session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    with pytest.raises(StorageError, match="`output.path: .*deleted with the job"):
+        run_embed(_config(tmp_path, output={"path": str(package / "runs" / "emb")}))
+    assert not package.exists()
     with pytest.raises(ConfigError, match=r"`input.passthrough` has \['embedding'\]"):
         run_embed(
             _config(tmp_path, input={"path": str(tmp_path / "in"), "passthrough": ["embedding"]})

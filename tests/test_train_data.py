@@ -166,3 +166,18 @@ def test_reads_pairs_from_s3(s3_prefix, s3_server):
     pairs = load_pairs(_spec(f"{s3_prefix}/pairs.jsonl"))
     assert pairs.table.to_pylist() == [{"sentence_0": "a", "sentence_1": "b", "label": 0.5}]
     assert isinstance(fs, pafs.S3FileSystem)
+
+
+def test_outputs_inside_a_ray_jobs_temporary_package_are_refused(tmp_path):
+    from sbertray.config import TrainConfig, load_config
+    from sbertray.storage import StorageError
+    from sbertray.train.run import plan_training
+
+    # What a relative `output.model` of a `ray job submit` job resolves to.
+    package = tmp_path / "session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    config = load_config(
+        TrainConfig, "jobs/configs/courses.yaml", [f"output.model={package}/runs/model"]
+    )
+    with pytest.raises(StorageError, match="`output.model: .*deleted with the job"):
+        plan_training(config)
+    assert not package.exists()

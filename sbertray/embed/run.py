@@ -131,6 +131,7 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     config.output.path = storage.absolute(config.output.path)
     check_output_columns(config)
     check_output_outside_input(config)
+    storage.check_lasting({"output.path": config.output.path})
     out = storage.resolve(config.output.path, config.storage)
     model = model or prepare_job_model(config)
     compact.check(config.output, model.spec.dim)

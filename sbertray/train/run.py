@@ -86,12 +86,14 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     config = config.model_copy(deep=True)
     config.output.model = storage.absolute(config.output.model)
     config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
+    outputs = {"output.model": config.output.model, "output.checkpoints": config.output.checkpoints}
+    storage.check_lasting(outputs)
     if os.path.exists(config.base_model):
         config.base_model = storage.absolute(config.base_model)
     train_pairs = load_pairs(config.train, config.storage)
     dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
     base_model_hash = model_hash(resolve_model_path(config.base_model, config.storage))
-    for url in (config.output.model, config.output.checkpoint_root):
+    for url in outputs.values():
         storage.check_writable(storage.resolve(url, config.storage))
     fingerprint = run_fingerprint(
         config, [train_pairs.table, dev_pairs.table if dev_pairs else None], base_model_hash
