@@ -106,8 +106,11 @@ class RayHead:
         ]
         # Job entrypoints run `python` from the head's PATH: make that this environment's
         # python, as a cluster's setup commands would.
+        # Every process of the head (and of fake nodes) on 127.0.0.1, none on the machine's
+        # other addresses.
         env = {
             **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             **self.env,
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
@@ -116,12 +119,8 @@ class RayHead:
             config = Path(self.temp_dir) / "autoscaling.json"
             config.write_text(json.dumps(fake_autoscaling_config(gcs, self.worker_types)))
             cmd.append(f"--autoscaling-config={config}")
-            # Fake nodes are local Ray nodes on 127.0.0.1, checked every second.
-            env |= {
-                "RAY_FAKE_CLUSTER": "1",
-                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            }
+            # Fake nodes are local Ray nodes, checked every second.
+            env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if started.returncode:
             self.stop()

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def ray_head():
     """A 2-CPU head on loopback; token auth off (it serves this test alone)."""
-    head = RayHead(2, env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"})
+    head = RayHead(2, env={"RAY_AUTH_MODE": "disabled"})
     try:
         yield head.start()
     finally:
