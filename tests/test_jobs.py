@@ -153,10 +153,12 @@ def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server,
     url = head.start()
 
     def submit(*entrypoint: str) -> subprocess.CompletedProcess:
-        runtime_env = {"excludes": ["runs", ".venv"]}
+        # sbertray is installed on every node, as in an image; the driver starts in the repo.
+        # (No `--working-dir` here: fake nodes share one machine and would unpack the package
+        # into the same folder at once. test_ray_job_submit_runs_the_embed_job covers it.)
+        command = f"cd {REPO} && python " + " ".join(entrypoint)
         return subprocess.run(
-            [RAY, "job", "submit", f"--address={url}", "--working-dir", str(REPO)]
-            + ["--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint],
+            [RAY, "job", "submit", f"--address={url}", "--", "bash", "-c", command],
             env={**os.environ, **auth},
             cwd=REPO,
             capture_output=True,
