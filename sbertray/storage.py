@@ -307,13 +307,11 @@ def check_lasting(paths: dict[str, str]) -> None:
     """Refuses outputs (config key -> path) inside the temporary copy of a Ray job's working
     directory, where a relative output path of a `ray job submit` lands."""
     doomed = {key: path for key, path in paths.items() if path and _JOB_PACKAGE in absolute(path)}
-    if doomed:
-        listed = ", ".join(f"`{key}: {path}`" for key, path in doomed.items())
-        raise StorageError(
-            f"{listed}: inside this Ray job's temporary copy of its working directory, which "
-            "is deleted with the job. Give an object-storage URL (s3://, gs://, ...) or an "
-            "absolute path outside it"
-        )
+    _refuse(
+        doomed,
+        "inside this Ray job's temporary copy of its working directory, which is deleted with "
+        "the job. Give an object-storage URL (s3://, gs://, ...) or an absolute path outside it",
+    )
 
 
 def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
@@ -325,13 +323,19 @@ def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
         for key, path in paths.items()
         if path and is_local(path) and not any((absolute(path) + "/").startswith(s) for s in shared)
     }
-    if local:
-        listed = ", ".join(f"`{key}: {path}`" for key, path in local.items())
-        raise StorageError(
-            f"{listed}: a local path, but this Ray cluster has (or may add) more than one node, "
-            "and each node would write to its own disk. Use an object-storage URL (s3://, "
-            "gs://, ...) or a folder every node mounts, listed in `storage.shared_paths`"
-        )
+    _refuse(
+        local,
+        "a local path, but this Ray cluster has (or may add) more than one node, and each node "
+        "would write to its own disk. Use an object-storage URL (s3://, gs://, ...) or a folder "
+        "every node mounts, listed in `storage.shared_paths`",
+    )
+
+
+def _refuse(paths: dict[str, str], why: str) -> None:
+    """One error naming every refused ``config key: path`` and why."""
+    if paths:
+        listed = ", ".join(f"`{key}: {path}`" for key, path in paths.items())
+        raise StorageError(f"{listed}: {why}")
 
 
 @contextmanager
