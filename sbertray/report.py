@@ -155,7 +155,8 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
             ax.set_xticks([])
         ax.legend(fontsize=8)
         plots["rows_per_shard.png"] = _png(fig)
-    label, scores = _score_sample(out, [o["path"] for f in files for o in f["outputs"]])
+    outputs = dict.fromkeys(o["path"] for f in files for o in f["outputs"])  # groups: once
+    label, scores = _score_sample(out, list(outputs))
     if label and len(scores):
         fig, ax = _figure(f"{label} ({len(scores):,} rows)", label, "rows")
         ax.hist(scores, bins=50)

@@ -16,7 +16,7 @@ def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     config = str(REPO / "jobs/configs/embed_demo.yaml")
     plan = run(sbertray_cmd("embed", config, f"output.path={out}", "--dry-run"))
     assert plan.returncode == 0, plan.stderr[-3000:]
-    assert "input: 3 files, 36 rows, 3 units; 0 already committed, 36 rows to embed" in plan.stdout
+    assert "input: 3 files, 36 rows, 2 units; 0 already committed, 36 rows to embed" in plan.stdout
     assert "(id, language, source, embedding, topk_ids, topk_scores, content_key)" in plan.stdout
     assert "backend " in plan.stdout and "rows/s per actor on " in plan.stdout
     assert "estimate: " in plan.stdout and "Traceback" not in plan.stderr

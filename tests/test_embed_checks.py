@@ -10,7 +10,7 @@ from processes import run, sbertray_cmd
 
 from sbertray import cli
 from sbertray.config import ConfigError, EmbedConfig, parse_config
-from sbertray.embed import ray_adapter
+from sbertray.embed import checks, ray_adapter
 from sbertray.embed.commit import InvariantError
 from sbertray.embed.run import run_embed
 from sbertray.embed.shards import EmbedInputError
@@ -52,6 +52,24 @@ def test_null_and_duplicate_ids_are_named_before_any_work(tmp_path):
     _refused(tmp_path, EmbedInputError, r"e\.g\. \[3\], in .*a\.parquet, .*b\.parquet")
     _write(tmp_path / "in" / "b.parquet", id=["3", "4"], text=["x", "y"])
     _refused(tmp_path, EmbedInputError, r"different types across files: int64 in .*string in")
+
+
+def test_ids_are_checked_by_ray_tasks_in_buckets_when_ray_runs(ray_2cpu, tmp_path, monkeypatch):
+    """With Ray up, the check's maps and reduces are Ray tasks; small limits force several
+    maps (files) and buckets, so a repeat across files meets in one bucket."""
+    monkeypatch.setattr(checks, "_IDS_PER_MAP", 3)
+    monkeypatch.setattr(checks, "_IDS_PER_BUCKET", 2)
+    for name, ids in (("a", ["k1", "k2", "k3"]), ("b", ["k4", "k5"]), ("c", ["k6", "k2"])):
+        _write(tmp_path / "in" / f"{name}.parquet", id=ids, text=["x"] * len(ids))
+    _refused(
+        tmp_path,
+        EmbedInputError,
+        r"1 ids occur more than once, e\.g\. \['k2'\], in .*a\.parquet, .*c\.parquet",
+    )
+    _write(tmp_path / "in" / "c.parquet", id=["k6", None], text=["x", "y"])
+    _refused(
+        tmp_path, EmbedInputError, r"c\.parquet: row 1: column `id` \(input.id_column\) is null"
+    )
 
 
 def test_a_non_text_column_is_refused_whatever_the_null_policy(tmp_path):

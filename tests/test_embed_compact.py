@@ -96,6 +96,6 @@ def test_int8_ranges_are_calibrated_once_and_reused(ray_2cpu, texts_in):
     pq.write_table(
         pa.table({"id": [5], "text": ["an entirely different topic"]}), tmp / "in" / "b.parquet"
     )
-    second = run_embed(config)
-    assert second.skipped_units == 1 and second.embedded_rows == 1
+    second = run_embed(config)  # b joins a's unit: a's rows are copied, b's embedded
+    assert (second.texts_embedded, second.embedded_rows) == (1, second.output_rows)
     assert json.loads((tmp / "out" / "_manifest.json").read_text())["compact"] == first

@@ -46,14 +46,14 @@ def sentences(stsb_dir) -> list[str]:
     ]
 
 
-def _config_file(tmp_path: Path, inp: Path, out: Path) -> Path:
+def _config_file(tmp_path: Path, inp: Path, out: Path, **compute) -> Path:
     path = tmp_path / "embed.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "input": {"path": str(inp), "id_column": "id", "text_column": "text"},
                 "output": {"path": str(out), "rows_per_file": 100},
-                "compute": {"precision": "fp32"},
+                "compute": {"precision": "fp32", **compute},
             }
         )
     )
@@ -67,30 +67,37 @@ def _output_ids(out: Path) -> list[int]:
 
 
 def test_killed_driver_rerun_finishes_only_unfinished_units(tmp_path, sentences):
-    ids = _shards(tmp_path / "in", sentences, 8, 300)  # 24 units of 100 rows
+    """Many small files, grouped into units: a killed run's committed groups are kept, the
+    rest are embedded on the rerun, and no id is written twice."""
+    ids = _shards(tmp_path / "in", sentences, 80, 30)  # 2,400 rows in 80 files
     out = tmp_path / "out"
-    cmd = sbertray_cmd("embed", str(_config_file(tmp_path, tmp_path / "in", out)))
-    kill_when(cmd, lambda: len(list(out.glob("*.parquet"))) >= 4, what="4 committed outputs")
+    cmd = sbertray_cmd("embed", str(_config_file(tmp_path, tmp_path / "in", out, unit_rows=200)))
+    kill_when(cmd, lambda: len(list(out.glob("*.parquet"))) >= 3, what="3 committed outputs")
     committed_before = len(list(out.glob("*.parquet")))
-    assert not (out / "_SUCCESS").exists() and committed_before < 24
+    assert not (out / "_SUCCESS").exists()
     # Only whole files are visible: every committed one reads back completely.
     for f in out.glob("*.parquet"):
-        assert pq.read_metadata(f).num_rows == 100
+        meta = pq.read_metadata(f)
+        unit = json.loads(meta.metadata[b"sbertray"])["unit"]
+        assert meta.num_rows == unit["rows_in"] == 30 * len(unit["inputs"])
 
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    total = len({o["path"] for f in manifest["files"] for o in f["outputs"]})
+    assert 6 <= total <= 24 and committed_before < total, (committed_before, total)
     assert (
-        f"embedding {24 - committed_before} of 24 units; {committed_before} units already committed"
-        in second.stdout
+        f"embedding {total - committed_before} of {total} units; {committed_before} units "
+        "already committed" in second.stdout
     )
     assert _output_ids(out) == ids  # same ids as an uninterrupted run, none twice
     assert not list(out.glob("_inprogress*")) and (out / "_SUCCESS").exists()
-    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["totals"]["output_rows"] == 2400
+    assert len(list(out.glob("*.parquet"))) == total  # 80 inputs, `total` outputs
 
     third = run(cmd)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "nothing to do: all 24 units of 8 files are already embedded" in third.stdout
+    assert f"nothing to do: all {total} units of 80 files are already embedded" in third.stdout
     assert _output_ids(out) == ids
 
 
@@ -111,7 +118,8 @@ def test_new_shard_is_the_only_work(ray_2cpu, tmp_path, sentences):
         tmp_path / "in" / "s99.parquet",
     )
     second = run_embed(config)
-    assert (second.output_rows, second.skipped_units) == (302, 2)
+    # Small files share a unit: the new one joins the last, whose other rows are copied.
+    assert (second.output_rows, second.texts_embedded, second.reused_rows) == (302, 2, 300)
     assert (
         json.loads((tmp_path / "out" / "_manifest.json").read_text())["totals"]["output_rows"]
         == 302

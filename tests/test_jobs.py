@@ -92,7 +92,8 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
 
     second = run_nightly(config)
     assert not second["train"]["trained"]
-    assert second["embed"]["skipped_units"] == 3 and second["model_hash"] == first["model_hash"]
+    # Two units: the small files of each source= folder are grouped.
+    assert second["embed"]["skipped_units"] == 2 and second["model_hash"] == first["model_hash"]
     assert "training data unchanged" in " ".join(second["log"])
     assert "no new or changed input shards: nothing embedded" in second["log"]
 
@@ -107,7 +108,8 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
         inp / "source=udemy" / "part-9.parquet",
     )
     third = run_nightly(config)
-    assert third["embed"]["output_rows"] == 38 and third["embed"]["skipped_units"] == 3
+    assert third["embed"]["output_rows"] == 38 and third["embed"]["skipped_units"] == 1
+    assert third["embed"]["texts_embedded"] == 2  # udemy's unit again: its old rows copied
 
 
 def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):

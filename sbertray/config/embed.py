@@ -30,7 +30,9 @@ class EmbedInputConfig(Strict):
 
 class EmbedOutputConfig(Strict):
     path: str  # output prefix; local or s3://
-    rows_per_file: int = Field(100_000, gt=0)  # input row groups are grouped into files this big
+    # The most rows in one output file: an input file with more is split at row-group
+    # boundaries. (Small input files are grouped into outputs of `compute.unit_rows`.)
+    rows_per_file: int = Field(100_000, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     # A run holds `_lock.json` here; a lock this long without a heartbeat (or whose process is
     # gone from this host) is taken over.
@@ -83,6 +85,10 @@ class ComputeConfig(Strict):
     placement_timeout_s: int = Field(900, gt=0)
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
+    # Input files smaller than this are grouped into work units (each one output file) of about
+    # this many rows. None: the input's rows / 32 as a power of two, from 1,024 to
+    # `output.rows_per_file`. Pin it to keep the grouping when the input doubles or halves.
+    unit_rows: int | None = Field(default=None, gt=0)
     # Where units run. auto: in this process, without starting Ray (about 10 s of start-up and
     # shutdown on a laptop), when no cluster is given (`--address` / $RAY_ADDRESS), no Ray runs
     # in this process, no GPU is visible, and at most `local_max_rows` rows are expected to need

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sbertray import storage
@@ -33,14 +32,14 @@ SUCCESS = "_SUCCESS"
 MANIFEST_VERSION = 1
 # Object-store latency dominates footer reads: read this many at once.
 _FOOTER_READERS = 16
-_PART = re.compile(r"\.part-\d{4,}\.parquet$")
+_PART = re.compile(r"(?P<grouped>\.\d+-files)?\.part-\d{4,}\.parquet$")
 # Config keys that never change an output file's bytes: a rerun that changes only these skips
 # committed units. Every other key (and the output schema) goes into the content hash, so a new
 # option re-embeds by default instead of silently reusing stale files.
 _NOT_IN_CONTENT = {
     "name": None,
     "model": None,  # the model's content hash stands for it
-    "output": {"path", "lock_stale_after_s"},
+    "output": {"path", "lock_stale_after_s", "rows_per_file"},  # the layout is in unit ids
     "compute": {
         "device",
         "token_budget",
@@ -53,9 +52,13 @@ _NOT_IN_CONTENT = {
         "max_retries",
         "executor",
         "local_max_rows",
+        "unit_rows",
     },
     "storage": None,
 }
+
+
+_JSON_FIELDS = ("bad_rows", "files", "bad_files")  # nested: JSON in Ray Data result rows
 
 
 class InvariantError(UserError, RuntimeError):
@@ -67,11 +70,13 @@ class UnitResult:
     """What one work unit did, as the stage returns it and its output footer records it."""
 
     unit_id: str
-    file: str  # relative input path
     rows_in: int
     rows_out: int = 0
-    rows_dropped: int = 0  # rows skipped as bad (rows_out + rows_dropped == rows_in)
+    rows_dropped: int = 0  # rows skipped as bad (+ rows_out + bad files' rows == rows_in)
     bad_rows: dict = field(default_factory=dict)  # reason -> count (a row may have two)
+    # Per input file (relative path): rows_out, rows_dropped and bad_rows by reason.
+    files: dict = field(default_factory=dict)
+    bad_files: dict = field(default_factory=dict)  # unreadable input files -> message
     truncated: int = 0  # among the texts embedded (copied vectors were counted when embedded)
     rows_reused: int = 0  # rows whose computed columns were copied from an earlier output row
     rows_embedded: int = 0  # distinct texts embedded (a text repeated in the unit counts once)
@@ -84,21 +89,25 @@ class UnitResult:
 
     def to_row(self) -> dict:
         row = asdict(self)
-        row["bad_rows"] = json.dumps(self.bad_rows)
+        for key in _JSON_FIELDS:
+            row[key] = json.dumps(row[key])
         return row
 
     @classmethod
     def from_row(cls, row: dict) -> UnitResult:
         row = dict(row)
-        row["bad_rows"] = json.loads(row["bad_rows"])
+        for key in _JSON_FIELDS:
+            row[key] = json.loads(row[key])
         return cls(**row)
 
     def footer_record(self, unit: WorkUnit) -> dict:
         """What the output footer says of the unit it completes (read back on reruns)."""
         return {
             "unit_id": unit.unit_id,
-            "input": unit.file.fingerprint,
+            "inputs": unit.inputs,
             "rows_in": unit.num_rows,
+            "files": self.files,
+            "bad_files": self.bad_files,
             "rows_dropped": self.rows_dropped,
             "bad_rows": self.bad_rows,
             "truncated": self.truncated,
@@ -159,18 +168,19 @@ def committed_units(
         same = (
             info.get("content_hash") == digest
             and rec.get("unit_id") == unit.unit_id
-            and rec.get("input") == unit.file.fingerprint
+            and rec.get("inputs") == unit.inputs
             and rec.get("rows_in") == unit.num_rows
+            and not rec.get("bad_files")  # a file unreadable then is tried again
         )
         if not same:
             return None
         return UnitResult(
             unit_id=unit.unit_id,
-            file=unit.file.rel,
             rows_in=unit.num_rows,
             rows_out=meta.num_rows,
             rows_dropped=rec["rows_dropped"],
             bad_rows=rec["bad_rows"],
+            files=rec["files"],
             truncated=rec["truncated"],
             rows_reused=rec.get("rows_reused", 0),
             rows_embedded=rec.get("rows_embedded", 0),
@@ -181,33 +191,52 @@ def committed_units(
         return {r.unit_id: r for r in pool.map(check, candidates) if r is not None}
 
 
-def check_invariant(out: storage.Location, plan: InputPlan, results: list[UnitResult]) -> int:
-    """Counts committed output rows from the files themselves and checks rows and ids; returns
-    the output row count."""
-    ids, written = [], 0
-    for r in results:
-        if r.output is None:
-            continue
+def check_invariant(
+    out: storage.Location, units: list[WorkUnit], results: dict[str, UnitResult], done: set[str]
+) -> int:
+    """Proves that the output holds every input row exactly once, from footers and per-unit
+    counts only (the driver never holds the rows or their ids); returns the output row count.
+
+    - Every unit has a result: its output file, or all its files unreadable (bad files).
+    - Each unit: rows written + bad rows + rows of its unreadable files = its input rows, and
+      its output file's footer holds the rows written (footers of this run's files are read
+      back, a few at once; those of ``done`` units were read when found committed).
+    - Units partition the input files (``plan_units``), the ids of a unit's rows are its input
+      rows' ids (or ``<file>#<row>``), and input ids are unique (``checks.check_ids``, before
+      any work): so output ids are unique too.
+    """
+    missing = [u.unit_id for u in units if u.unit_id not in results]
+    if missing:
+        raise InvariantError(f"{len(missing)} units have no result, e.g. {missing[0]}")
+    sizes = {s.file.rel: s.num_rows for u in units for s in u.slices}
+    for unit in units:
+        r = results[unit.unit_id]
+        unread = sum(sizes[rel] for rel in r.bad_files)
+        if r.rows_out + r.rows_dropped + unread != unit.num_rows:
+            raise InvariantError(
+                f"unit {unit.unit_id}: {r.rows_out} rows written + {r.rows_dropped} bad + "
+                f"{unread} in unreadable files != {unit.num_rows} input rows"
+            )
+
+    def footer_rows(r: UnitResult) -> int:
         try:
             with out.fs.open_input_file(out.child(r.output).path) as handle:
-                table = pq.read_table(handle, columns=["id"])
+                return pq.read_metadata(handle).num_rows
         except (OSError, pa.ArrowException) as exc:
             raise InvariantError(
                 f"output {storage.redact(out.child(r.output).url)} of unit {r.unit_id} was "
                 f"committed but cannot be read back: {exc}"
             ) from None
-        written += table.num_rows
-        ids.append(table.column("id"))
-    dropped = sum(r.rows_dropped for r in results)
-    expected = sum(u.num_rows for u in plan.units)
-    if written + dropped != expected:
-        raise InvariantError(f"output rows {written} + bad rows {dropped} != input rows {expected}")
-    if ids:
-        all_ids = pa.chunked_array([c for col in ids for c in col.chunks])
-        distinct = pc.count_distinct(all_ids).as_py()
-        if distinct != len(all_ids):
-            raise InvariantError(f"{len(all_ids) - distinct} duplicate ids in the output")
-    return written
+
+    written = [r for r in results.values() if r.output is not None and r.unit_id not in done]
+    with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
+        for r, rows in zip(written, pool.map(footer_rows, written), strict=True):
+            if rows != r.rows_out:
+                raise InvariantError(
+                    f"output {storage.redact(out.child(r.output).url)} of unit {r.unit_id} "
+                    f"holds {rows} rows; the unit wrote {r.rows_out}"
+                )
+    return sum(r.rows_out for r in results.values())
 
 
 def remove_temp_files(out: storage.Location, results: list[UnitResult]) -> None:
@@ -230,15 +259,20 @@ def remove_stale_parts(
     out: storage.Location, plan: InputPlan, existing: set[str], keep_stems: set[str]
 ) -> tuple[int, int]:
     """Deletes output parts no current unit writes, so readers never see rows of an input
-    version that is gone: parts of input files that changed to fewer units (superseded), and
-    all parts of input files that were deleted (orphaned). Outputs of files that are bad this
-    run (``keep_stems``, output stems) keep their last good output. Returns the two counts."""
+    version that is gone: parts of input files that changed or were regrouped (superseded),
+    and parts whose first input file was deleted (orphaned). The single-file outputs of files
+    that are bad this run (``keep_stems``, output stems) keep their last good output; a group's
+    output cannot (its other files are written again elsewhere). Returns the two counts."""
     expected = {out.child(u.output_rel).path for u in plan.units}
     current = {out.child(f.output_stem).path for f in plan.files}
     kept = {out.child(stem).path for stem in keep_stems}
     superseded = orphaned = 0
     for path in sorted(existing - expected):
-        if not _PART.search(path) or (stem := _PART.sub("", path)) in kept:
+        match = _PART.search(path)
+        if not match:
+            continue
+        stem = path[: match.start()]
+        if stem in kept and not match.group("grouped"):
             continue
         out.fs.delete_file(path)
         if stem in current:
@@ -253,29 +287,27 @@ def manifest_record(
 ) -> dict:
     """The run record: every input file with its outputs and bad rows, the totals, and ``run``
     (timings, pool, compute) as the driver saw it."""
-    by_file: dict[str, list[UnitResult]] = {}
+    outputs: dict[str, list[dict]] = {}
+    counts: dict[str, dict] = {}
     for r in results:
-        by_file.setdefault(r.file, []).append(r)
-    files = []
-    for f in plan.files:
-        rs = by_file.get(f.rel, [])
-        bad: dict[str, int] = {}
-        for r in rs:
-            for reason, n in r.bad_rows.items():
-                bad[reason] = bad.get(reason, 0) + n
-        files.append(
-            {
-                "path": f.url,
-                "rel": f.rel,
-                **f.fingerprint,
-                "rows": f.num_rows,
-                "outputs": [{"path": r.output, "rows": r.rows_out} for r in rs],
-                "rows_out": sum(r.rows_out for r in rs),
-                "bad_rows": sum(r.rows_dropped for r in rs),
-                "bad_reasons": bad,
-                "truncated": sum(r.truncated for r in rs),
-            }
-        )
+        for rel, c in r.files.items():
+            outputs.setdefault(rel, []).append({"path": r.output, "rows": c["rows_out"]})
+            seen = counts.setdefault(rel, {"rows_out": 0, "bad_rows": 0, "bad_reasons": {}})
+            seen["rows_out"] += c["rows_out"]
+            seen["bad_rows"] += c["rows_dropped"]
+            for reason, n in c["bad_rows"].items():
+                seen["bad_reasons"][reason] = seen["bad_reasons"].get(reason, 0) + n
+    files = [
+        {
+            "path": f.url,
+            "rel": f.rel,
+            **f.fingerprint,
+            "rows": f.num_rows,
+            "outputs": outputs.get(f.rel, []),
+            **counts.get(f.rel, {"rows_out": 0, "bad_rows": 0, "bad_reasons": {}}),
+        }
+        for f in plan.files
+    ]
     model_keys = ("model", "model_hash", "dim", "normalized", "max_seq_length")
     return {
         "version": MANIFEST_VERSION,

@@ -10,6 +10,7 @@ from sbertray.config import EmbedConfig
 from sbertray.embed import backends
 from sbertray.embed.run import (
     EmbedPlan,
+    check_input_ids,
     choose_pool,
     donor_files,
     find_committed,
@@ -29,6 +30,7 @@ SAMPLE_ROWS = 256
 def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     """The plan as lines of text. Raises what ``run_embed`` raises before it starts work."""
     plan = plan_embed(config)
+    check_input_ids(plan)
     existing, done = find_committed(plan)
     todo = [u for u in plan.inputs.units if u.unit_id not in done]
     inputs = plan.inputs
@@ -40,7 +42,8 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
         f"{len(inputs.units)} units; {len(done)} already committed, "
         f"{sum(u.num_rows for u in todo):,} rows to embed"
         + (f"; {len(inputs.bad_files)} bad files skipped" if inputs.bad_files else ""),
-        f"  output: <input path>.part-NNNN.parquet ({', '.join(f.name for f in _schema(plan))}), "
+        f"  output: a file per unit, <input path>.part-NNNN.parquet or, for small files grouped, "
+        f"<first file>.<n>-files.part-0000.parquet ({', '.join(f.name for f in _schema(plan))}), "
         f"_manifest.json, _SUCCESS, {REPORT_DIR}/",
     ]
     if not todo:

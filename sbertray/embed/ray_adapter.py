@@ -55,7 +55,7 @@ class _EmbedActor:
             return {**self.stage.process(self.units[index]).to_row(), "raised": None}
         except Exception as exc:
             return {
-                **UnitResult(self.units[index].unit_id, "", 0).to_row(),
+                **UnitResult(self.units[index].unit_id, 0).to_row(),
                 "raised": _pickled(exc),
             }
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +23,7 @@ import sbertray
 from sbertray import storage
 from sbertray.config import EmbedConfig, stable_hash
 from sbertray.embed import backends, commit, compact, reuse
-from sbertray.embed.checks import check_output_outside_input, check_reference
+from sbertray.embed.checks import check_ids, check_output_outside_input, check_reference
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lock import OutputLock
@@ -57,6 +59,7 @@ class EmbedSummary:
     superseded_parts: int = 0  # outputs of changed input files that no longer exist, removed
     orphaned_parts: int = 0  # outputs of deleted input files, removed
     retried_units: int = 0  # units run again after their actor or node was lost for good
+    phases: dict = field(default_factory=dict)  # seconds in plan, embed, commit, report
     units: list[dict] = field(default_factory=list)
 
     @property
@@ -82,6 +85,29 @@ class EmbedSummary:
             f"{self.truncated}; output: {self.output_url}{resumed}; report: "
             f"{storage.join(self.output_url, REPORT_DIR, REPORT_MD)}"
         )
+
+
+class PhaseClock:
+    """Seconds spent in each phase of a run (the manifest's ``timings.phases``)."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.time()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """Ends ``phase`` now; it began where the previous one ended."""
+        now = time.time()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._last, 2)
+        self._last = now
+
+    def describe(self) -> str:
+        return "time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 @dataclass(frozen=True)
@@ -172,10 +198,11 @@ def run_embed(
         InvariantError: output does not account for every input row exactly once.
         LockError: another live run holds the output location.
     """
-    started = time.time()
+    clock = PhaseClock()
     plan = plan_embed(config, model)
     if not runs_in_process(plan.config.compute, ray_address, rows_to_embed=0):
         _check_paths_on_cluster(plan, ray_address)  # before the lock creates anything
+    check_input_ids(plan)
     with OutputLock(plan.out, plan.run_id, stale_after_s=plan.config.output.lock_stale_after_s):
         existing, done = find_committed(plan)
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
@@ -186,6 +213,7 @@ def run_embed(
             if files:
                 columns = computed_columns(plan.config)
                 donors = reuse.build_index(plan.out, [path for path, _ in files], columns)
+            clock.mark("plan")
             pool, encoder = _start(plan, todo, len(done), donors, ray_address)
             progress = Progress(sum(u.num_rows for u in todo))
             results += _execute(
@@ -197,9 +225,25 @@ def run_embed(
                 on_result=lambda r: progress.update(r.rows_in, r.rows_dropped),
             )
             progress.close()
+            clock.mark("embed")
         else:
             _say_nothing_to_do(plan)
-        return _commit(plan, results, set(done), existing, pool, encoder, started)
+            clock.mark("plan")
+        return _commit(plan, results, set(done), existing, pool, encoder, clock)
+
+
+def check_input_ids(plan: EmbedPlan) -> None:
+    """Null and repeated ids are refused before any work (``checks.check_ids``: on Ray tasks
+    when this process has joined a cluster). Skipped when the last committed run read these
+    very files (same names, sizes and mtimes) with the same input settings: it checked them."""
+    last = commit.read_manifest(plan.out) if storage.exists(plan.out) else None
+    if last is not None:
+        checked = [(f["rel"], f["size"], f["mtime"]) for f in last.get("files", [])]
+        current = [(f.rel, f.size, f.mtime) for f in plan.inputs.files]
+        same_input = last["config"]["input"] == plan.run_metadata["config"]["input"]
+        if same_input and checked == current and not last.get("bad_files"):
+            return
+    check_ids(plan.config, plan.inputs.files)
 
 
 def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
@@ -324,40 +368,41 @@ def _commit(
     existing: set[str],
     pool: PoolPlan | None,
     encoder: EncoderSpec | None,
-    started: float,
+    clock: PhaseClock,
 ) -> EmbedSummary:
     """Fails on bad rows and files as configured, checks the invariant, removes what no reader
     may see, and writes the report, the manifest and ``_SUCCESS``."""
     config, out = plan.config, plan.out
     row_errors = [r.error for r in results if r.error_kind == "bad_rows"]
-    file_errors = [r for r in results if r.error_kind == "bad_file"]
     if row_errors:
         raise EmbedInputError("\n".join(row_errors))
-    if file_errors and config.bad_input.on_bad_file == "fail":
+    unreadable = {rel: message for r in results for rel, message in r.bad_files.items()}
+    if unreadable and config.bad_input.on_bad_file == "fail":
         raise EmbedInputError(
-            "\n".join(r.error for r in file_errors)
+            "\n".join(unreadable.values())
             + "\n(set `bad_input.on_bad_file: skip` to embed the other files)"
         )
-    failed_files = {r.file for r in file_errors}
-    committed = [r for r in results if r.file not in failed_files]
+    by_unit = {r.unit_id: r for r in results}
+    written = commit.check_invariant(out, plan.inputs.units, by_unit, done)
+    committed = [r for r in results if r.output is not None]
     kept = InputPlan(
-        files=[f for f in plan.inputs.files if f.rel not in failed_files],
-        units=[u for u in plan.inputs.units if u.file.rel not in failed_files],
+        files=[f for f in plan.inputs.files if f.rel not in unreadable],
+        units=[u for u in plan.inputs.units if by_unit[u.unit_id].output is not None],
     )
-    written = commit.check_invariant(out, kept, committed)
     commit.remove_temp_files(out, committed)
     bad_stems = {f.output_stem for f in plan.inputs.bad_files}
-    bad_stems |= {f.output_stem for f in plan.inputs.files if f.rel in failed_files}
+    bad_stems |= {f.output_stem for f in plan.inputs.files if f.rel in unreadable}
     superseded, orphaned = commit.remove_stale_parts(out, kept, existing, bad_stems)
     if superseded or orphaned:
         print(
-            f"[sbertray] removed {superseded} output parts of changed input files that now "
-            f"have fewer parts and {orphaned} of deleted input files",
+            f"[sbertray] removed {superseded} output parts of changed or regrouped input files "
+            f"and {orphaned} of deleted input files",
             flush=True,
         )
+    clock.mark("commit")
 
     bad_files = [f.url for f in plan.inputs.bad_files] + sorted(
-        next(f.url for f in plan.inputs.files if f.rel == rel) for rel in failed_files
+        f.url for f in plan.inputs.files if f.rel in unreadable
     )
     summary = EmbedSummary(
         skipped_units=len(done),
@@ -369,12 +414,12 @@ def _commit(
         texts_embedded=sum(r.rows_embedded for r in committed if r.unit_id not in done),
         output_url=storage.redact(out.url),
         input_files=len(kept.files),
-        input_rows=sum(u.num_rows for u in kept.units),
+        input_rows=sum(f.num_rows for f in kept.files),
         output_rows=written,
         bad_rows=sum(r.rows_dropped for r in committed),
         bad_files=bad_files,
         truncated=sum(r.truncated for r in committed),
-        seconds=round(time.time() - started, 2),
+        seconds=round(time.time() - clock.started, 2),
         units=[asdict(r) for r in committed],
     )
     compute = None
@@ -396,7 +441,7 @@ def _commit(
         committed,
         totals,
         {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.started)),
             "precision": encoder.precision if encoder else None,
             "compute": compute,
             "pool": asdict(pool) if pool else None,
@@ -413,6 +458,8 @@ def _commit(
                 "texts_embedded": summary.texts_embedded,
                 "rows_per_s": round(summary.rows_per_s, 1),
                 "unit_seconds": sum(r.seconds for r in committed),
+                "phases": dict(clock.phases),
+                "driver_peak_rss_mb": peak_rss_mb(),
             },
         },
     )
@@ -421,4 +468,7 @@ def _commit(
     else:
         note_noop_rerun(out, f"{record['finished']}: run {plan.run_id}: nothing to do")
     commit.write_manifest(out, record)
+    clock.mark("report")
+    summary.phases = dict(clock.phases)
+    print(f"[sbertray] {clock.describe()}; driver peak RSS {peak_rss_mb():,.0f} MB", flush=True)
     return summary

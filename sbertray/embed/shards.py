@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from hashlib import blake2b
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +24,8 @@ from sbertray.errors import UserError
 
 _GLOB_CHARS = "*?["
 _FOOTER_READERS = 16  # footers read at once
+_UNITS_WANTED = 32  # default unit size: the input in about this many units
+_MIN_UNIT_ROWS = 1024
 _TEXT_TYPES = (
     pa.types.is_string,
     pa.types.is_large_string,
@@ -59,22 +63,51 @@ class InputFile:
 
 
 @dataclass(frozen=True)
-class WorkUnit:
-    """A run of consecutive row groups of one file, written as one output file."""
+class FileSlice:
+    """Consecutive row groups of one input file."""
 
     file: InputFile
-    part: int
     row_groups: tuple[int, ...]
     first_row: int
     num_rows: int
 
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows written as one output file: a run of consecutive row groups of one large file, or
+    whole small files of one directory grouped together (``plan_units``)."""
+
+    slices: tuple[FileSlice, ...]
+    part: int = 0
+
+    @property
+    def file(self) -> InputFile:
+        """The first input file: the output is named after it."""
+        return self.slices[0].file
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.slices)
+
+    @property
+    def _grouped(self) -> str:
+        # Not "+": some S3 clients still decode it in keys as a space.
+        return f".{len(self.slices)}-files" if len(self.slices) > 1 else ""
+
     @property
     def unit_id(self) -> str:
-        return f"{self.file.rel}#part-{self.part:04d}"
+        return f"{self.file.rel}{self._grouped}#part-{self.part:04d}"
 
     @property
     def output_rel(self) -> str:
-        return f"{self.file.output_stem}.part-{self.part:04d}.parquet"
+        """``<first file>.part-NNNN.parquet``; a group of n files:
+        ``<first file>.<n>-files.part-0000.parquet``."""
+        return f"{self.file.output_stem}{self._grouped}.part-{self.part:04d}.parquet"
+
+    @property
+    def inputs(self) -> list[list]:
+        """What says "these inputs changed": each file's relative path, size and mtime."""
+        return [[s.file.rel, s.file.size, s.file.mtime] for s in self.slices]
 
 
 @dataclass
@@ -161,9 +194,14 @@ def discover(
     return fs, sorted({f.url: f for f in files}.values(), key=lambda f: f.rel)
 
 
+def open_input(fs: pafs.FileSystem, f: InputFile) -> pa.NativeFile:
+    """Opens ``f`` for random access (Parquet footers and row groups)."""
+    return fs.open_input_file(f.path)
+
+
 def read_footer(fs: pafs.FileSystem, f: InputFile) -> tuple[InputFile, pa.Schema | None]:
     try:
-        with fs.open_input_file(f.path) as handle:
+        with open_input(fs, f) as handle:
             meta = pq.read_metadata(handle)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
@@ -200,28 +238,100 @@ def check_columns(config: EmbedConfig, f: InputFile, schema: pa.Schema) -> None:
                 )
 
 
-def plan_units(files: list[InputFile], rows_per_file: int) -> list[WorkUnit]:
-    """Groups consecutive row groups into units of about ``rows_per_file`` rows. Deterministic:
-    the same file and setting always give the same units and output names."""
-    units = []
+def plan_units(files: list[InputFile], rows_per_file: int, unit_rows: int) -> list[WorkUnit]:
+    """Cuts the input into units. Deterministic, and stable under change: a changed, added or
+    removed file changes the unit that holds it and no other.
+
+    - A file of at least ``unit_rows`` rows is split at row-group boundaries into units of
+      about ``rows_per_file`` rows.
+    - Smaller files are grouped, in name order, within their directory (a group's output lives
+      in its first file's folder, hive partitions included). A group ends after a file whose
+      name hashes to a cut point (one name in ``stride``), once it holds ``unit_rows / 2`` rows,
+      or before it would pass ``2 * unit_rows``. Because cut points depend on names, not on
+      positions, an added or removed file moves no boundary outside its own group
+      (content-defined chunking, as in rsync and restic).
+    """
+    small = sorted(f.num_rows for f in files if 0 < f.num_rows < unit_rows)
+    stride = _stride(unit_rows, small[len(small) // 2]) if small else 1
+    units: list[WorkUnit] = []
+    group: list[InputFile] = []
+    rows = 0
+
+    def close() -> None:
+        nonlocal rows
+        if group:
+            units.append(WorkUnit(tuple(_whole(f) for f in group)))
+        group.clear()
+        rows = 0
+
     for f in files:
-        part, first, groups, rows = 0, 0, [], 0
-        for index, n in enumerate(f.row_group_rows):
-            groups.append(index)
-            rows += n
-            if rows >= rows_per_file:
-                units.append(WorkUnit(f, part, tuple(groups), first, rows))
-                part, first, groups, rows = part + 1, first + rows, [], 0
-        if rows:
-            units.append(WorkUnit(f, part, tuple(groups), first, rows))
+        if f.num_rows >= unit_rows:
+            close()
+            units += _split(f, rows_per_file)
+            continue
+        if f.num_rows == 0:  # no rows, no output
+            continue
+        if group and (_folder(f) != _folder(group[0]) or rows + f.num_rows > 2 * unit_rows):
+            close()
+        group.append(f)
+        rows += f.num_rows
+        if rows >= unit_rows // 2 and _cut_point(f.rel, stride):
+            close()
+    close()
     return units
+
+
+def _stride(unit_rows: int, typical_rows: int) -> int:
+    """One name in this many is a cut point: a power of two, so that the typical file size
+    drifting a little from run to run moves no boundary."""
+    wanted = max(1.0, unit_rows / 2 / max(1, typical_rows))
+    return 1 << round(math.log2(wanted))
+
+
+def _cut_point(rel: str, stride: int) -> bool:
+    digest = blake2b(rel.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % stride == 0
+
+
+def _folder(f: InputFile) -> str:
+    return f.rel.rsplit("/", 1)[0] if "/" in f.rel else ""
+
+
+def _whole(f: InputFile) -> FileSlice:
+    return FileSlice(f, tuple(range(len(f.row_group_rows))), 0, f.num_rows)
+
+
+def _split(f: InputFile, rows_per_file: int) -> list[WorkUnit]:
+    """Consecutive row groups of ``f`` in units of about ``rows_per_file`` rows."""
+    units = []
+    part, first, groups, rows = 0, 0, [], 0
+    for index, n in enumerate(f.row_group_rows):
+        groups.append(index)
+        rows += n
+        if rows >= rows_per_file:
+            units.append(WorkUnit((FileSlice(f, tuple(groups), first, rows),), part))
+            part, first, groups, rows = part + 1, first + rows, [], 0
+    if rows:
+        units.append(WorkUnit((FileSlice(f, tuple(groups), first, rows),), part))
+    return units
+
+
+def choose_unit_rows(config: EmbedConfig, total_rows: int) -> int:
+    """``compute.unit_rows``, or by default the input's rows / 32 as a power of two, between
+    1,024 and ``output.rows_per_file``: enough units to keep a pool busy, few output files.
+    (A power of two, so that nightly growth changes it, and the grouping, only when the input
+    doubles or halves.)"""
+    if config.compute.unit_rows is not None:
+        return config.compute.unit_rows
+    wanted = 1 << round(math.log2(max(1, total_rows / _UNITS_WANTED)))
+    return min(max(wanted, _MIN_UNIT_ROWS), config.output.rows_per_file)
 
 
 def plan_input(config: EmbedConfig) -> InputPlan:
     """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
     aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
-    null, duplicate or mixed-type ids always raise, before any work."""
-    from sbertray.embed.checks import check_ids
+    ids of different types always raise, before any work (null and repeated ids: ``checks``)."""
+    from sbertray.embed.checks import check_id_types
 
     fs, found = discover(config.input.path, config.storage)
     if not found:
@@ -243,8 +353,10 @@ def plan_input(config: EmbedConfig) -> InputPlan:
         check_columns(config, checked, schema)
         good.append(checked)
         schemas.append(schema)
-    check_ids(config, fs, good, schemas)
-    return InputPlan(files=good, units=plan_units(good, config.output.rows_per_file), bad_files=bad)
+    check_id_types(config, good, schemas)
+    size = choose_unit_rows(config, sum(f.num_rows for f in good))
+    units = plan_units(good, config.output.rows_per_file, size)
+    return InputPlan(files=good, units=units, bad_files=bad)
 
 
 def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:

@@ -1,7 +1,8 @@
 """The embedding stage: one work unit in, one committed Parquet file out. No Ray in here; the
 Ray Data adapter (``ray_adapter.py``) runs one ``EmbedStage`` per actor.
 
-Contract per unit (rows of one input file's row-group range), declared by ``output_schema``:
+Contract per unit (a large input file's row-group range, or small files of one folder), declared
+by ``output_schema``:
 
 | in                       | out                                                        |
 |--------------------------|------------------------------------------------------------|
@@ -22,6 +23,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +35,12 @@ from sbertray.config import ConfigError, EmbedConfig
 from sbertray.embed import backends, compact, reuse
 from sbertray.embed.commit import UnitResult, write_unit
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.shards import WorkUnit, read_reference
+from sbertray.embed.shards import FileSlice, WorkUnit, open_input, read_reference
 from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import BadRows, column_texts
 from sbertray.modeling import resolve_model_path
+
+_SLICE_READERS = 8  # small input files of one unit read at once
 
 
 @dataclass
@@ -116,6 +120,22 @@ def embed_reference(config: EmbedConfig, encoder: EncoderSpec) -> ReferenceSet:
     return ReferenceSet(ids=ids, embeddings=embeddings)
 
 
+def _per_file(
+    slices: list[FileSlice], starts: list[int], keep: np.ndarray, bad_by_file: dict
+) -> dict:
+    """Each input file's rows written and dropped, and its bad rows by reason (the manifest
+    reports input files, whatever unit they were grouped into)."""
+    per_file = {}
+    for piece, start in zip(slices, starts, strict=True):
+        written = int(keep[start : start + piece.num_rows].sum())
+        per_file[piece.file.rel] = {
+            "rows_out": written,
+            "rows_dropped": piece.num_rows - written,
+            "bad_rows": dict(bad_by_file.get(piece.file.rel, {})),
+        }
+    return per_file
+
+
 def _fixed_list(values: np.ndarray, width: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
@@ -157,7 +177,7 @@ class EmbedStage:
         )
         self.input_fs = None
 
-    def _read(self, unit: WorkUnit) -> pa.Table:
+    def _read(self, piece: FileSlice) -> pa.Table:
         inp = self.config.input
         columns = [
             c
@@ -166,31 +186,53 @@ class EmbedStage:
             )
             if c
         ]
-        partition_keys = dict(unit.file.partitions)
+        partition_keys = dict(piece.file.partitions)
         columns = [c for c in columns if c not in partition_keys]
         if self.input_fs is None:
-            self.input_fs = storage.resolve(unit.file.url, self.config.storage).fs
-        with self.input_fs.open_input_file(unit.file.path) as handle:
-            table = pq.ParquetFile(handle).read_row_groups(list(unit.row_groups), columns=columns)
+            self.input_fs = storage.resolve(piece.file.url, self.config.storage).fs
+        with open_input(self.input_fs, piece.file) as handle:
+            table = pq.ParquetFile(handle).read_row_groups(list(piece.row_groups), columns=columns)
+        if table.num_rows != piece.num_rows:
+            raise OSError(f"footer says {piece.num_rows} rows, read {table.num_rows}")
         return table
+
+    def _read_unit(self, unit: WorkUnit) -> tuple[list[FileSlice], pa.Table | None, dict]:
+        """The unit's readable slices and their rows as one table, and the files that could
+        not be read (relative path -> message). Many small files are read a few at once:
+        object-storage latency, not bandwidth, bounds them."""
+
+        def read(piece: FileSlice) -> pa.Table | str:
+            try:
+                return self._read(piece)
+            except (OSError, pa.ArrowException) as exc:
+                groups = list(piece.row_groups)
+                return f"{piece.file.url}: cannot read row groups {groups}: {exc}"
+
+        if len(unit.slices) == 1:
+            tables = [read(unit.slices[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=_SLICE_READERS) as pool:
+                tables = list(pool.map(read, unit.slices))
+        good = [(p, t) for p, t in zip(unit.slices, tables, strict=True) if not isinstance(t, str)]
+        bad_files = {
+            p.file.rel: t for p, t in zip(unit.slices, tables, strict=True) if isinstance(t, str)
+        }
+        if not good:
+            return [], None, bad_files
+        # Files of one folder may differ in string widths or nullability: the widest wins.
+        table = pa.concat_tables([t for _, t in good], promote_options="permissive")
+        return [p for p, _ in good], table, bad_files
 
     def process(self, unit: WorkUnit) -> UnitResult:
         started = time.time()
-        result = UnitResult(unit_id=unit.unit_id, file=unit.file.rel, rows_in=unit.num_rows)
-        try:
-            table = self._read(unit)
-        except (OSError, pa.ArrowException) as exc:
-            result.error = f"{unit.file.url}: cannot read row groups {list(unit.row_groups)}: {exc}"
-            result.error_kind = "bad_file"
-            return result
-        if table.num_rows != unit.num_rows:
-            result.error = (
-                f"{unit.file.url}: footer says {unit.num_rows} rows, read {table.num_rows}"
-            )
+        result = UnitResult(unit_id=unit.unit_id, rows_in=unit.num_rows)
+        slices, table, result.bad_files = self._read_unit(unit)
+        if result.bad_files and (table is None or self.config.bad_input.on_bad_file == "fail"):
+            result.error = "\n".join(result.bad_files.values())
             result.error_kind = "bad_file"
             return result
 
-        inp, bad = self.config.input, BadRows(unit)
+        inp, bad = self.config.input, BadRows(slices)
         texts = column_texts(table, inp.text_column, self.config, bad)
         pairs = column_texts(table, inp.pair_column, self.config, bad) if inp.pair_column else None
         keep = np.array(
@@ -213,6 +255,7 @@ class EmbedStage:
         result.bad_rows = {reason: n for reason, n in bad.counts.items() if n}
         # A row bad in both pair columns is dropped once: this is what the invariant counts.
         result.rows_dropped = int((~keep).sum())
+        result.files = _per_file(slices, bad.starts, keep, bad.by_file)
 
         kept_idx = np.flatnonzero(keep)
         texts = [texts[i] for i in kept_idx]
@@ -221,7 +264,7 @@ class EmbedStage:
         computed, result.rows_reused, result.rows_embedded, result.truncated = self._computed(
             keys, texts, pairs
         )
-        columns = self._passthrough(unit, table, kept_idx)
+        columns = self._passthrough(slices, bad.starts, table, kept_idx)
         columns.update({name: computed.column(name) for name in computed.column_names})
         columns[reuse.KEY_COLUMN] = reuse.key_array(keys)
         types = {name: table.schema.field(name).type for name in table.column_names}
@@ -266,15 +309,23 @@ class EmbedStage:
             fresh = fresh.take(pa.array(order))
         return fresh, len(reused), len(todo), truncated
 
-    def _passthrough(self, unit: WorkUnit, table: pa.Table, kept_idx: np.ndarray) -> dict:
-        """The id and passthrough columns of the kept rows."""
+    def _passthrough(
+        self, slices: list[FileSlice], starts: list[int], table: pa.Table, kept_idx: np.ndarray
+    ) -> dict:
+        """The id and passthrough columns of the kept rows (``starts``: each slice's first
+        row in ``table``)."""
         inp, take = self.config.input, pa.array(kept_idx)
         columns: dict[str, pa.Array] = {}
         if inp.id_column:
             columns["id"] = table.column(inp.id_column).take(take)
         else:
+            which = np.searchsorted(starts, kept_idx, side="right") - 1
             columns["id"] = pa.array(
-                [f"{unit.file.rel}#{unit.first_row + i}" for i in kept_idx], pa.string()
+                [
+                    f"{slices[s].file.rel}#{slices[s].first_row + i - starts[s]}"
+                    for s, i in zip(which.tolist(), kept_idx.tolist(), strict=True)
+                ],
+                pa.string(),
             )
         for name in inp.passthrough:
             if name in table.column_names and name != inp.id_column:

@@ -3,32 +3,40 @@ embedded is counted by reason, and the first few are named by file, row and colu
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
+from collections.abc import Sequence
 
 import pyarrow as pa
 
 from sbertray.config import EmbedConfig
-from sbertray.embed.shards import WorkUnit
+from sbertray.embed.shards import FileSlice, WorkUnit, open_input
 
 _MAX_ERRORS_SHOWN = 5
 
 
 class BadRows:
-    """The rows of one unit that cannot be embedded: counts by reason, the first few named."""
+    """The rows of one unit that cannot be embedded: counts by reason (in all and per input
+    file), the first few named by file and row. Row indexes run over ``slices`` in order."""
 
-    def __init__(self, unit: WorkUnit):
-        self.unit = unit
+    def __init__(self, slices: Sequence[FileSlice]):
+        self.slices = slices
+        self.starts = [0]
+        for piece in slices[:-1]:
+            self.starts.append(self.starts[-1] + piece.num_rows)
         self.counts: Counter = Counter()
+        self.by_file: dict[str, Counter] = {}
         self.examples: list[str] = []
 
     def add(self, index: int, column: str, reason: str, value=None) -> None:
+        which = bisect_right(self.starts, index) - 1
+        piece = self.slices[which]
         self.counts[reason] += 1
+        self.by_file.setdefault(piece.file.rel, Counter())[reason] += 1
         if len(self.examples) < _MAX_ERRORS_SHOWN:
             shown = "" if value is None else f" (got {value!r:.60})"
-            self.examples.append(
-                f"{self.unit.file.url}: row {self.unit.first_row + index}: column `{column}`: "
-                f"{reason}{shown}"
-            )
+            row = piece.first_row + index - self.starts[which]
+            self.examples.append(f"{piece.file.url}: row {row}: column `{column}`: {reason}{shown}")
 
 
 def _decode(values: list, column: str, policy_utf8: str, bad: BadRows) -> list:
@@ -92,13 +100,13 @@ def sample_texts(config: EmbedConfig, units: list[WorkUnit], rows: int) -> list[
     from sbertray import storage
 
     column, texts = config.input.text_column, []
-    for unit in units:
-        fs = storage.resolve(unit.file.url, config.storage).fs
-        with fs.open_input_file(unit.file.path) as handle:
-            table = pq.ParquetFile(handle).read_row_groups(list(unit.row_groups), columns=[column])
+    for piece in (piece for unit in units for piece in unit.slices):
+        fs = storage.resolve(piece.file.url, config.storage).fs
+        with open_input(fs, piece.file) as handle:
+            table = pq.ParquetFile(handle).read_row_groups(list(piece.row_groups), columns=[column])
         needed = rows - len(texts)
         texts += [
-            t for t in column_texts(table.slice(0, needed), column, config, BadRows(unit)) if t
+            t for t in column_texts(table.slice(0, needed), column, config, BadRows([piece])) if t
         ]
         if len(texts) >= rows:
             break

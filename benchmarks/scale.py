@@ -1,0 +1,192 @@
+"""Many small files, and driver work that must not grow with the data (issue 16).
+
+Three parts, each run as `sbertray embed` processes, timed from start to exit; the phases
+(plan, embed, commit, report) and the driver's peak RSS come from the run's own closing line.
+
+1. **Layouts.** The same rows (STS-B sentences) as 32 files and as 2,000 small files, on local
+   disk and on the local S3 server. Goal: 2,000 files within 1.25x of 32 files' wall time.
+2. **File counts.** N = 100, 2,000, 10,000 files of tiny texts on S3: a first run by phase,
+   output file count, then a no-op rerun. Goals: planning 10,000 files <= 30 s; the no-op
+   rerun <= 30 s.
+3. **Rows.** 100k and 1M tiny rows on S3: the driver's peak RSS. Goal: 1M within 1.2x of 100k.
+
+    .venv/bin/python benchmarks/scale.py             # all three, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/scale.py --rows 5000 --files 100,1000 --million 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ROOT, Timer, record, stsb_sentences  # noqa: E402
+
+_PHASES = re.compile(r"time by phase: (.*); driver peak RSS ([\d,.]+) MB")
+_WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
+
+
+def tiny_text(i: int) -> str:
+    """A distinct three-word text: every row goes through the model, cheaply."""
+    return f"{_WORDS[i % 12]} {_WORDS[i // 12 % 12]} {i}"
+
+
+def write_files(fs: pafs.FileSystem, root: str, texts: list[str], files: int) -> None:
+    """``texts`` as ``files`` Parquet files of consecutive ids, written 32 at once."""
+    per = -(-len(texts) // files)
+
+    def write(n: int) -> None:
+        lo, hi = n * per, min(len(texts), (n + 1) * per)
+        table = pa.table({"id": list(range(lo, hi)), "text": texts[lo:hi]})
+        with fs.open_output_stream(f"{root}/part-{n:05d}.parquet") as f:
+            pq.write_table(table, f)
+
+    fs.create_dir(root, recursive=True)
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(write, range(-(-len(texts) // per))))
+
+
+def embed(work: Path, inp: str, out: str) -> dict:
+    """One `sbertray embed` process: wall time, phases, driver peak RSS, outputs."""
+    config = work / "embed.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"path": inp, "id_column": "id"},
+                "output": {"path": out},
+                "compute": {"precision": "auto"},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with Timer() as t:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sbertray", "embed", str(config)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    if proc.returncode:
+        sys.exit(proc.stdout[-2000:] + proc.stderr[-3000:])
+    found = _PHASES.search(proc.stdout)
+    phases = dict(
+        (name, float(secs.split()[0]))
+        for name, secs in (p.split(" ", 1) for p in found.group(1).split(", "))
+    )
+    return {
+        "wall_s": round(t.seconds, 1),
+        "phases": phases,
+        "driver_rss_mb": float(found.group(2).replace(",", "")),
+        "noop": "nothing to do" in proc.stdout,
+    }
+
+
+def count_outputs(fs: pafs.FileSystem, root: str) -> int:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sum(i.path.endswith(".parquet") and "/_report/" not in i.path for i in infos)
+
+
+def layouts(work: Path, s3_fs, rows: int) -> dict:
+    texts = stsb_sentences(rows)
+    local = pafs.LocalFileSystem()
+    results = {}
+    for where, fs, prefix in (("local", local, str(work / "data")), ("s3", s3_fs, "bench")):
+        for files in (32, 2000):
+            root = f"{prefix}/layout-{files}"
+            write_files(fs, f"{root}/in", texts, files)
+            url = f"s3://{root}" if where == "s3" else root
+            run = embed(work, f"{url}/in", f"{url}/out")
+            run["outputs"] = count_outputs(fs, f"{root}/out")
+            results[f"{where}_{files}"] = run
+            print(f"  {where:5} {files:5} files: {run['wall_s']:6.1f} s  {run['phases']}")
+        ratio = results[f"{where}_2000"]["wall_s"] / results[f"{where}_32"]["wall_s"]
+        results[f"{where}_ratio"] = round(ratio, 2)
+        print(f"  {where}: 2,000 files / 32 files = {ratio:.2f}x (goal <= 1.25x)")
+    return results
+
+
+def file_counts(work: Path, s3_fs, counts: list[int], rows_per_file: int) -> dict:
+    results = {}
+    for n in counts:
+        root = f"bench/files-{n}"
+        write_files(s3_fs, f"{root}/in", [tiny_text(i) for i in range(n * rows_per_file)], n)
+        first = embed(work, f"s3://{root}/in", f"s3://{root}/out")
+        rerun = embed(work, f"s3://{root}/in", f"s3://{root}/out")
+        assert rerun["noop"], "the rerun found work to do"
+        first["outputs"] = count_outputs(s3_fs, f"{root}/out")
+        results[str(n)] = {"first": first, "noop_rerun": rerun}
+        print(
+            f"  {n:6} files: first {first['wall_s']:6.1f} s {first['phases']}, "
+            f"{first['outputs']} output files, driver {first['driver_rss_mb']:.0f} MB; "
+            f"no-op rerun {rerun['wall_s']:.1f} s {rerun['phases']}"
+        )
+    return results
+
+
+def rows_rss(work: Path, s3_fs, small: int, large: int) -> dict:
+    results = {}
+    for rows in (small, large):
+        root = f"bench/rows-{rows}"
+        write_files(s3_fs, f"{root}/in", [tiny_text(i) for i in range(rows)], max(1, rows // 1000))
+        results[str(rows)] = embed(work, f"s3://{root}/in", f"s3://{root}/out")
+        run = results[str(rows)]
+        print(
+            f"  {rows:9,} rows: {run['wall_s']:6.1f} s, driver peak RSS {run['driver_rss_mb']} MB"
+        )
+    results["rss_ratio"] = round(
+        results[str(large)]["driver_rss_mb"] / results[str(small)]["driver_rss_mb"], 3
+    )
+    print(f"  driver RSS {large:,} / {small:,} rows = {results['rss_ratio']}x (goal <= 1.2x)")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=50_000, help="rows for the layouts")
+    parser.add_argument("--files", default="100,2000,10000", help="file counts on S3")
+    parser.add_argument("--rows-per-file", type=int, default=10)
+    parser.add_argument("--million", type=int, default=1_000_000, help="the large row count")
+    args = parser.parse_args()
+    from local_s3 import LocalS3
+
+    with tempfile.TemporaryDirectory(prefix="sbertray-scale-") as tmp, LocalS3() as s3:
+        os.environ.update(s3.env())
+        s3.create_bucket("bench")
+        work, fs = Path(tmp), s3.filesystem()
+        print(f"1. layouts: {args.rows:,} rows as 32 and as 2,000 files")
+        result = {"layouts": layouts(work, fs, args.rows)}
+        print("2. file counts on S3 (tiny texts)")
+        counts = [int(n) for n in args.files.split(",")]
+        result["files"] = file_counts(work, fs, counts, args.rows_per_file)
+        print(f"3. driver memory: {args.million // 10:,} and {args.million:,} rows on S3")
+        result["rows"] = rows_rss(work, fs, args.million // 10, args.million)
+    record("scale", {"rows": args.rows, **result})
+
+
+if __name__ == "__main__":
+    main()
