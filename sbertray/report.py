@@ -128,6 +128,9 @@ def _score_sample(out: storage.Location, outputs: list[str]) -> tuple[str | None
     return label, (np.concatenate(scores) if scores else np.array([]))
 
 
+_FILES_AS_BARS = 40  # more input files than this: a histogram of their sizes, not a bar each
+
+
 def write_embed_report(out: storage.Location, manifest: dict, units: list[dict]) -> dict:
     """Rows over time, rows per input file, score histogram and bad rows by reason, into
     ``<out>/_report/``."""
@@ -140,7 +143,13 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         ax.plot(xs, np.cumsum([u["rows_out"] for u in timed]), drawstyle="steps-post")
         plots["throughput.png"] = _png(fig)
     files = manifest.get("files", [])
-    if files:
+    if len(files) > _FILES_AS_BARS:  # thousands of small files: how their sizes spread
+        fig, ax = _figure(f"rows per input file ({len(files):,} files)", "rows", "input files")
+        ax.hist([f["rows_out"] + f["bad_rows"] for f in files], bins=50, label="rows")
+        ax.hist([f["bad_rows"] for f in files if f["bad_rows"]], bins=50, label="bad rows")
+        ax.legend(fontsize=8)
+        plots["rows_per_shard.png"] = _png(fig)
+    elif files:
         fig, ax = _figure("rows per input file", "input file", "rows")
         names = [f["rel"] for f in files]
         ax.bar(names, [f["rows_out"] for f in files], label="embedded")
@@ -151,8 +160,6 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
             label="bad",
         )
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-        if len(names) > 40:  # thousands of small files: the names would be unreadable
-            ax.set_xticks([])
         ax.legend(fontsize=8)
         plots["rows_per_shard.png"] = _png(fig)
     outputs = dict.fromkeys(o["path"] for f in files for o in f["outputs"])  # groups: once

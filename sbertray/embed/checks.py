@@ -37,7 +37,9 @@ def check_id_types(config: EmbedConfig, files: list[InputFile], schemas: list[pa
         )
 
 
-def check_ids(config: EmbedConfig, files: list[InputFile]) -> None:
+def check_ids(
+    config: EmbedConfig, files: list[InputFile], known: dict[str, np.ndarray] | None = None
+) -> None:
     """Refuses ids that would break "every id exactly once": a null id, or one id twice
     (within a file or across files). Names the files and up to five ids.
 
@@ -46,21 +48,23 @@ def check_ids(config: EmbedConfig, files: list[InputFile]) -> None:
     reduce finds the hashes repeated in its bucket. Only if there are any does a second pass
     read the ids with those hashes, to name them (and tell a rare hash collision from a real
     repeat). With Ray running (a cluster run), maps and reduces are Ray tasks and this process
-    holds object refs only; else they run here, holding 8 bytes per id.
+    holds object refs only; else they run here, holding 8 bytes per id. ``known``: hashes
+    of files already read while planning (small files, by relative path): not read again.
     """
     column = config.input.id_column
     if column is None or not files:
         return
-    chunks = _chunks(files)
+    known = known or {}
+    chunks = _chunks([f for f in files if f.rel not in known])
     buckets = max(1, -(-sum(f.num_rows for f in files) // _IDS_PER_BUCKET))
-    repeated = _run_on_ray(config, chunks, buckets) if _ray_running() else None
-    if repeated is None:
-        repeated = _run_here(config, chunks, buckets)
+    planned = _split_buckets(np.concatenate([np.empty(0, np.uint64), *known.values()]), buckets)
+    if _ray_running():
+        repeated = _run_on_ray(config, chunks, buckets, planned)
+    else:
+        repeated = _run_here(config, chunks, buckets, planned)
     if not repeated.size:
         return
-    with ThreadPoolExecutor(max_workers=_ID_READERS) as pool:
-        found = list(pool.map(lambda c: _ids_with_hashes(config, c[1], c[0], repeated), chunks))
-    table = pa.concat_tables([t for t in found if t.num_rows])
+    table = _ids_with_hashes(config, files, repeated)
     counts = table.group_by("id").aggregate([("file", "count"), ("file", "distinct")])
     counts = counts.filter(pc.greater(counts["file_count"], 1))
     if counts.num_rows:
@@ -72,16 +76,16 @@ def check_ids(config: EmbedConfig, files: list[InputFile]) -> None:
         )
 
 
-def _chunks(files: list[InputFile]) -> list[tuple[int, list[InputFile]]]:
-    """Consecutive files of about ``_IDS_PER_MAP`` rows, with the index of the first."""
+def _chunks(files: list[InputFile]) -> list[list[InputFile]]:
+    """Consecutive files of about ``_IDS_PER_MAP`` rows."""
     chunks, start, rows = [], 0, 0
     for i, f in enumerate(files):
         rows += f.num_rows
         if rows >= _IDS_PER_MAP or i - start + 1 >= _FILES_PER_MAP:
-            chunks.append((start, files[start : i + 1]))
+            chunks.append(files[start : i + 1])
             start, rows = i + 1, 0
     if start < len(files):
-        chunks.append((start, files[start:]))
+        chunks.append(files[start:])
     return chunks
 
 
@@ -97,31 +101,35 @@ def _read_ids(config: EmbedConfig, files: list[InputFile]) -> list[pa.ChunkedArr
             raise EmbedInputError(f"{f.url}: cannot read column `{column}`: {exc}") from None
 
     with ThreadPoolExecutor(max_workers=_ID_READERS) as pool:
-        columns = list(pool.map(read, files))
-    for f, ids in zip(files, columns, strict=True):
-        if ids.null_count:
-            rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()[:_IDS_SHOWN]
-            raise EmbedInputError(
-                f"{f.url}: row {rows[0]}: column `{column}` (input.id_column) is null "
-                f"({ids.null_count} null ids, rows {rows}{'...' if ids.null_count > len(rows) else ''})"
-            )
-    return columns
+        return list(pool.map(read, files))
 
 
-def _hash(ids: pa.ChunkedArray) -> np.ndarray:
+def hash_ids(config: EmbedConfig, f: InputFile, ids: pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of one file's ids; a null id raises, naming the file and rows."""
+    if ids.null_count:
+        rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()[:_IDS_SHOWN]
+        raise EmbedInputError(
+            f"{f.url}: row {rows[0]}: column `{config.input.id_column}` (input.id_column) is "
+            f"null ({ids.null_count} null ids, rows {rows}"
+            f"{'...' if ids.null_count > len(rows) else ''})"
+        )
     import pandas as pd
 
     return pd.util.hash_array(ids.to_numpy()).astype(np.uint64)
 
 
-def _map_hashes(config: EmbedConfig, files: list[InputFile], buckets: int) -> list[np.ndarray]:
-    """The map: the chunk's id hashes, split into ``buckets`` by hash."""
-    columns = _read_ids(config, files)
-    hashes = np.concatenate([_hash(c) for c in columns]) if columns else np.empty(0, np.uint64)
+def _split_buckets(hashes: np.ndarray, buckets: int) -> list[np.ndarray]:
     if buckets == 1:
         return [hashes]
     which = hashes % np.uint64(buckets)
     return [hashes[which == b] for b in range(buckets)]
+
+
+def _map_hashes(config: EmbedConfig, files: list[InputFile], buckets: int) -> list[np.ndarray]:
+    """The map: the chunk's id hashes, split into ``buckets`` by hash."""
+    columns = _read_ids(config, files)
+    hashed = [hash_ids(config, f, ids) for f, ids in zip(files, columns, strict=True)]
+    return _split_buckets(np.concatenate([np.empty(0, np.uint64), *hashed]), buckets)
 
 
 def _map_hashes_ray(config: EmbedConfig, files: list[InputFile], buckets: int):
@@ -136,31 +144,25 @@ def _repeated_hashes(*parts: np.ndarray) -> np.ndarray:
     return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
 
 
-def _ids_with_hashes(
-    config: EmbedConfig, files: list[InputFile], first: int, wanted: np.ndarray
-) -> pa.Table:
-    """The ids of ``files`` whose hash is in ``wanted``, with their file's index."""
+def _ids_with_hashes(config: EmbedConfig, files: list[InputFile], wanted: np.ndarray) -> pa.Table:
+    """The ids of ``files`` whose hash is in ``wanted``, with their file's index (read a chunk
+    of files at a time; only the repeats are kept)."""
     tables = []
-    for i, ids in enumerate(_read_ids(config, files)):
-        hit = np.isin(_hash(ids), wanted)
-        if hit.any():
-            chosen = ids.filter(pa.array(hit))
-            tables.append(
-                pa.table(
-                    {"id": chosen, "file": pa.array(np.full(len(chosen), first + i, np.int32))}
-                )
-            )
-    return (
-        pa.concat_tables(tables)
-        if tables
-        else pa.table({"id": [], "file": pa.array([], pa.int32())})
-    )
+    for start in range(0, len(files), _FILES_PER_MAP):
+        chunk = files[start : start + _FILES_PER_MAP]
+        for i, ids in enumerate(_read_ids(config, chunk), start):
+            hit = np.isin(hash_ids(config, files[i], ids), wanted)
+            if hit.any():
+                chosen = ids.filter(pa.array(hit))
+                index = pa.array(np.full(len(chosen), i, np.int32))
+                tables.append(pa.table({"id": chosen, "file": index}))
+    return pa.concat_tables(tables)  # not empty: each wanted hash came from some file
 
 
 def _run_here(
-    config: EmbedConfig, chunks: list[tuple[int, list[InputFile]]], buckets: int
+    config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
 ) -> np.ndarray:
-    mapped = [_map_hashes(config, files, buckets) for _, files in chunks]
+    mapped = [planned, *(_map_hashes(config, files, buckets) for files in chunks)]
     return np.concatenate([_repeated_hashes(*[m[b] for m in mapped]) for b in range(buckets)])
 
 
@@ -173,7 +175,7 @@ def _ray_running() -> bool:
 
 
 def _run_on_ray(
-    config: EmbedConfig, chunks: list[tuple[int, list[InputFile]]], buckets: int
+    config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
 ) -> np.ndarray:
     import ray
 
@@ -181,11 +183,11 @@ def _run_on_ray(
     # for a node to be added (the pool's own wait is bounded by `compute.placement_timeout_s`).
     map_task = ray.remote(num_cpus=0, num_returns=buckets)(_map_hashes_ray)
     reduce_task = ray.remote(num_cpus=0)(_repeated_hashes)
-    mapped = []
+    mapped = [[ray.put(part) for part in planned]]
     for wave in range(0, len(chunks), _MAPS_IN_FLIGHT):
         refs = [
             map_task.remote(config, files, buckets)
-            for _, files in chunks[wave : wave + _MAPS_IN_FLIGHT]
+            for files in chunks[wave : wave + _MAPS_IN_FLIGHT]
         ]
         refs = [r if buckets > 1 else [r] for r in refs]
         ray.wait([r[0] for r in refs], num_returns=len(refs))
@@ -224,7 +226,7 @@ def check_reference(config: EmbedConfig) -> None:
             f"reference `{storage.redact(str(ref.path))}`: no Parquet files found"
         )
     for f in files:
-        checked, schema = read_footer(fs, f)
+        checked, schema, _ = read_footer(fs, f)
         if checked.error:
             raise EmbedInputError(f"reference: {checked.error}")
         for key, column in (("id_column", ref.id_column), ("text_column", ref.text_column)):

@@ -243,7 +243,7 @@ def check_input_ids(plan: EmbedPlan) -> None:
         same_input = last["config"]["input"] == plan.run_metadata["config"]["input"]
         if same_input and checked == current and not last.get("bad_files"):
             return
-    check_ids(plan.config, plan.inputs.files)
+    check_ids(plan.config, plan.inputs.files, plan.inputs.id_hashes)
 
 
 def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:

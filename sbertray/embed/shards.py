@@ -24,6 +24,7 @@ from sbertray.errors import UserError
 
 _GLOB_CHARS = "*?["
 _FOOTER_READERS = 16  # footers read at once
+_READ_WHOLE_BYTES = 4 << 20  # files up to this size are read in one request while planning
 _UNITS_WANTED = 32  # default unit size: the input in about this many units
 _MIN_UNIT_ROWS = 1024
 _TEXT_TYPES = (
@@ -115,6 +116,9 @@ class InputPlan:
     files: list[InputFile]
     units: list[WorkUnit]
     bad_files: list[InputFile] = field(default_factory=list)
+    # 64-bit id hashes of the files read whole while planning (``read_footer``), by relative
+    # path: ``checks.check_ids`` reads only the others' ids.
+    id_hashes: dict = field(default_factory=dict, repr=False)
 
     @property
     def total_rows(self) -> int:
@@ -199,17 +203,32 @@ def open_input(fs: pafs.FileSystem, f: InputFile) -> pa.NativeFile:
     return fs.open_input_file(f.path)
 
 
-def read_footer(fs: pafs.FileSystem, f: InputFile) -> tuple[InputFile, pa.Schema | None]:
+def read_footer(
+    fs: pafs.FileSystem, f: InputFile, id_column: str | None = None
+) -> tuple[InputFile, pa.Schema | None, pa.ChunkedArray | None]:
+    """The file's row counts and schema, and for a small file its ``id_column`` too: a small
+    file costs one request whatever part of it is read, so it is read whole (object storage
+    is latency bound: this halves the requests of planning many small files)."""
+    ids = None
     try:
         with open_input(fs, f) as handle:
-            meta = pq.read_metadata(handle)
+            if f.size <= _READ_WHOLE_BYTES:
+                parquet = pq.ParquetFile(pa.BufferReader(handle.read()))
+                meta = parquet.metadata
+                if id_column and id_column in meta.schema.names:
+                    ids = parquet.read(columns=[id_column]).column(0)
+            else:
+                meta = pq.read_metadata(handle)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
-        return InputFile(
-            **{**f.__dict__, "error": f"{f.url}: not a readable Parquet file: {exc}"}
-        ), None
+        return (
+            InputFile(**{**f.__dict__, "error": f"{f.url}: not a readable Parquet file: {exc}"}),
+            None,
+            None,
+        )
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return InputFile(**{**f.__dict__, "num_rows": meta.num_rows, "row_group_rows": rows}), schema
+    checked = InputFile(**{**f.__dict__, "num_rows": meta.num_rows, "row_group_rows": rows})
+    return checked, schema, ids
 
 
 def check_columns(config: EmbedConfig, f: InputFile, schema: pa.Schema) -> None:
@@ -331,7 +350,7 @@ def plan_input(config: EmbedConfig) -> InputPlan:
     """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
     aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
     ids of different types always raise, before any work (null and repeated ids: ``checks``)."""
-    from sbertray.embed.checks import check_id_types
+    from sbertray.embed.checks import check_id_types, hash_ids
 
     fs, found = discover(config.input.path, config.storage)
     if not found:
@@ -341,8 +360,9 @@ def plan_input(config: EmbedConfig) -> InputPlan:
     good, bad, schemas = [], [], []
     # Footers one after another cost a round trip each in object storage: read them at once.
     with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
-        footers = list(pool.map(lambda f: read_footer(fs, f), found))
-    for checked, schema in footers:
+        footers = list(pool.map(lambda f: read_footer(fs, f, config.input.id_column), found))
+    id_hashes = {}
+    for checked, schema, ids in footers:
         if checked.error:
             if config.bad_input.on_bad_file == "fail":
                 raise EmbedInputError(
@@ -353,10 +373,12 @@ def plan_input(config: EmbedConfig) -> InputPlan:
         check_columns(config, checked, schema)
         good.append(checked)
         schemas.append(schema)
+        if ids is not None:
+            id_hashes[checked.rel] = hash_ids(config, checked, ids)
     check_id_types(config, good, schemas)
     size = choose_unit_rows(config, sum(f.num_rows for f in good))
     units = plan_units(good, config.output.rows_per_file, size)
-    return InputPlan(files=good, units=units, bad_files=bad)
+    return InputPlan(files=good, units=units, bad_files=bad, id_hashes=id_hashes)
 
 
 def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:
@@ -366,7 +388,7 @@ def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:
     fs, files = discover(ref.path, config.storage)
     ids, texts = [], []
     for f in files:
-        checked, schema = read_footer(fs, f)
+        checked, schema, _ = read_footer(fs, f)
         if checked.error:
             raise EmbedInputError(f"reference: {checked.error}")
         for col in (ref.id_column, ref.text_column):
