@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,3 +55,20 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def run_sbertray(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """One ``python -m sbertray ...`` process on a local Ray of its own; its wall time and
+    output. Exits with its output if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with Timer() as t:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sbertray", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    if proc.returncode:
+        sys.exit(proc.stdout[-2000:] + proc.stderr[-3000:])
+    return t.seconds, proc

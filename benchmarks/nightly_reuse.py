@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, Timer, record, stsb_sentences  # noqa: E402
+from _common import record, run_sbertray, stsb_sentences  # noqa: E402
 
 FILES = 8
 
@@ -45,20 +43,10 @@ def write_snapshot(root: Path, ids: np.ndarray, texts: list[str]) -> None:
 
 def embed(config: Path) -> tuple[float, dict]:
     """One `sbertray embed` process; its wall time and the manifest it committed."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with Timer() as t:
-        proc = subprocess.run(
-            [sys.executable, "-m", "sbertray", "embed", str(config)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-    if proc.returncode:
-        sys.exit(proc.stdout[-2000:] + proc.stderr[-3000:])
+    seconds, proc = run_sbertray("embed", str(config))
     print("  " + "\n  ".join(line for line in proc.stdout.splitlines() if "embedding" in line))
     out = yaml.safe_load(config.read_text())["output"]["path"]
-    return t.seconds, json.loads((Path(out) / "_manifest.json").read_text())
+    return seconds, json.loads((Path(out) / "_manifest.json").read_text())
 
 
 def main() -> None:
