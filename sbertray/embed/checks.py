@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
-from sbertray.embed.shards import EmbedInputError, InputFile, discover, open_input, read_footer
+from sbertray.embed.shards import EmbedInputError, InputFile, discover, read_footer
 
 _IDS_SHOWN = 5
 _ID_READERS = 16  # id columns read at once (object-store latency dominates)
@@ -95,7 +95,7 @@ def _read_ids(config: EmbedConfig, files: list[InputFile]) -> list[pa.ChunkedArr
 
     def read(f: InputFile) -> pa.ChunkedArray:
         try:
-            with open_input(fs, f) as handle:
+            with fs.open_input_file(f.path) as handle:
                 return pq.read_table(handle, columns=[column]).column(0)
         except (OSError, pa.ArrowException) as exc:
             raise EmbedInputError(f"{f.url}: cannot read column `{column}`: {exc}") from None

@@ -198,11 +198,6 @@ def discover(
     return fs, sorted({f.url: f for f in files}.values(), key=lambda f: f.rel)
 
 
-def open_input(fs: pafs.FileSystem, f: InputFile) -> pa.NativeFile:
-    """Opens ``f`` for random access (Parquet footers and row groups)."""
-    return fs.open_input_file(f.path)
-
-
 def read_footer(
     fs: pafs.FileSystem, f: InputFile, id_column: str | None = None
 ) -> tuple[InputFile, pa.Schema | None, pa.ChunkedArray | None]:
@@ -211,7 +206,7 @@ def read_footer(
     is latency bound: this halves the requests of planning many small files)."""
     ids = None
     try:
-        with open_input(fs, f) as handle:
+        with fs.open_input_file(f.path) as handle:
             if f.size <= _READ_WHOLE_BYTES:
                 parquet = pq.ParquetFile(pa.BufferReader(handle.read()))
                 meta = parquet.metadata

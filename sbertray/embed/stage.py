@@ -35,7 +35,7 @@ from sbertray.config import ConfigError, EmbedConfig
 from sbertray.embed import backends, compact, reuse
 from sbertray.embed.commit import UnitResult, write_unit
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.shards import FileSlice, WorkUnit, open_input, read_reference
+from sbertray.embed.shards import FileSlice, WorkUnit, read_reference
 from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import BadRows, column_texts
 from sbertray.modeling import resolve_model_path
@@ -190,7 +190,7 @@ class EmbedStage:
         columns = [c for c in columns if c not in partition_keys]
         if self.input_fs is None:
             self.input_fs = storage.resolve(piece.file.url, self.config.storage).fs
-        with open_input(self.input_fs, piece.file) as handle:
+        with self.input_fs.open_input_file(piece.file.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(piece.row_groups), columns=columns)
         if table.num_rows != piece.num_rows:
             raise OSError(f"footer says {piece.num_rows} rows, read {table.num_rows}")

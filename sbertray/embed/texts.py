@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from sbertray.config import EmbedConfig
-from sbertray.embed.shards import FileSlice, WorkUnit, open_input
+from sbertray.embed.shards import FileSlice, WorkUnit
 
 _MAX_ERRORS_SHOWN = 5
 
@@ -102,7 +102,7 @@ def sample_texts(config: EmbedConfig, units: list[WorkUnit], rows: int) -> list[
     column, texts = config.input.text_column, []
     for piece in (piece for unit in units for piece in unit.slices):
         fs = storage.resolve(piece.file.url, config.storage).fs
-        with open_input(fs, piece.file) as handle:
+        with fs.open_input_file(piece.file.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(piece.row_groups), columns=[column])
         needed = rows - len(texts)
         texts += [
