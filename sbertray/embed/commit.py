@@ -62,7 +62,8 @@ _JSON_FIELDS = ("bad_rows", "files", "bad_files")  # nested: JSON in Ray Data re
 
 
 class InvariantError(UserError, RuntimeError):
-    """Output rows + bad rows != input rows, or duplicate ids: the run is not committed."""
+    """A unit's rows written + bad rows != its input rows, a unit without a result, or an
+    output file that does not hold what its unit wrote: the run is not committed."""
 
 
 @dataclass

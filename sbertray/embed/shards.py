@@ -201,16 +201,17 @@ def discover(
 def read_footer(
     fs: pafs.FileSystem, f: InputFile, id_column: str | None = None
 ) -> tuple[InputFile, pa.Schema | None, pa.ChunkedArray | None]:
-    """The file's row counts and schema, and for a small file its ``id_column`` too: a small
-    file costs one request whatever part of it is read, so it is read whole (object storage
-    is latency bound: this halves the requests of planning many small files)."""
+    """The file's row counts and schema, and, if ``id_column`` is given and the file is small,
+    its ids too: a small file costs one request whatever part of it is read, so it is read
+    whole (object storage is latency bound: this halves the requests of planning many small
+    files). Without ids to read, only the footer is fetched."""
     ids = None
     try:
         with fs.open_input_file(f.path) as handle:
-            if f.size <= _READ_WHOLE_BYTES:
+            if id_column and f.size <= _READ_WHOLE_BYTES:
                 parquet = pq.ParquetFile(pa.BufferReader(handle.read()))
                 meta = parquet.metadata
-                if id_column and id_column in meta.schema.names:
+                if id_column in meta.schema.names:
                     ids = parquet.read(columns=[id_column]).column(0)
             else:
                 meta = pq.read_metadata(handle)
