@@ -81,6 +81,8 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["timings"]["reused_rows"] == 112
     assert manifest["timings"]["texts_embedded"] == 9
+    # Throughput once the actors run: from the first unit's start to the last commit.
+    assert 0 < manifest["timings"]["units_span_s"] <= manifest["timings"]["seconds"]
 
     # The same rows embedded from scratch, in this process: the same keys and vectors.
     full = run_embed(_config(inp, tmp_path / "full", "local"))

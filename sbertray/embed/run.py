@@ -87,6 +87,12 @@ class EmbedSummary:
         )
 
 
+def units_span(results) -> float:
+    """Seconds from the first of ``results`` starting to the last one committing (0 if none)."""
+    timed = [(r.finished_at - r.seconds, r.finished_at) for r in results if r.finished_at]
+    return round(max(e for _, e in timed) - min(s for s, _ in timed), 2) if timed else 0.0
+
+
 class PhaseClock:
     """Seconds spent in each phase of a run (the manifest's ``timings.phases``)."""
 
@@ -458,6 +464,8 @@ def _commit(
                 "texts_embedded": summary.texts_embedded,
                 "rows_per_s": round(summary.rows_per_s, 1),
                 "unit_seconds": sum(r.seconds for r in committed),
+                # First unit started to last unit committed: throughput once the actors run.
+                "units_span_s": units_span(r for r in committed if r.unit_id not in done),
                 "phases": dict(clock.phases),
                 "driver_peak_rss_mb": peak_rss_mb(),
             },
