@@ -56,13 +56,20 @@ def test_batch_size_must_divide_across_workers():
         parse_config(TrainConfig, _minimal(training={"batch_size": 10}, scaling={"num_workers": 4}))
 
 
-def test_half_precision_needs_gpu():
-    with pytest.raises(ConfigError, match="needs `scaling.use_gpu: true`"):
+def test_half_precision_needs_gpu_or_native_bf16_cpu(monkeypatch):
+    import sbertray.config.train as train_config
+
+    with pytest.raises(ConfigError, match="`training.precision: fp16` needs `scaling.use_gpu"):
+        parse_config(TrainConfig, _minimal(training={"precision": "fp16"}))
+    monkeypatch.setattr(train_config, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="CPUs with native bf16 .* this CPU has neither"):
         parse_config(TrainConfig, _minimal(training={"precision": "bf16"}))
-    cfg = parse_config(
-        TrainConfig, _minimal(training={"precision": "bf16"}, scaling={"use_gpu": True})
-    )
-    assert cfg.training.precision == "bf16"
+    for gpu, native in ((True, False), (False, True)):
+        monkeypatch.setattr(train_config, "cpu_has_native_bf16", lambda native=native: native)
+        cfg = parse_config(
+            TrainConfig, _minimal(training={"precision": "bf16"}, scaling={"use_gpu": gpu})
+        )
+        assert cfg.training.precision == "bf16"
 
 
 @pytest.mark.parametrize(

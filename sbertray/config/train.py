@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sbertray.config.core import DEFAULT_BASE_MODEL, StorageConfig, Strict
+from sbertray.embed.encoder import cpu_has_native_bf16
 
 
 class PairColumns(Strict):
@@ -64,7 +65,8 @@ class TrainingConfig(Strict):
     seed: int = 42
     max_seq_length: int | None = Field(default=None, gt=0)  # None keeps the base model's
     normalize: bool = True  # a Normalize module at the end of the model (or none)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 need `use_gpu`
+    # Mixed precision (autocast): fp16 on GPUs; bf16 on GPUs and on CPUs with native bf16.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     logging_steps: int = Field(50, gt=0)
     eval_every: Literal["epoch", "end"] = "epoch"  # dev evaluation after each epoch, or at the end
     checkpoint_steps: int | None = Field(default=None, gt=0)  # None: one checkpoint per epoch
@@ -124,9 +126,13 @@ class TrainConfig(Strict):
             raise ValueError(
                 "`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`"
             )
-        if self.training.precision != "fp32" and not self.scaling.use_gpu:
+        precision = self.training.precision
+        if precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("`training.precision: fp16` needs `scaling.use_gpu: true`")
+        if precision == "bf16" and not (self.scaling.use_gpu or cpu_has_native_bf16()):
+            # Emulated bf16 runs slower than fp32: refuse it rather than slow a run down.
             raise ValueError(
-                f"`training.precision: {self.training.precision}` needs `scaling.use_gpu: true`; "
-                "use fp32 on CPU"
+                "`training.precision: bf16` needs GPUs (`scaling.use_gpu: true`) or CPUs with "
+                "native bf16 (AVX512-BF16 or AMX); this CPU has neither: use fp32"
             )
         return self
