@@ -95,6 +95,32 @@ def test_concurrent_encodes_give_the_same_vectors(
         np.testing.assert_allclose(emb, alone[i % 4], atol=1e-5)
 
 
+def test_tokenizer_threads_give_the_ids_of_one_thread_and_the_models_own(
+    base_model, bundled_model_path, stsb_dev
+):
+    """GPU actors tokenize a block on all their CPUs: in chunks, on threads, through the Rust
+    tokenizer. The ids must be those of one thread and of the model's own tokenizer, cut at
+    max_seq_length the same way (one text here is far longer than that)."""
+    from sbertray.embed.encoder import MIN_TEXTS_PER_TOKENIZER_THREAD, TextEncoder
+
+    one = encoder_for_model(base_model, backend="torch", model_dir=bundled_model_path)
+    texts = (stsb_dev[0] + stsb_dev[1] + [" ".join(stsb_dev[0][:80])]) * 2
+    assert len(texts) > 2 * MIN_TEXTS_PER_TOKENIZER_THREAD
+    threaded = TextEncoder(
+        one._tokenize,
+        one.forward,
+        dim=one.dim,
+        max_seq_length=one.max_seq_length,
+        tokenize_threads=3,
+    )
+    ids, truncated = threaded.tokenize(texts)
+    assert (ids, truncated) == one.tokenize(texts)
+    assert truncated == 2
+    own = base_model.tokenize(texts)["input_ids"]  # padded, cut at max_seq_length
+    lengths = own.ne(base_model.tokenizer.pad_token_id).sum(1).tolist()
+    assert ids == [row[:n] for row, n in zip(own.tolist(), lengths, strict=True)]
+
+
 def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(
     base_model, bundled_model_path, stsb_dev
 ):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import numpy as np
 # (fp32) here. GPUs want large batches to fill the device.
 CPU_TOKEN_BUDGET, CPU_MAX_BATCH_ROWS = 1024, 256
 GPU_TOKEN_BUDGET, GPU_MAX_BATCH_ROWS = 65_536, 4096
+# Fewest texts per tokenizer thread: below it, handing work to threads costs more than it saves.
+MIN_TEXTS_PER_TOKENIZER_THREAD = 2048
 
 
 def cpu_has_native_bf16() -> bool:
@@ -34,6 +37,31 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class RustTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (the Rust one inside the model's fast tokenizer,
+    or an export's tokenizer.json): the same ids as the model's own tokenizer, without
+    transformers' per-row Python. Safe to share between threads (truncation is set once here,
+    not per call), and it releases the GIL while it encodes, so threads tokenize in parallel."""
+
+    def __init__(self, tokenizer, max_seq_length: int, lower_case: bool):
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        # One extra token tells "exactly at the limit" from "cut at the limit" (see encoder).
+        self._tokenizer.enable_truncation(max_length=max_seq_length + 1)
+        self._lower = lower_case
+
+    @classmethod
+    def from_file(cls, path: Path, max_seq_length: int, lower_case: bool) -> RustTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), max_seq_length, lower_case)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self._lower:
+            texts = [t.lower() for t in texts]
+        return [e.ids for e in self._tokenizer.encode_batch(texts)]
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,8 @@ class TextEncoder:
         dim, max_seq_length, pad_id: the model's.
         token_budget: padded tokens per forward pass (rows x longest row).
         max_batch_rows: cap on rows per forward pass.
+        tokenize_threads: threads that tokenize a large block in parallel (``tokenize`` must
+            be thread-safe then): a GPU actor's CPUs, so the tokenizer keeps the GPU fed.
 
     Build one from an ``EncoderSpec`` with ``backends.build_encoder``.
     """
@@ -88,8 +118,15 @@ class TextEncoder:
         pad_id: int = 0,
         token_budget: int = CPU_TOKEN_BUDGET,
         max_batch_rows: int = CPU_MAX_BATCH_ROWS,
+        tokenize_threads: int = 1,
     ):
         self._tokenize = tokenize
+        self._tokenizer_pool = (
+            ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tokenize")
+            if tokenize_threads > 1
+            else None
+        )
+        self.tokenize_threads = tokenize_threads
         self.forward = forward
         self.dim = dim
         self.max_seq_length = max_seq_length
@@ -101,13 +138,23 @@ class TextEncoder:
         """Token ids per text, cut to max_seq_length exactly as the tokenizer's own truncation
         would, plus how many texts were longer than that."""
         limit = self.max_seq_length
-        ids = self._tokenize(texts)
+        ids = self._token_ids(texts)
         truncated = 0
         for i, row in enumerate(ids):
             if len(row) > limit:
                 ids[i] = row[: limit - 1] + row[-1:]  # keep the closing special token
                 truncated += 1
         return ids, truncated
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """``tokenize`` over ``texts``, in contiguous chunks on the tokenizer threads when the
+        block is large enough to pay for them."""
+        chunks = min(self.tokenize_threads, len(texts) // MIN_TEXTS_PER_TOKENIZER_THREAD)
+        if chunks < 2:
+            return self._tokenize(texts)
+        size = -(-len(texts) // chunks)
+        parts = [texts[i : i + size] for i in range(0, len(texts), size)]
+        return list(itertools.chain.from_iterable(self._tokenizer_pool.map(self._tokenize, parts)))
 
     def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Row indices per forward pass: longest first, each batch within the token budget."""

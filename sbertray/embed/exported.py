@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sbertray import storage
-from sbertray.embed.encoder import EncoderSpec, TextEncoder
+from sbertray.embed.encoder import EncoderSpec, RustTokenizer, TextEncoder
 from sbertray.modeling import SPEC_FORMAT, ModelSpec, cache_root, load_model, model_hash
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -191,26 +191,6 @@ def prepare(spec: EncoderSpec, model_dir: str) -> None:
     ensure(model_dir, spec.precision, digest=spec.model_hash)
 
 
-class ExportedTokenizer:
-    """The export's tokenizer.json through the ``tokenizers`` library: same ids as the model's
-    own fast tokenizer, without importing transformers. Safe to share between threads: its
-    truncation is set once here, not per call."""
-
-    def __init__(self, path: Path, spec: ModelSpec):
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(str(path))
-        self._tokenizer.no_padding()
-        # One extra token tells "exactly at the limit" from "cut at the limit" (see encoder).
-        self._tokenizer.enable_truncation(max_length=spec.max_seq_length + 1)
-        self._lower = spec.do_lower_case
-
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self._lower:
-            texts = [t.lower() for t in texts]
-        return [e.ids for e in self._tokenizer.encode_batch(texts)]
-
-
 def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool) -> np.ndarray:
     """sentence-transformers' mean Pooling (+ Normalize) over the transformer's output."""
     mask = attention_mask[..., None].astype(np.float32)
@@ -270,7 +250,9 @@ def build_encoder(
     path, facts = ensure(model_dir, spec.precision, model, spec.model_hash)
     threads = spec.threads or len(os.sched_getaffinity(0))
     return TextEncoder(
-        ExportedTokenizer(path.with_name("tokenizer.json"), facts),
+        RustTokenizer.from_file(
+            path.with_name("tokenizer.json"), facts.max_seq_length, facts.do_lower_case
+        ),
         forward_class(path, facts, threads=threads, precision=spec.precision),
         dim=facts.dim,
         max_seq_length=facts.max_seq_length,

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from sbertray.embed.backends.base import Backend
-from sbertray.embed.encoder import EncoderSpec, TextEncoder
+from sbertray.embed.encoder import EncoderSpec, RustTokenizer, TextEncoder
 
 
 class TorchForward:
@@ -58,8 +58,8 @@ class TorchForward:
 
 
 class _ModelTokenizer:
-    """A loaded model's Hugging Face tokenizer. Its ``__call__`` re-configures truncation on the
-    shared Rust tokenizer, which fails under concurrent calls, so each thread gets a copy."""
+    """A loaded model's slow (Python) Hugging Face tokenizer, where it has no Rust one. Its
+    ``__call__`` re-configures truncation, so each thread gets a copy."""
 
     def __init__(self, tokenizer, max_length: int, lower_case: bool):
         self._shared, self._max_length, self._lower = tokenizer, max_length, lower_case
@@ -91,14 +91,24 @@ def build(spec: EncoderSpec, model_dir: str, model=None) -> TextEncoder:
     if model is None:
         model = load_model(model_dir, device=spec.device)
     facts = ModelSpec.of(model)
+    if getattr(model.tokenizer, "is_fast", False):
+        from tokenizers import Tokenizer
+
+        # A copy: truncation is set on it, and the model's own tokenizer stays as it was.
+        rust = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+        tokenize = RustTokenizer(rust, facts.max_seq_length, facts.do_lower_case)
+    else:
+        tokenize = _ModelTokenizer(model.tokenizer, facts.max_seq_length + 1, facts.do_lower_case)
     return TextEncoder(
-        _ModelTokenizer(model.tokenizer, facts.max_seq_length + 1, facts.do_lower_case),
+        tokenize,
         TorchForward(model, spec.device, spec.precision, normalized=facts.normalized),
         dim=facts.dim,
         max_seq_length=facts.max_seq_length,
         pad_id=facts.pad_id,
         token_budget=spec.token_budget,
         max_batch_rows=spec.max_batch_rows,
+        # A GPU actor's CPUs tokenize (the GPU waits on them); a CPU actor's run the model.
+        tokenize_threads=(spec.threads or 1) if spec.device.startswith("cuda") else 1,
     )
 
 
