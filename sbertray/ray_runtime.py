@@ -83,6 +83,23 @@ def autoscaling_limits() -> dict[str, float] | None:
         return None
 
 
+def cpus_per_gpu() -> float | None:
+    """The fewest CPUs per GPU among the GPU nodes that are up, or else among the GPU node types
+    the autoscaler may add; None where no GPU node is known."""
+    import ray
+
+    ratios = [
+        node["Resources"].get("CPU", 0) / node["Resources"]["GPU"]
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("GPU")
+    ] or [
+        g.resources.get("CPU", 0) / g.resources["GPU"]
+        for g in _node_groups()
+        if g.resources.get("GPU") and g.max_count != 0
+    ]
+    return min(ratios) if ratios else None
+
+
 def node_type_cpus() -> list[float]:
     """CPUs of each node type the autoscaler may add (empty where Ray does not say)."""
     return [float(g.resources.get("CPU", 0)) for g in _node_groups() if g.max_count != 0]

@@ -32,6 +32,11 @@ def test_gpu_cluster_gets_one_actor_per_gpu():
         "cuda",
     )
     assert plan_pool({"CPU": 16.0, "GPU": 4.0}, ComputeConfig(device="cpu"), 100).device == "cpu"
+    # Where the GPU nodes' CPUs per GPU are known, each GPU actor takes them to tokenize on.
+    fed = plan_pool({"CPU": 72.0, "GPU": 4.0}, ComputeConfig(), 100, cpus_per_gpu=16.0)
+    assert (fed.num_actors, fed.cpus_per_actor, fed.threads) == (4, 16.0, 16)
+    pinned = ComputeConfig(cpus_per_actor=2)
+    assert plan_pool({"CPU": 72.0, "GPU": 4.0}, pinned, 100, cpus_per_gpu=16.0).threads == 2
 
 
 def test_pool_that_cannot_fit_is_refused_instead_of_hanging():

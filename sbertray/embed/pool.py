@@ -18,7 +18,8 @@ from sbertray.embed import backends
 from sbertray.errors import UserError
 from sbertray.ray_runtime import NUM_CPUS_ENV
 
-# A GPU actor still tokenizes, reads and writes Parquet on the CPU.
+# A GPU actor reads, tokenizes and writes Parquet on the CPU: it takes its node's CPUs per GPU
+# (tokenizing on all of them, so the GPU is not left waiting), and at least this many.
 CPUS_PER_GPU_ACTOR = 1.0
 # Units one GPU actor works on at once: while one is on the GPU, the next is read and tokenized
 # and the last written, so the GPU does not wait on the CPU (the encoder is thread-safe).
@@ -63,12 +64,14 @@ def plan_pool(
     compute: ComputeConfig,
     num_units: int,
     limits: dict[str, float] | None = None,
+    cpus_per_gpu: float | None = None,
 ) -> PoolPlan:
     """Returns the pool for ``num_units`` work units on a cluster with ``cluster`` resources now
     (``ray.cluster_resources()``) and ``limits``, what its autoscaler may grow it to (None: not
-    known, or no autoscaler).
+    known, or no autoscaler). ``cpus_per_gpu``: the fewest CPUs per GPU of its GPU nodes
+    (``ray_runtime.cpus_per_gpu``; None: not known).
 
-    GPU actors: one per GPU (half precision). CPU actors: one per CPU share, each with its share
+    GPU actors: one per GPU (half precision), with its node's CPUs per GPU. CPU actors: one per CPU share, each with its share
     as threads, so actors never oversubscribe cores. The pool starts with the actors the
     cluster can place now (at least one: on a cold cluster the autoscaler adds a node for it)
     and grows to what the limits allow, as Ray Data's autoscaling actor pool. Configs only CPU
@@ -87,7 +90,7 @@ def plan_pool(
             "autoscaler can add has any"
         )
     if compute.device != "cpu" and gpu_possible and backends.may_run_on(compute, "cuda"):
-        per_cpu = compute.cpus_per_actor or CPUS_PER_GPU_ACTOR
+        per_cpu = compute.cpus_per_actor or max(CPUS_PER_GPU_ACTOR, float(int(cpus_per_gpu or 0)))
         wanted = compute.num_actors or compute.max_actors or int(most["GPU"]) or units
         if compute.num_actors and known and wanted > most["GPU"]:
             raise PoolSizeError(

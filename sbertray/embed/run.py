@@ -32,7 +32,7 @@ from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit, plan_inp
 from sbertray.embed.stage import check_output_columns, computed_columns, output_schema
 from sbertray.modeling import PreparedModel, prepare_model, resolve_model_path
 from sbertray.progress import Progress
-from sbertray.ray_runtime import spans_many_nodes
+from sbertray.ray_runtime import cpus_per_gpu, spans_many_nodes
 from sbertray.report import (
     REPORT_DIR,
     REPORT_MD,
@@ -281,7 +281,7 @@ def choose_pool(
     from sbertray.embed import ray_adapter
 
     resources, limits = ray_adapter.cluster_resources(ray_address)
-    return plan_pool(resources, plan.config.compute, len(todo), limits)
+    return plan_pool(resources, plan.config.compute, len(todo), limits, cpus_per_gpu=cpus_per_gpu())
 
 
 def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
