@@ -14,6 +14,7 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
    worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
 4. A node joins again; fine-tuning with `scaling.max_failures: 1` loses the node its worker
    runs on after the first checkpoint, and goes on from that checkpoint on the other node.
+5. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans one GPU actor with 2 CPUs.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
-from sbertray.config import EmbedConfig, parse_config
+from sbertray.config import ComputeConfig, EmbedConfig, parse_config
+from sbertray.embed.pool import plan_pool
 from sbertray.embed.run import run_embed
 from sbertray.errors import UserError
+from sbertray.ray_runtime import cpus_per_gpu
 
 UNITS, ROWS = 12, 100
 STSB_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "train.tsv"
@@ -190,6 +193,13 @@ def main(work: Path, model: str) -> None:
         nodes = [n for n in nodes if n is not lost]
         nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
         seen["train"] = _train_losing_a_node(cluster, work, model)
+        # A GPU node joins (Ray takes its GPU as declared): GPU actors would take its CPUs per
+        # GPU, to tokenize on.
+        cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        per_gpu = cpus_per_gpu()
+        plan = plan_pool(ray.cluster_resources(), ComputeConfig(), 4, cpus_per_gpu=per_gpu)
+        seen["gpu_node"] = [per_gpu, plan.device, plan.num_actors, plan.cpus_per_actor]
     finally:
         ray.shutdown()
         cluster.shutdown()
