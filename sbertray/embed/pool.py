@@ -71,8 +71,8 @@ def plan_pool(
     known, or no autoscaler). ``cpus_per_gpu``: the fewest CPUs per GPU of its GPU nodes
     (``ray_runtime.cpus_per_gpu``; None: not known).
 
-    GPU actors: one per GPU (half precision), with its node's CPUs per GPU. CPU actors: one per CPU share, each with its share
-    as threads, so actors never oversubscribe cores. The pool starts with the actors the
+    GPU actors: one per GPU (half precision), with its node's CPUs per GPU. CPU actors: one per
+    CPU share, each with its share as threads, so actors never oversubscribe cores. The pool starts with the actors the
     cluster can place now (at least one: on a cold cluster the autoscaler adds a node for it)
     and grows to what the limits allow, as Ray Data's autoscaling actor pool. Configs only CPU
     backends run (onnx, openvino; int8) get CPU actors on GPU clusters too.
