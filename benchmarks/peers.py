@@ -258,7 +258,7 @@ def contest(name: str, texts: list[str], python: Path, exports: Path, work: Path
     write_shards(data, texts)
     flops, mean_tokens = model_flops(texts, model)
     print(f"\n{name}: {len(texts):,} texts, mean {mean_tokens:.1f} tokens", flush=True)
-    rows, timings = {}, None
+    rows, manifests = {}, {}
 
     def done(contender: str, wall: float, rate: float, out: Path) -> None:
         """Records a contender, its fidelity to the reference (the first to run) at once."""
@@ -276,8 +276,7 @@ def contest(name: str, texts: list[str], python: Path, exports: Path, work: Path
         done(contender, *run_peer(python, contender, model, exports, data, out), out)
     for contender, compute in SBERTRAY.items():
         out = work / f"{name}-{contender}"
-        wall, rate, got = run_sbertray_config(data, out, work, compute)
-        timings = timings if contender != "sbertray" else got
+        wall, rate, manifests[contender] = run_sbertray_config(data, out, work, compute)
         done(contender, wall, rate, out)
     for row in rows.values():
         del row["out"]
@@ -286,7 +285,7 @@ def contest(name: str, texts: list[str], python: Path, exports: Path, work: Path
         "mean_tokens": round(mean_tokens, 1),
         "mflop_per_text": round(flops / 1e6, 2),
         "repeat_rate": round(1 - len(set(texts)) / len(texts), 4),
-        "texts_embedded": timings["texts_embedded"],
+        "texts_embedded": manifests["sbertray"]["texts_embedded"],
         "contenders": rows,
         "flops_per_text": flops,
     }
