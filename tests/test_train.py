@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from processes import kill_when, run, sbertray_cmd
 
 from sbertray.config import PairDataConfig, TrainConfig, load_config
+from sbertray.ray_runtime import ray_train_settings
 from sbertray.report import summarize
 from sbertray.train import checkpoints, evaluate_model, train
 from sbertray.train.data import load_pairs
@@ -164,6 +166,9 @@ def test_resume_after_killing_the_run(tmp_path, monkeypatch):
     assert result["global_step"] == 32  # 40 pairs / batch 10 = 4 steps x 8 epochs
     assert result["resumed_from_step"] == max(complete)
     assert f"resumed from step {max(complete)}" in second.stdout
+    # sbertray's own local Ray: no preemption watcher, no State API warning every second.
+    for noise in ("PreemptionWatcher", "Failed to query Ray Train Controller"):
+        assert noise not in second.stdout + second.stderr
     ran = [int(step) for step in re.findall(r"\[sbertray\] step (\d+)/", second.stdout)]
     assert sorted(set(ran)) == list(range(max(complete) + 2, 33, 2))
     assert "training 40 pairs: 32 steps of global batch 10" in second.stdout
@@ -234,3 +239,17 @@ def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch
     # One step is enough for a loss on record (and its plot): no "loss nan -> nan".
     assert summary.startswith("train resume_roles: 1 steps") and "loss.png" in summary
     assert "nan" not in summary
+
+
+def test_ray_train_settings_keep_the_users_and_are_undone(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    with ray_train_settings(many_nodes=False):
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    with ray_train_settings(many_nodes=True):
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # spot nodes may go
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ

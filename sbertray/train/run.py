@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sbertray import storage
 from sbertray.config import TrainConfig
 from sbertray.modeling import model_hash, resolve_model_path
-from sbertray.ray_runtime import init_ray, node_type_cpus, spans_many_nodes
+from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
 from sbertray.report import write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint
@@ -122,7 +122,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     print(f"[sbertray] {plan.describe()}", flush=True)
 
     init_ray(ray_address)
-    if spans_many_nodes():
+    many_nodes = spans_many_nodes()
+    if many_nodes:
         outputs = {
             "output.model": config.output.model,
             "output.checkpoints": config.output.checkpoint_root,
@@ -153,7 +154,8 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
     )
-    trainer.fit()
+    with ray_train_settings(many_nodes):
+        trainer.fit()
     # Rank 0 wrote the run summary beside the model; the driver adds its own wall time.
     result_loc = storage.resolve(config.output.model, config.storage).child(RESULT_FILE)
     summary = json.loads(storage.read_bytes(result_loc))
