@@ -1,22 +1,29 @@
 """Training speed, in one run on the same recipe and the same optimizer steps:
 
-1. Ray Train's overhead as a fixed cost plus a per-step cost: plain single-process
-   sentence-transformers training and sbertray through Ray Train (1 worker), each at N and 2N
-   steps; a line through the two wall times gives seconds per step and fixed seconds (model
-   load, Ray Train start, checkpoint, save). Goals: fixed overhead <= 15 s, per step <= 3%.
+1. Ray Train's overhead as a fixed cost plus a per-step cost. Each contender is a fresh process
+   doing the same job: load the pairs and the base model, score dev before and after training
+   (sbertray's default with ``eval_every: end``), train, save. "plain" is the script a user would
+   write with sentence-transformers' trainer; "Ray Train" is ``sbertray train`` with 1 worker,
+   submitted to a Ray that is already running, as on a cluster. Each runs at N and 2N steps, in
+   interleaved rounds (best of the rounds, as this machine's speed drifts); a line through the two
+   wall times gives seconds per step and fixed seconds. Goals: fixed overhead <= 15 s, per step
+   <= 3%.
 2. On CPUs with native bf16 (AVX512-BF16, AMX): plain training in bf16 autocast against fp32,
    steps/s and STS-B dev Spearman. Goal: >= 1.3x the steps/s, Spearman within 0.003.
 
 Prints both and appends them to benchmarks/results.json.
 
-    .venv/bin/python benchmarks/train_overhead.py --pairs 1600    # 100 and 200 steps
+    .venv/bin/python benchmarks/train_overhead.py --pairs 800    # 50 and 100 steps, 2 rounds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,26 +34,30 @@ from _common import ROOT, STSB, Timer, record, stsb_rows  # noqa: E402
 
 from sbertray.config import TrainConfig, load_config  # noqa: E402
 
-
-def _recipe(train_file: Path, out: Path, workers: int = 1) -> TrainConfig:
-    return load_config(
-        TrainConfig,
-        ROOT / "jobs/configs/stsb.yaml",
-        [
-            f"train.path={train_file}",
-            f"dev.path={STSB / 'dev.tsv'}",
-            "training.epochs=1",
-            "training.select_best=false",
-            "training.eval_every=end",
-            "dev.limit=500",
-            f"scaling.num_workers={workers}",
-            f"output.model={out}",
-        ],
-    )
+DEV_PAIRS = 500  # dev scored before and after training, on both sides
 
 
-def plain(config: TrainConfig, out: Path, bf16: bool = False) -> int:
-    """What a user would write without sbertray: one process, sentence-transformers' trainer."""
+def _overrides(train_file: Path, out: Path) -> list[str]:
+    return [
+        f"train.path={train_file}",
+        f"dev.path={STSB / 'dev.tsv'}",
+        "training.epochs=1",
+        "training.select_best=false",
+        "training.eval_every=end",
+        f"dev.limit={DEV_PAIRS}",
+        "scaling.num_workers=1",
+        f"output.model={out}",
+    ]
+
+
+def _recipe(train_file: Path, out: Path) -> TrainConfig:
+    return load_config(TrainConfig, ROOT / "jobs/configs/stsb.yaml", _overrides(train_file, out))
+
+
+def plain(config: TrainConfig, out: Path, bf16: bool = False) -> tuple[int, float]:
+    """What a user would write without sbertray: one process, sentence-transformers' trainer,
+    dev scored before and after as sbertray does. Returns the optimizer steps and the seconds
+    the trainer spent on them."""
     import datasets
     from sentence_transformers import (
         SentenceTransformerTrainer,
@@ -56,9 +67,12 @@ def plain(config: TrainConfig, out: Path, bf16: bool = False) -> int:
 
     from sbertray.modeling import load_model
     from sbertray.train.data import load_pairs
+    from sbertray.train.evaluation import build_evaluator
 
     pairs = load_pairs(config.train)
+    evaluator = build_evaluator(load_pairs(config.dev), "dev")
     model = load_model(config.base_model, device="cpu", max_seq_length=256, normalize=True)
+    evaluator(model)
     t = config.training
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "hf"),
@@ -81,9 +95,19 @@ def plain(config: TrainConfig, out: Path, bf16: bool = False) -> int:
         train_dataset=datasets.Dataset(pairs.table),
         loss=CosineSimilarityLoss(model),
     )
-    trainer.train()
+    trained = trainer.train()
+    evaluator(model)
     model.save(str(out / "model"))
-    return trainer.state.global_step
+    return trainer.state.global_step, trained.metrics["train_runtime"]
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Wall seconds of one contender's process; exits with its output's tail if it fails."""
+    with Timer() as t, log.open("w") as out:
+        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.exit(f"{' '.join(command)} failed ({code}):\n" + log.read_text()[-3000:])
+    return t.seconds
 
 
 def _fit(points: dict[int, float]) -> tuple[float, float]:
@@ -105,34 +129,45 @@ def _pairs_file(work: Path, pairs: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pairs", type=int, default=1600, help="STS-B pairs of the short run (16 per step)"
+        "--pairs", type=int, default=800, help="STS-B pairs of the short run (16 per step)"
     )
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
+    parser.add_argument("--plain-run", nargs=2, metavar=("TRAIN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_run:  # the plain contender's own process
+        train_file, out = map(Path, args.plain_run)
+        plain(_recipe(train_file, out), out)
+        return
 
     import ray
 
     from sbertray.embed.encoder import cpu_has_native_bf16
     from sbertray.ray_runtime import init_ray
-    from sbertray.train import evaluate, train
+    from sbertray.train import evaluate
 
     work = Path(tempfile.mkdtemp(prefix="sbertray-bench-"))
-    init_ray()  # started once, outside the timed runs, as on a running cluster
-    # Imported before the timed runs: else the first plain run alone pays for the imports (a
-    # Ray Train worker is a new process each run, so it pays every time: a fixed cost).
-    import datasets  # noqa: F401
-    import sentence_transformers  # noqa: F401
-
+    init_ray()  # the running cluster that `sbertray train` joins, started outside the timings
+    address = ray.get_runtime_context().gcs_address
+    batch = _recipe(work, work).training.batch_size
     wall: dict[str, dict[int, float]] = {"plain": {}, "ray_1w": {}}
-    for pairs in (args.pairs, 2 * args.pairs):
-        train_file = _pairs_file(work, pairs)
-        with Timer() as t:
-            steps = plain(_recipe(train_file, work / "a"), work / "a")
-        wall["plain"][steps] = t.seconds
-        with Timer() as t:
-            result = train(_recipe(train_file, work / f"ray-{pairs}" / "model"))
-        wall["ray_1w"][result.global_step] = t.seconds
-        print(f"{steps} steps: plain {wall['plain'][steps]:.1f} s, "
-              f"Ray Train {wall['ray_1w'][result.global_step]:.1f} s", flush=True)  # fmt: skip
+    for round_ in range(args.rounds):
+        for pairs in (args.pairs, 2 * args.pairs):
+            train_file, steps = _pairs_file(work, pairs), pairs // batch
+            run = work / f"{pairs}-{round_}"
+            plain_cmd = [sys.executable, __file__, "--plain-run", str(train_file)]
+            plain_cmd.append(str(run / "plain"))
+            ray_cmd = [sys.executable, "-m", "sbertray", "train", "--address", address]
+            ray_cmd += ["jobs/configs/stsb.yaml", *_overrides(train_file, run / "ray")]
+            seconds = {
+                "plain": _run(plain_cmd, run.with_suffix(".plain.log")),
+                "ray_1w": _run(ray_cmd, run.with_suffix(".ray.log")),
+            }
+            trained = json.loads((run / "ray" / "train_result.json").read_text())["global_step"]
+            assert trained == steps, f"Ray Train ran {trained} steps, plain {steps}"
+            for name, t in seconds.items():
+                wall[name][steps] = min(t, wall[name].get(steps, t))
+            print(f"round {round_ + 1}, {steps} steps: plain {seconds['plain']:.1f} s, "
+                  f"Ray Train {seconds['ray_1w']:.1f} s", flush=True)  # fmt: skip
     ray.shutdown()
     (plain_fixed, plain_step), (ray_fixed, ray_step) = _fit(wall["plain"]), _fit(wall["ray_1w"])
     overhead = {
@@ -151,10 +186,9 @@ def main() -> None:
         runs = {}
         for name in ("fp32", "bf16"):
             out = work / f"plain-{name}"
-            with Timer() as t:
-                steps = plain(_recipe(train_file, out), out, bf16=name == "bf16")
+            steps, seconds = plain(_recipe(train_file, out), out, bf16=name == "bf16")
             runs[name] = {
-                "steps_per_s": steps / t.seconds,
+                "steps_per_s": steps / seconds,
                 "dev_spearman": evaluate(str(out / "model"), dev).spearman_cosine,
             }
         bf16 = {
@@ -171,6 +205,7 @@ def main() -> None:
         "train_overhead",
         {
             "pairs": [args.pairs, 2 * args.pairs],
+            "rounds": args.rounds,
             "seconds": {k: {s: round(v, 1) for s, v in p.items()} for k, p in wall.items()},
             "overhead": overhead,
             "bf16": bf16,
