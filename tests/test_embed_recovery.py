@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -154,6 +156,30 @@ def test_input_file_rewritten_with_fewer_rows_leaves_no_stale_parts(ray_2cpu, tm
     third = run_embed(config)
     assert (third.output_rows, third.orphaned_parts, third.embedded_rows) == (2, 3, 0)
     assert not list(out.glob("s00.*")) and _output_ids(out) == [5000, 5001]
+
+
+def test_runs_racing_for_an_absent_local_lock_get_one_winner(tmp_path):
+    """On a local path the filesystem settles the race (an exclusive create): of eight runs
+    starting together, exactly one holds the lock and the others are refused."""
+    out = storage.resolve(str(tmp_path / "out"))
+    locks = [OutputLock(out, f"run-{i}", stale_after_s=60) for i in range(8)]
+    start = threading.Barrier(len(locks))
+
+    def race(lock: OutputLock) -> bool:
+        start.wait()
+        try:
+            lock.acquire()
+        except LockError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(len(locks)) as pool:
+        won = list(pool.map(race, locks))
+    assert won.count(True) == 1
+    winner = locks[won.index(True)]
+    assert json.loads((tmp_path / "out" / "_lock.json").read_text())["run_id"] == winner.run_id
+    winner.release()
+    assert not (tmp_path / "out" / "_lock.json").exists()
 
 
 def test_lock_blocks_a_concurrent_run_and_stale_locks_are_taken_over(tmp_path):

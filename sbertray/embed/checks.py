@@ -3,6 +3,7 @@ across the whole input, the output's place relative to the input, the reference 
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -167,11 +168,9 @@ def _run_here(
 
 
 def _ray_running() -> bool:
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
+    # Not imported to ask: a run without Ray would pay half a second for a "no".
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _run_on_ray(

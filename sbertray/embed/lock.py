@@ -2,7 +2,9 @@
 
 Object stores have no atomic create-if-absent that every backend supports, so the lock is
 write-then-verify: read the lock, write ours if there is none (or it is stale), read it back and
-make sure it is still ours. The owner refreshes a heartbeat; a lock whose heartbeat is older than
+make sure it is still ours. On a local filesystem an absent lock is created atomically
+(a hard link, which fails if the name exists), which settles a race at once instead of after
+the verify delay. The owner refreshes a heartbeat; a lock whose heartbeat is older than
 ``stale_after_s``, or whose owner process is gone from this same host, is taken over with a
 warning.
 """
@@ -82,6 +84,31 @@ class OutputLock:
         return None
 
     def acquire(self) -> None:
+        if not self._create_absent():
+            self._take()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _create_absent(self) -> bool:
+        """On a local filesystem: creates the lock if there is none, atomically and whole (a
+        hard link of a finished temp file, so no reader sees it empty). False when the location
+        is remote or a lock is there already (live, stale or just created)."""
+        if not self.loc.is_local:
+            return False
+        os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
+        tmp = f"{self.loc.path}.{self.run_id}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(self._record()).encode())
+        try:
+            os.link(tmp, self.loc.path)
+        except OSError:  # the name exists, or hard links are not supported: write-then-verify
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def _take(self) -> None:
+        """Write-then-verify, for object stores and for taking over a stale lock."""
         current = self._read()
         if current is not None and current.get("run_id") != self.run_id:
             why = self._is_stale(current)
@@ -102,8 +129,6 @@ class OutputLock:
                 f"lost the race for {storage.redact(self.loc.url)} to run "
                 f"{(check or {}).get('run_id')}"
             )
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
