@@ -57,9 +57,8 @@ def test_exported_tokenizer_gives_the_models_own_ids(base_model, bundled_model_p
         base_model, backend="openvino", model_dir=bundled_model_path, threads=1
     )
     texts = [*stsb_dev[0], "", "  ", "Ünïcödé — 東京 😀", "word " * 400, "a\tb\nc"]
-    got, got_cut = exported.tokenize(texts)
-    ref, ref_cut = encoder_for_model(base_model).tokenize(texts)
-    assert got == ref and got_cut == ref_cut == 1
+    got, ref = exported.token_ids(texts), encoder_for_model(base_model).token_ids(texts)
+    assert got.rows() == ref.rows() and got.truncated == ref.truncated == 1
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="CPU without native bf16")
@@ -95,30 +94,36 @@ def test_concurrent_encodes_give_the_same_vectors(
         np.testing.assert_allclose(emb, alone[i % 4], atol=1e-5)
 
 
-def test_tokenizer_threads_give_the_ids_of_one_thread_and_the_models_own(
-    base_model, bundled_model_path, stsb_dev
+def test_tokenizer_processes_give_the_ids_of_one_process_and_the_models_own(
+    base_model, bundled_model_path, stsb_dev, monkeypatch
 ):
-    """GPU actors tokenize a block on all their CPUs: in chunks, on threads, through the Rust
-    tokenizer. The ids must be those of one thread and of the model's own tokenizer, cut at
-    max_seq_length the same way (one text here is far longer than that)."""
-    from sbertray.embed.encoder import MIN_TEXTS_PER_TOKENIZER_THREAD, TextEncoder
+    """GPU actors tokenize a block on all their CPUs: in chunks, in processes, through the Rust
+    tokenizer. The ids must be those of this process and of the model's own tokenizer, cut at
+    max_seq_length the same way (one text here is far longer than that), in input order; the
+    vectors those ids give are the same."""
+    from sbertray.embed import encoder
+    from sbertray.embed.encoder import MIN_TEXTS_PER_TOKENIZER, TextEncoder
 
     one = encoder_for_model(base_model, backend="torch", model_dir=bundled_model_path)
     texts = (stsb_dev[0] + stsb_dev[1] + [" ".join(stsb_dev[0][:80])]) * 2
-    assert len(texts) > 2 * MIN_TEXTS_PER_TOKENIZER_THREAD
-    threaded = TextEncoder(
+    assert len(texts) > 2 * MIN_TEXTS_PER_TOKENIZER
+    pooled = TextEncoder(
         one._tokenize,
         one.forward,
         dim=one.dim,
         max_seq_length=one.max_seq_length,
-        tokenize_threads=3,
+        tokenize_processes=3,
     )
-    ids, truncated = threaded.tokenize(texts)
-    assert (ids, truncated) == one.tokenize(texts)
-    assert truncated == 2
+    tokens, here = pooled.token_ids(texts), one.token_ids(texts)
+    np.testing.assert_array_equal(tokens.lengths, here.lengths)
+    np.testing.assert_array_equal(tokens.flat, here.flat)
+    assert tokens.truncated == here.truncated == 2
     own = base_model.tokenize(texts)["input_ids"]  # padded, cut at max_seq_length
     lengths = own.ne(base_model.tokenizer.pad_token_id).sum(1).tolist()
-    assert ids == [row[:n] for row, n in zip(own.tolist(), lengths, strict=True)]
+    assert tokens.rows() == [row[:n] for row, n in zip(own.tolist(), lengths, strict=True)]
+    monkeypatch.setattr(encoder, "MIN_TEXTS_PER_TOKENIZER", 64)  # 751 texts: 6 chunks
+    few = texts[::8]
+    np.testing.assert_allclose(pooled.encode(few).embeddings, one.encode(few).embeddings, atol=1e-6)
 
 
 def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(

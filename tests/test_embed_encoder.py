@@ -28,9 +28,10 @@ def test_batches_respect_the_token_budget_longest_first(base_model):
 def test_truncation_matches_the_tokenizer_and_is_counted(base_model):
     enc = encoder_for_model(base_model)
     long_text = "token " * 1000
-    ids, truncated = enc.tokenize([long_text, "short"])
+    tokens = enc.token_ids([long_text, "short"])
+    ids = tokens.rows()
     expected = base_model.tokenizer(long_text, truncation=True, max_length=256)["input_ids"]
-    assert ids[0] == expected and truncated == 1 and len(ids[1]) == 3
+    assert ids[0] == expected and tokens.truncated == 1 and len(ids[1]) == 3
 
 
 def test_fp32_equals_encode(base_model, stsb_dev):

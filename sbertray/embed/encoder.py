@@ -14,8 +14,9 @@ What runs each padded batch is a backend (``backends/``): an ``EncoderSpec`` nam
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import numpy as np
 # (fp32) here. GPUs want large batches to fill the device.
 CPU_TOKEN_BUDGET, CPU_MAX_BATCH_ROWS = 1024, 256
 GPU_TOKEN_BUDGET, GPU_MAX_BATCH_ROWS = 65_536, 4096
-# Fewest texts per tokenizer thread: below it, handing work to threads costs more than it saves.
-MIN_TEXTS_PER_TOKENIZER_THREAD = 2048
+# Fewest texts per tokenizer process: below it, shipping texts out costs more than it saves.
+MIN_TEXTS_PER_TOKENIZER = 2048
 
 
 def cpu_has_native_bf16() -> bool:
@@ -92,6 +93,46 @@ class EncodeResult:
     truncated: int  # texts longer than max_seq_length (cut to it)
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """A block's token ids, flat: text i's ids are the next ``lengths[i]`` values of ``flat``."""
+
+    lengths: np.ndarray  # int64, one per text
+    flat: np.ndarray  # int64, every text's ids one after another
+    truncated: int  # texts longer than max_seq_length (cut to it)
+
+    def rows(self) -> list[list[int]]:
+        return [r.tolist() for r in np.split(self.flat, np.cumsum(self.lengths)[:-1])]
+
+
+def token_ids(
+    tokenize: Callable[[list[str]], list[list[int]]], texts: list[str], max_seq_length: int
+) -> TokenIds:
+    """``tokenize`` over ``texts``, cut to max_seq_length exactly as the tokenizer's own
+    truncation would (``tokenize`` stops one token past it, so a cut is counted)."""
+    ids = tokenize(texts)
+    truncated = 0
+    for i, row in enumerate(ids):
+        if len(row) > max_seq_length:
+            ids[i] = row[: max_seq_length - 1] + row[-1:]  # keep the closing special token
+            truncated += 1
+    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return TokenIds(lengths, flat, truncated)
+
+
+_process_tokenize: Callable[[list[str]], list[list[int]]] | None = None  # in tokenizer processes
+
+
+def _start_tokenizer_process(tokenize: Callable[[list[str]], list[list[int]]]) -> None:
+    global _process_tokenize
+    _process_tokenize = tokenize
+
+
+def _token_ids_in_process(texts: list[str], max_seq_length: int) -> TokenIds:
+    return token_ids(_process_tokenize, texts, max_seq_length)
+
+
 class TextEncoder:
     """Encodes lists of texts: tokenize, plan batches, run ``forward``, restore input order.
 
@@ -102,8 +143,10 @@ class TextEncoder:
         dim, max_seq_length, pad_id: the model's.
         token_budget: padded tokens per forward pass (rows x longest row).
         max_batch_rows: cap on rows per forward pass.
-        tokenize_threads: threads that tokenize a large block in parallel (``tokenize`` must
-            be thread-safe then): a GPU actor's CPUs, so the tokenizer keeps the GPU fed.
+        tokenize_processes: processes that tokenize a large block in parallel (``tokenize``
+            must pickle): a GPU actor's CPUs, so the tokenizer keeps the GPU fed. Processes,
+            not threads: the Rust tokenizer frees the GIL, but turning its output into ids
+            does not, and that part alone capped one process at a fraction of 150k texts/s.
 
     Build one from an ``EncoderSpec`` with ``backends.build_encoder``.
     """
@@ -118,15 +161,11 @@ class TextEncoder:
         pad_id: int = 0,
         token_budget: int = CPU_TOKEN_BUDGET,
         max_batch_rows: int = CPU_MAX_BATCH_ROWS,
-        tokenize_threads: int = 1,
+        tokenize_processes: int = 1,
     ):
         self._tokenize = tokenize
-        self._tokenizer_pool = (
-            ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tokenize")
-            if tokenize_threads > 1
-            else None
-        )
-        self.tokenize_threads = tokenize_threads
+        self._tokenizer_processes: ProcessPoolExecutor | None = None  # started on first use
+        self.tokenize_processes = tokenize_processes
         self.forward = forward
         self.dim = dim
         self.max_seq_length = max_seq_length
@@ -134,27 +173,47 @@ class TextEncoder:
         self.token_budget = token_budget
         self.max_batch_rows = max_batch_rows
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text, cut to max_seq_length exactly as the tokenizer's own truncation
-        would, plus how many texts were longer than that."""
-        limit = self.max_seq_length
-        ids = self._token_ids(texts)
-        truncated = 0
-        for i, row in enumerate(ids):
-            if len(row) > limit:
-                ids[i] = row[: limit - 1] + row[-1:]  # keep the closing special token
-                truncated += 1
-        return ids, truncated
+    def close(self) -> None:
+        """Stops the tokenizer processes (while this process's resource tracker is still up:
+        left to the interpreter's exit, they leave warnings about it in the logs)."""
+        if self._tokenizer_processes is not None:
+            self._tokenizer_processes.shutdown()
+            self._tokenizer_processes = None
 
-    def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        """``tokenize`` over ``texts``, in contiguous chunks on the tokenizer threads when the
-        block is large enough to pay for them."""
-        chunks = min(self.tokenize_threads, len(texts) // MIN_TEXTS_PER_TOKENIZER_THREAD)
-        if chunks < 2:
-            return self._tokenize(texts)
+    def __enter__(self) -> TextEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def token_ids(self, texts: list[str]) -> TokenIds:
+        """Token ids of ``texts``; a block large enough to pay for it is split into chunks
+        tokenized in the tokenizer processes (twice as many chunks as processes, so shipping
+        one overlaps tokenizing another)."""
+        chunks = min(2 * self.tokenize_processes, len(texts) // MIN_TEXTS_PER_TOKENIZER)
+        if self.tokenize_processes < 2 or chunks < 2:
+            return token_ids(self._tokenize, texts, self.max_seq_length)
+        if self._tokenizer_processes is None:
+            # spawn, not fork: this process has threads (Ray's, torch's) a fork would copy mid-lock.
+            self._tokenizer_processes = ProcessPoolExecutor(
+                self.tokenize_processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_tokenizer_process,
+                initargs=(self._tokenize,),
+            )
         size = -(-len(texts) // chunks)
-        parts = [texts[i : i + size] for i in range(0, len(texts), size)]
-        return list(itertools.chain.from_iterable(self._tokenizer_pool.map(self._tokenize, parts)))
+        parts = list(
+            self._tokenizer_processes.map(
+                _token_ids_in_process,
+                [texts[i : i + size] for i in range(0, len(texts), size)],
+                itertools.repeat(self.max_seq_length),
+            )
+        )
+        return TokenIds(
+            np.concatenate([p.lengths for p in parts]),
+            np.concatenate([p.flat for p in parts]),
+            sum(p.truncated for p in parts),
+        )
 
     def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Row indices per forward pass: longest first, each batch within the token budget."""
@@ -170,12 +229,9 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> EncodeResult:
         if not texts:
             return EncodeResult(np.zeros((0, self.dim), dtype=np.float32), 0)
-        ids, truncated = self.tokenize(texts)
-        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+        tokens = self.token_ids(texts)
         # All ids in one flat array: each batch is then gathered without a per-row Python loop.
-        flat = np.fromiter(
-            itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
-        )
+        lengths, flat = tokens.lengths, tokens.flat
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         batches = self.plan_batches(lengths)
         parts = []
@@ -188,7 +244,7 @@ class TextEncoder:
             parts.append(self.forward(input_ids, mask.astype(np.int64)))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         out[np.concatenate(batches)] = _stack(parts)
-        return EncodeResult(out, truncated)
+        return EncodeResult(out, tokens.truncated)
 
 
 def _stack(parts: list) -> np.ndarray:

@@ -31,8 +31,11 @@ def run_units(
     reference = embed_reference(config, encoder) if config.reference is not None else None
     stage = EmbedStage(config, encoder, run_metadata, reference, donors)
     results = []
-    for unit in units:
-        results.append(stage.process(unit))
-        if on_result is not None:
-            on_result(results[-1])
+    try:
+        for unit in units:
+            results.append(stage.process(unit))
+            if on_result is not None:
+                on_result(results[-1])
+    finally:
+        stage.close()
     return results

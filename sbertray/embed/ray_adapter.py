@@ -44,6 +44,11 @@ class _EmbedActor:
         self.units, reference, donors = ray.get(shared)
         self.stage = EmbedStage(config, encoder, run_metadata, reference, donors)
 
+    def __del__(self) -> None:
+        # Ray Data drops the actor's instance when the pool winds down, before the process ends.
+        if hasattr(self, "stage"):
+            self.stage.close()
+
     def __call__(self, batch: dict) -> dict:
         rows = [self._process(int(i)) for i in batch["unit"]]
         return {key: [r[key] for r in rows] for key in rows[0]}

@@ -116,7 +116,8 @@ def embed_reference(config: EmbedConfig, encoder: EncoderSpec) -> ReferenceSet:
     """Reads and embeds the reference set (once per run, on a node sized like an actor)."""
     ids, texts = read_reference(config)
     model_dir = resolve_model_path(encoder.model, config.storage, encoder.model_hash)
-    embeddings = backends.build_encoder(encoder, model_dir).encode(texts).embeddings
+    with backends.build_encoder(encoder, model_dir) as text_encoder:
+        embeddings = text_encoder.encode(texts).embeddings
     return ReferenceSet(ids=ids, embeddings=embeddings)
 
 
@@ -222,6 +223,9 @@ class EmbedStage:
         # Files of one folder may differ in string widths or nullability: the widest wins.
         table = pa.concat_tables([t for _, t in good], promote_options="permissive")
         return [p for p, _ in good], table, bad_files
+
+    def close(self) -> None:
+        self.encoder.close()
 
     def process(self, unit: WorkUnit) -> UnitResult:
         started = time.time()

@@ -108,7 +108,7 @@ def build(spec: EncoderSpec, model_dir: str, model=None) -> TextEncoder:
         token_budget=spec.token_budget,
         max_batch_rows=spec.max_batch_rows,
         # A GPU actor's CPUs tokenize (the GPU waits on them); a CPU actor's run the model.
-        tokenize_threads=(spec.threads or 1) if spec.device.startswith("cuda") else 1,
+        tokenize_processes=(spec.threads or 1) if spec.device.startswith("cuda") else 1,
     )
 
 
