@@ -107,23 +107,25 @@ def test_tokenizer_processes_give_the_ids_of_one_process_and_the_models_own(
     one = encoder_for_model(base_model, backend="torch", model_dir=bundled_model_path)
     texts = (stsb_dev[0] + stsb_dev[1] + [" ".join(stsb_dev[0][:80])]) * 2
     assert len(texts) > 2 * MIN_TEXTS_PER_TOKENIZER
-    pooled = TextEncoder(
+    with TextEncoder(
         one._tokenize,
         one.forward,
         dim=one.dim,
         max_seq_length=one.max_seq_length,
         tokenize_processes=3,
-    )
-    tokens, here = pooled.token_ids(texts), one.token_ids(texts)
-    np.testing.assert_array_equal(tokens.lengths, here.lengths)
-    np.testing.assert_array_equal(tokens.flat, here.flat)
-    assert tokens.truncated == here.truncated == 2
-    own = base_model.tokenize(texts)["input_ids"]  # padded, cut at max_seq_length
-    lengths = own.ne(base_model.tokenizer.pad_token_id).sum(1).tolist()
-    assert tokens.rows() == [row[:n] for row, n in zip(own.tolist(), lengths, strict=True)]
-    monkeypatch.setattr(encoder, "MIN_TEXTS_PER_TOKENIZER", 64)  # 751 texts: 6 chunks
-    few = texts[::8]
-    np.testing.assert_allclose(pooled.encode(few).embeddings, one.encode(few).embeddings, atol=1e-6)
+    ) as pooled:
+        tokens, here = pooled.token_ids(texts), one.token_ids(texts)
+        np.testing.assert_array_equal(tokens.lengths, here.lengths)
+        np.testing.assert_array_equal(tokens.flat, here.flat)
+        assert tokens.truncated == here.truncated == 2
+        own = base_model.tokenize(texts)["input_ids"]  # padded, cut at max_seq_length
+        lengths = own.ne(base_model.tokenizer.pad_token_id).sum(1).tolist()
+        assert tokens.rows() == [row[:n] for row, n in zip(own.tolist(), lengths, strict=True)]
+        monkeypatch.setattr(encoder, "MIN_TEXTS_PER_TOKENIZER", 64)  # 751 texts: 6 chunks
+        few = texts[::8]
+        np.testing.assert_allclose(
+            pooled.encode(few).embeddings, one.encode(few).embeddings, atol=1e-6
+        )
 
 
 def test_onnx_fp32_equals_encode_and_int8_passes_the_quality_guard(

@@ -145,8 +145,9 @@ class TextEncoder:
         max_batch_rows: cap on rows per forward pass.
         tokenize_processes: processes that tokenize a large block in parallel (``tokenize``
             must pickle): a GPU actor's CPUs, so the tokenizer keeps the GPU fed. Processes,
-            not threads: the Rust tokenizer frees the GIL, but turning its output into ids
-            does not, and that part alone capped one process at a fraction of 150k texts/s.
+            not threads: the Rust tokenizer frees the GIL, but turning its output into id
+            arrays does not, and on 16 CPUs that part would serialize the threads. Close the
+            encoder (``close`` or ``with``) to stop them.
 
     Build one from an ``EncoderSpec`` with ``backends.build_encoder``.
     """
@@ -164,7 +165,19 @@ class TextEncoder:
         tokenize_processes: int = 1,
     ):
         self._tokenize = tokenize
-        self._tokenizer_processes: ProcessPoolExecutor | None = None  # started on first use
+        self._tokenizer_processes: ProcessPoolExecutor | None = None
+        if tokenize_processes > 1:
+            # forkserver: children forked from a clean server process, not from this one with
+            # its threads (Ray's, torch's) mid-lock, and without each re-importing everything.
+            self._tokenizer_processes = ProcessPoolExecutor(
+                tokenize_processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_start_tokenizer_process,
+                initargs=(tokenize,),
+            )
+            # Started now, while the model loads, not when the first block waits on them.
+            for _ in range(tokenize_processes):
+                self._tokenizer_processes.submit(int)
         self.tokenize_processes = tokenize_processes
         self.forward = forward
         self.dim = dim
@@ -191,16 +204,8 @@ class TextEncoder:
         tokenized in the tokenizer processes (twice as many chunks as processes, so shipping
         one overlaps tokenizing another)."""
         chunks = min(2 * self.tokenize_processes, len(texts) // MIN_TEXTS_PER_TOKENIZER)
-        if self.tokenize_processes < 2 or chunks < 2:
+        if self._tokenizer_processes is None or chunks < 2:
             return token_ids(self._tokenize, texts, self.max_seq_length)
-        if self._tokenizer_processes is None:
-            # spawn, not fork: this process has threads (Ray's, torch's) a fork would copy mid-lock.
-            self._tokenizer_processes = ProcessPoolExecutor(
-                self.tokenize_processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_tokenizer_process,
-                initargs=(self._tokenize,),
-            )
         size = -(-len(texts) // chunks)
         parts = list(
             self._tokenizer_processes.map(
