@@ -72,10 +72,11 @@ def plan_pool(
     (``ray_runtime.cpus_per_gpu``; None: not known).
 
     GPU actors: one per GPU (half precision), with its node's CPUs per GPU. CPU actors: one per
-    CPU share, each with its share as threads, so actors never oversubscribe cores. The pool starts with the actors the
-    cluster can place now (at least one: on a cold cluster the autoscaler adds a node for it)
-    and grows to what the limits allow, as Ray Data's autoscaling actor pool. Configs only CPU
-    backends run (onnx, openvino; int8) get CPU actors on GPU clusters too.
+    CPU share, each with its share as threads, so actors never oversubscribe cores. The pool
+    starts with the actors the cluster can place now (at least one: on a cold cluster the
+    autoscaler adds a node for it) and grows to what the limits allow, as Ray Data's autoscaling
+    actor pool. Configs only CPU backends run (onnx, openvino; int8) get CPU actors on GPU
+    clusters too.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     # A cold cluster whose autoscaler does not say what it can add: ask, and let the bounded
