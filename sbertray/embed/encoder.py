@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +148,6 @@ class TextEncoder:
             not threads: the Rust tokenizer frees the GIL, but turning its output into id
             arrays does not, and on 16 CPUs that part would serialize the threads. Close the
             encoder (``close`` or ``with``) to stop them.
-        forward_batches: batches sent to ``forward`` at once, from as many threads (``forward``
-            must be thread-safe then): a runtime with one stream per core.
 
     Build one from an ``EncoderSpec`` with ``backends.build_encoder``.
     """
@@ -165,7 +163,6 @@ class TextEncoder:
         token_budget: int = CPU_TOKEN_BUDGET,
         max_batch_rows: int = CPU_MAX_BATCH_ROWS,
         tokenize_processes: int = 1,
-        forward_batches: int = 1,
     ):
         self._tokenize = tokenize
         self._tokenizer_processes: ProcessPoolExecutor | None = None
@@ -182,11 +179,6 @@ class TextEncoder:
             for _ in range(tokenize_processes):
                 self._tokenizer_processes.submit(int)
         self.tokenize_processes = tokenize_processes
-        self._forward_threads = (
-            ThreadPoolExecutor(forward_batches, thread_name_prefix="forward")
-            if forward_batches > 1
-            else None
-        )
         self.forward = forward
         self.dim = dim
         self.max_seq_length = max_seq_length
@@ -195,15 +187,11 @@ class TextEncoder:
         self.max_batch_rows = max_batch_rows
 
     def close(self) -> None:
-        """Stops the tokenizer processes and forward threads (the processes while this
-        process's resource tracker is still up: left to the interpreter's exit, they leave
-        warnings about it in the logs)."""
+        """Stops the tokenizer processes (while this process's resource tracker is still up:
+        left to the interpreter's exit, they leave warnings about it in the logs)."""
         if self._tokenizer_processes is not None:
             self._tokenizer_processes.shutdown()
             self._tokenizer_processes = None
-        if self._forward_threads is not None:
-            self._forward_threads.shutdown()
-            self._forward_threads = None
 
     def __enter__(self) -> TextEncoder:
         return self
@@ -251,17 +239,14 @@ class TextEncoder:
         lengths, flat = tokens.lengths, tokens.flat
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         batches = self.plan_batches(lengths)
-
-        def run(batch: np.ndarray):
+        parts = []
+        for batch in batches:
             width = int(lengths[batch].max())
             columns = np.arange(width)
             mask = columns[None, :] < lengths[batch][:, None]
             positions = np.minimum(starts[batch][:, None] + columns, max(len(flat) - 1, 0))
             input_ids = np.where(mask, flat[positions] if len(flat) else 0, self.pad_id)
-            return self.forward(input_ids, mask.astype(np.int64))
-
-        threads = self._forward_threads
-        parts = list(threads.map(run, batches)) if threads else [run(b) for b in batches]
+            parts.append(self.forward(input_ids, mask.astype(np.int64)))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         out[np.concatenate(batches)] = _stack(parts)
         return EncodeResult(out, tokens.truncated)

@@ -214,7 +214,6 @@ class ExportedForward:
     mean Pooling (+ Normalize) in numpy. Subclasses load the graph and run it."""
 
     runtime: str  # the module the runtime's wheel installs
-    batches_at_once = 1  # batches it runs in parallel, one per calling thread
 
     def __init__(self, spec: ModelSpec):
         self.normalize = spec.normalized
@@ -250,16 +249,14 @@ def build_encoder(
     ``model_dir`` (exported first if there is none)."""
     path, facts = ensure(model_dir, spec.precision, model, spec.model_hash)
     threads = spec.threads or len(os.sched_getaffinity(0))
-    forward = forward_class(path, facts, threads=threads, precision=spec.precision)
     return TextEncoder(
         RustTokenizer.from_file(
             path.with_name("tokenizer.json"), facts.max_seq_length, facts.do_lower_case
         ),
-        forward,
+        forward_class(path, facts, threads=threads, precision=spec.precision),
         dim=facts.dim,
         max_seq_length=facts.max_seq_length,
         pad_id=facts.pad_id,
         token_budget=spec.token_budget,
         max_batch_rows=spec.max_batch_rows,
-        forward_batches=forward.batches_at_once,
     )

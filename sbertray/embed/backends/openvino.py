@@ -18,28 +18,22 @@ from sbertray.modeling import ModelSpec
 
 
 class OpenVinoForward(exported.ExportedForward):
-    """One infer request per thread: requests are not thread-safe, the compiled model is.
-
-    One stream per thread, each running its own batch (the encoder sends ``batches_at_once``
-    batches together), rather than one stream splitting each batch over every thread: on 2
-    cores here that was 1.02-1.29x the rows/s on long texts and 1.05-1.16x on short, and
-    steadier, as no thread waits on another mid-batch."""
+    """One infer request per thread: requests are not thread-safe, the compiled model is."""
 
     runtime = "openvino"
 
     def __init__(self, path: Path, spec: ModelSpec, *, threads: int, precision: str):
         import openvino as ov
 
-        self.batches_at_once = max(1, threads)
         core = ov.Core()
         self.compiled = core.compile_model(
             core.read_model(str(path)),
             "CPU",
             {
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                "INFERENCE_NUM_THREADS": self.batches_at_once,
-                "NUM_STREAMS": self.batches_at_once,
-                "PERFORMANCE_HINT": "THROUGHPUT" if self.batches_at_once > 1 else "LATENCY",
+                "INFERENCE_NUM_THREADS": max(1, threads),
+                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "LATENCY",
                 # OpenVINO pins its threads to cores it picks without knowing of other processes:
                 # two 1-thread actors both landed on core 0 (2 x 393 rows/s vs 2 x 755 unpinned).
                 "ENABLE_CPU_PINNING": False,
