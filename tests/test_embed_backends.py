@@ -51,6 +51,23 @@ def test_auto_compute_choice(monkeypatch):
         _spec(ComputeConfig(backend="openvino"), "cpu", exportable=False)
 
 
+def test_openvino_streams_give_the_vectors_of_one(base_model, bundled_model_path, stsb_dev):
+    """With 2 threads OpenVINO runs a stream per thread, two batches at once from one Python
+    thread: the same vectors, in input order, as one stream on one thread."""
+    texts = stsb_dev[0][:400] + ["word " * 300]
+    one, two = (
+        encoder_for_model(
+            base_model, backend="openvino", model_dir=bundled_model_path, threads=threads
+        )
+        for threads in (1, 2)
+    )
+    assert two.forward.streams == 2
+    with one, two:
+        np.testing.assert_allclose(
+            two.encode(texts).embeddings, one.encode(texts).embeddings, atol=1e-5
+        )
+
+
 def test_exported_tokenizer_gives_the_models_own_ids(base_model, bundled_model_path, stsb_dev):
     """The exported backends tokenize without transformers: same ids, same truncation."""
     exported = encoder_for_model(

@@ -139,7 +139,9 @@ class TextEncoder:
     Args:
         tokenize: texts -> token ids per text, truncated at ``max_seq_length + 1`` tokens.
         forward: (input_ids, attention_mask) int64 arrays -> (rows, dim) embeddings (numpy, or a
-            torch tensor left on its device until the block is done).
+            torch tensor left on its device until the block is done). One with a
+            ``run_batches(iterable of (input_ids, attention_mask)) -> list of embeddings`` runs
+            the block's batches through that instead, e.g. several at once.
         dim, max_seq_length, pad_id: the model's.
         token_budget: padded tokens per forward pass (rows x longest row).
         max_batch_rows: cap on rows per forward pass.
@@ -239,14 +241,18 @@ class TextEncoder:
         lengths, flat = tokens.lengths, tokens.flat
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         batches = self.plan_batches(lengths)
-        parts = []
-        for batch in batches:
+
+        def padded(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             width = int(lengths[batch].max())
             columns = np.arange(width)
             mask = columns[None, :] < lengths[batch][:, None]
             positions = np.minimum(starts[batch][:, None] + columns, max(len(flat) - 1, 0))
             input_ids = np.where(mask, flat[positions] if len(flat) else 0, self.pad_id)
-            parts.append(self.forward(input_ids, mask.astype(np.int64)))
+            return input_ids, mask.astype(np.int64)
+
+        inputs = (padded(b) for b in batches)  # padded one batch ahead of the runtime, no more
+        run_batches = getattr(self.forward, "run_batches", None)
+        parts = run_batches(inputs) if run_batches else [self.forward(*i) for i in inputs]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         out[np.concatenate(batches)] = _stack(parts)
         return EncodeResult(out, tokens.truncated)

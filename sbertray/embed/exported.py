@@ -221,9 +221,11 @@ class ExportedForward:
     def hidden_states(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        hidden = self.hidden_states(feeds(input_ids, attention_mask))
+    def pool(self, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return mean_pool(hidden, attention_mask, self.normalize)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.pool(self.hidden_states(feeds(input_ids, attention_mask)), attention_mask)
 
 
 def backend(forward_class: type[ExportedForward], **record):
