@@ -14,7 +14,8 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
    worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
 4. A node joins again; fine-tuning with `scaling.max_failures: 1` loses the node its worker
    runs on after the first checkpoint, and goes on from that checkpoint on the other node.
-5. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans one GPU actor with 2 CPUs.
+5. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans two GPU actors of 1 CPU
+   sharing the GPU, and Ray places both at once on it.
 """
 
 from __future__ import annotations
@@ -193,17 +194,30 @@ def main(work: Path, model: str) -> None:
         nodes = [n for n in nodes if n is not lost]
         nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
         seen["train"] = _train_losing_a_node(cluster, work, model)
-        # A GPU node joins (Ray takes its GPU as declared): GPU actors would take its CPUs per
-        # GPU, to tokenize on.
+        # A GPU node joins (Ray takes its GPU as declared): an actor per CPU shares its GPU.
         cluster.add_node(num_cpus=2, num_gpus=1)
         cluster.wait_for_nodes()
         per_gpu = cpus_per_gpu()
         plan = plan_pool(ray.cluster_resources(), ComputeConfig(), 4, cpus_per_gpu=per_gpu)
         seen["gpu_node"] = [per_gpu, plan.device, plan.num_actors, plan.cpus_per_actor]
+        seen["gpu_actors_placed"] = _place_gpu_actors(plan.num_actors, plan)
     finally:
         ray.shutdown()
         cluster.shutdown()
     print(json.dumps(seen))
+
+
+def _place_gpu_actors(count: int, plan) -> list[list[str]]:
+    """The GPU devices that ``count`` actors asking what ``plan`` asks each see, all at once."""
+
+    @ray.remote(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
+    class Probe:
+        def devices(self) -> list[str]:
+            return [str(d) for d in ray.get_gpu_ids()]
+
+    actors = [Probe.remote() for _ in range(count)]
+    ready, _ = ray.wait([a.devices.remote() for a in actors], num_returns=count, timeout=60)
+    return [ray.get(r) for r in ready]
 
 
 if __name__ == "__main__":

@@ -23,9 +23,14 @@ def test_cluster_yaml_passes_rays_own_validator():
 
 
 def test_pool_sizing_on_the_cluster_node_types():
-    # Head with CPU 0 + 4 x g5.2xlarge (8 CPU, 1 GPU): one bf16 GPU actor per GPU.
-    gpu = plan_pool({"CPU": 32.0, "GPU": 4.0}, ComputeConfig(), num_units=500)
-    assert (gpu.num_actors, gpu.device, gpu.gpus_per_actor) == (4, "cuda", 1.0)
+    # Head with CPU 0 + 4 x g5.2xlarge (8 CPU, 1 GPU): 8 bf16 GPU actors per GPU, 1 CPU each.
+    gpu = plan_pool({"CPU": 32.0, "GPU": 4.0}, ComputeConfig(), num_units=500, cpus_per_gpu=8.0)
+    assert (gpu.num_actors, gpu.device, gpu.gpus_per_actor, gpu.cpus_per_actor) == (
+        32,
+        "cuda",
+        0.125,
+        1.0,
+    )
     # 2 x c7i.4xlarge (16 CPU each) and no GPU nodes up: CPU actors, one CPU each.
     cpu = plan_pool({"CPU": 32.0}, ComputeConfig(), num_units=500)
     assert (cpu.num_actors, cpu.cpus_per_actor, cpu.device) == (32, 1.0, "cpu")

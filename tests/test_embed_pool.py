@@ -32,11 +32,36 @@ def test_gpu_cluster_gets_one_actor_per_gpu():
         "cuda",
     )
     assert plan_pool({"CPU": 16.0, "GPU": 4.0}, ComputeConfig(device="cpu"), 100).device == "cpu"
-    # Where the GPU nodes' CPUs per GPU are known, each GPU actor takes them to tokenize on.
+
+
+def test_gpu_nodes_cpus_feed_several_actors_per_gpu():
+    """Where the GPU nodes' CPUs per GPU are known, each GPU is shared by an actor per CPU (at
+    most 16), so the CPU side keeps up with the GPU."""
     fed = plan_pool({"CPU": 72.0, "GPU": 4.0}, ComputeConfig(), 100, cpus_per_gpu=16.0)
-    assert (fed.num_actors, fed.cpus_per_actor, fed.threads) == (4, 16.0, 16)
+    assert (fed.num_actors, fed.gpus_per_actor, fed.cpus_per_actor, fed.threads) == (
+        64,
+        0.0625,
+        1.0,
+        1,
+    )
+    assert fed.min_actors == 64  # all placeable now
+    assert "64 cuda actor(s), 1 CPU + 0.0625 GPU each" in fed.describe()
+    # 96 CPUs per GPU still make 16 actors, with 6 CPUs each (tokenizing in 6 processes).
+    wide = plan_pool({"CPU": 96.0, "GPU": 1.0}, ComputeConfig(), 100, cpus_per_gpu=96.0)
+    assert (wide.num_actors, wide.gpus_per_actor, wide.cpus_per_actor) == (16, 0.0625, 6.0)
+    # Fewer units than actors: no idle actors.
+    assert (
+        plan_pool({"CPU": 72.0, "GPU": 4.0}, ComputeConfig(), 5, cpus_per_gpu=16.0).num_actors == 5
+    )
+    # The config decides where it says.
     pinned = ComputeConfig(cpus_per_actor=2)
     assert plan_pool({"CPU": 72.0, "GPU": 4.0}, pinned, 100, cpus_per_gpu=16.0).threads == 2
+    one = plan_pool(
+        {"CPU": 72.0, "GPU": 4.0}, ComputeConfig(actors_per_gpu=1), 100, cpus_per_gpu=16.0
+    )
+    assert (one.num_actors, one.gpus_per_actor, one.cpus_per_actor) == (4, 1.0, 16.0)
+    with pytest.raises(PoolSizeError, match=r"2 GPUs x 4 actor\(s\) each"):
+        plan_pool({"CPU": 32.0, "GPU": 2.0}, ComputeConfig(num_actors=9, actors_per_gpu=4), 100)
 
 
 def test_pool_that_cannot_fit_is_refused_instead_of_hanging():

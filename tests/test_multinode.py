@@ -50,5 +50,6 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     train = seen["train"]
     assert train["error"] is None and train["checkpoints_before_loss"] >= 1
     assert train["global_step"] == 16 and train["resumed_from_step"] >= 4
-    # A GPU node with 2 CPUs: one GPU actor per GPU, taking both CPUs to tokenize on.
-    assert seen["gpu_node"] == [2.0, "cuda", 1, 2.0]
+    # A GPU node with 2 CPUs: two GPU actors of 1 CPU share its GPU, both placed at once.
+    assert seen["gpu_node"] == [2.0, "cuda", 2, 1.0]
+    assert seen["gpu_actors_placed"] == [["0"], ["0"]]

@@ -49,6 +49,7 @@ _NOT_IN_CONTENT = {
         "max_actors",
         "placement_timeout_s",
         "cpus_per_actor",
+        "actors_per_gpu",
         "max_retries",
         "executor",
         "local_max_rows",

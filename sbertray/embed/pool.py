@@ -18,8 +18,16 @@ from sbertray.embed import backends
 from sbertray.errors import UserError
 from sbertray.ray_runtime import NUM_CPUS_ENV
 
-# A GPU actor reads, tokenizes and writes Parquet on the CPU: it takes its node's CPUs per GPU
-# (tokenizing on all of them, so the GPU is not left waiting), and at least this many.
+# A GPU actor reads, tokenizes and writes Parquet on its CPUs, about 14,000 short texts/s per CPU
+# here: a MiniLM-size model leaves a GPU idle behind one actor. Actors in processes of their own
+# scale with CPUs (2 actors x 1 CPU: 97% of twice one, benchmarks/gpu_feed.py) far better than
+# one actor's tokenizer processes do (1 actor x 2 CPUs: 67-79%), because the rest of a unit's
+# work (Parquet, keys, padding) stays on the actor's own thread. So a GPU is shared (fractional
+# GPUs) by an actor per GPU_ACTOR_CPUS of its node's CPUs, up to MAX_ACTORS_PER_GPU (each holds
+# a CUDA context and its batches, 1-1.5 GB); with the node's CPUs per GPU unknown, one actor per
+# GPU with CPUS_PER_GPU_ACTOR.
+GPU_ACTOR_CPUS = 1
+MAX_ACTORS_PER_GPU = 16
 CPUS_PER_GPU_ACTOR = 1.0
 # Units one GPU actor works on at once: while one is on the GPU, the next is read and tokenized
 # and the last written, so the GPU does not wait on the CPU (the encoder is thread-safe).
@@ -71,8 +79,9 @@ def plan_pool(
     known, or no autoscaler). ``cpus_per_gpu``: the fewest CPUs per GPU of its GPU nodes
     (``ray_runtime.cpus_per_gpu``; None: not known).
 
-    GPU actors: one per GPU (half precision), with its node's CPUs per GPU. CPU actors: one per
-    CPU share, each with its share as threads, so actors never oversubscribe cores. The pool
+    GPU actors (half precision): ``compute.actors_per_gpu`` per GPU, or one per GPU_ACTOR_CPUS
+    of the node's CPUs per GPU (at most MAX_ACTORS_PER_GPU), sharing those CPUs. CPU actors: one
+    per CPU share, each with its share as threads, so actors never oversubscribe cores. The pool
     starts with the actors the cluster can place now (at least one: on a cold cluster the
     autoscaler adds a node for it) and grows to what the limits allow, as Ray Data's autoscaling
     actor pool. Configs only CPU backends run (onnx, openvino; int8) get CPU actors on GPU
@@ -91,19 +100,31 @@ def plan_pool(
             "autoscaler can add has any"
         )
     if compute.device != "cpu" and gpu_possible and backends.may_run_on(compute, "cuda"):
-        per_cpu = compute.cpus_per_actor or max(CPUS_PER_GPU_ACTOR, float(int(cpus_per_gpu or 0)))
-        wanted = compute.num_actors or compute.max_actors or int(most["GPU"]) or units
-        if compute.num_actors and known and wanted > most["GPU"]:
+        node_cpus = int(cpus_per_gpu or 0)
+        per_gpu = compute.actors_per_gpu or min(
+            MAX_ACTORS_PER_GPU, max(1, node_cpus // GPU_ACTOR_CPUS)
+        )
+        per_cpu = compute.cpus_per_actor or max(CPUS_PER_GPU_ACTOR, float(node_cpus // per_gpu))
+        slots = int(most["GPU"]) * per_gpu
+        wanted = compute.num_actors or compute.max_actors or slots or units
+        if compute.num_actors and known and wanted > slots:
             raise PoolSizeError(
                 f"`compute.num_actors: {wanted}` GPU actors but the cluster has {most['GPU']:g} "
-                "GPUs"
+                f"GPUs x {per_gpu} actor(s) each (`compute.actors_per_gpu`)"
             )
         actors = min(wanted, units)
         if known:
             _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
-        low = _min_actors(compute, actors, int(gpus))
+        low = _min_actors(compute, actors, int(gpus) * per_gpu)
         return PoolPlan(
-            actors, per_cpu, 1.0, max(1, int(per_cpu)), "cuda", CALLS_PER_GPU_ACTOR, False, low
+            actors,
+            per_cpu,
+            1.0 / per_gpu,
+            max(1, int(per_cpu)),
+            "cuda",
+            CALLS_PER_GPU_ACTOR,
+            False,
+            low,
         )
 
     if known and most["CPU"] < 1:
