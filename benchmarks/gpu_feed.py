@@ -1,21 +1,21 @@
-"""The GPU feed ceiling, measured without a GPU: how many short texts/s the CPU side of a GPU
-embedding actor can prepare, with the model step skipped.
+"""The GPU feed ceiling, measured without a GPU: how many short texts/s the CPU side of the
+GPU embedding actors sharing one GPU can prepare, with the model step skipped.
 
 Each run is ``run_embed`` over local Parquet with a benchmark-only backend, ``feed-only``: the
-GPU actor's own tokenizer (the model's Hugging Face fast tokenizer, in tokenizer processes) and
-batch sizes (``GPU_TOKEN_BUDGET``, ``GPU_MAX_BATCH_ROWS``), padded batches turned into torch
-tensors, and a forward that returns zero vectors instead of running the model. Everything else
-is the real stage: reading, text checks, content keys, the repeated-text rule, output columns,
-writing and committing the Parquet files. Pinning is skipped: it needs CUDA.
+GPU actor's own tokenizer (the model's Hugging Face fast tokenizer, in tokenizer processes, one
+per CPU of the actor) and batch sizes (``GPU_TOKEN_BUDGET``, ``GPU_MAX_BATCH_ROWS``), padded
+batches turned into torch tensors, and a forward that returns zero vectors instead of running
+the model. Everything else is the real stage: reading, text checks, content keys, the
+repeated-text rule, output columns, writing and committing the Parquet files. Pinning is
+skipped: it needs CUDA.
 
 Texts are STS-B sentences made distinct (so the repeated-text rule saves nothing). Rows/s are
 counted from the first unit's start to the last unit's commit (the manifest's
-``units_span_s``), in one process given 1 CPU and then every core here, as a GPU actor is given
-its node's CPUs per GPU (it tokenizes on all of them). The 1-CPU run also times tokenizing
-apart from the rest of the stage, which stays on the actor's own thread(s) whatever its CPUs.
-For 16 CPUs per GPU it prints a projection, not a measurement: the rest of the stage as
-measured plus tokenizing spread over 16 processes, one unit at a time (an actor overlaps two,
-which can only do better, up to the rest's own limit, also printed).
+``units_span_s``). Measured here, each run its own process (an actor): one actor on 1 CPU; one
+actor on the CPUs the pool gives each GPU actor (``pool.plan_pool``); as many 1-CPU actors at
+once as there are cores (how actors in processes of their own scale). For a GPU node with 16
+CPUs per GPU it prints a projection, not a measurement: the pool's actors per GPU, each at the
+rate measured for one actor with its CPUs, times the scaling measured across actors.
 
     .venv/bin/python benchmarks/gpu_feed.py --rows 200000
 """
@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,10 +46,9 @@ CPUS_PER_GPU = 16  # an H200 node here: 16 CPU cores per GPU
 FILE_ROWS = 20_000
 
 
-def feed_only_backend(tokenize_seconds: list[float]):
+def feed_only_backend():
     """The torch backend's encoder as a GPU actor gets it (its Rust tokenizer in processes, one
-    per CPU of the actor; GPU batch sizes), with the model step skipped. Time spent tokenizing
-    is added to ``tokenize_seconds[0]``."""
+    per CPU of the actor; GPU batch sizes), with the model step skipped."""
     from dataclasses import replace
 
     import torch
@@ -66,7 +64,7 @@ def feed_only_backend(tokenize_seconds: list[float]):
             torch.from_numpy(input_ids), torch.from_numpy(attention_mask)  # the host tensors
             return np.zeros((len(input_ids), real.dim), dtype=np.float32)
 
-        encoder = TextEncoder(
+        return TextEncoder(
             real._tokenize,
             forward,
             dim=real.dim,
@@ -76,16 +74,6 @@ def feed_only_backend(tokenize_seconds: list[float]):
             max_batch_rows=GPU_MAX_BATCH_ROWS,
             tokenize_processes=spec.threads or 1,
         )
-        token_ids = encoder.token_ids
-
-        def timed_token_ids(texts):
-            start = time.perf_counter()
-            tokens = token_ids(texts)
-            tokenize_seconds[0] += time.perf_counter() - start
-            return tokens
-
-        encoder.token_ids = timed_token_ids
-        return encoder
 
     return Backend(name="feed-only", precisions={"cpu": ("fp32",)}, build=build)
 
@@ -96,8 +84,7 @@ def feed(input_dir: str, output_dir: str) -> dict:
     from sbertray.embed import backends
     from sbertray.embed.run import run_embed
 
-    tokenize_seconds = [0.0]  # units run one after another in-process: no overlap to count
-    backends.register(feed_only_backend(tokenize_seconds))
+    backends.register(feed_only_backend())
     config = parse_config(
         EmbedConfig,
         {
@@ -108,11 +95,7 @@ def feed(input_dir: str, output_dir: str) -> dict:
     )
     summary = run_embed(config)
     timings = json.loads((Path(output_dir) / "_manifest.json").read_text())["timings"]
-    return {
-        "rows": summary.embedded_rows,
-        "span_s": timings["units_span_s"],
-        "tokenize_s": tokenize_seconds[0],
-    }
+    return {"rows": summary.embedded_rows, "span_s": timings["units_span_s"]}
 
 
 def write_inputs(root: Path, texts: list[str]) -> Path:
@@ -124,17 +107,32 @@ def write_inputs(root: Path, texts: list[str]) -> Path:
     return folder
 
 
-def feed_run(folder: Path, out: Path, cpus: int) -> dict:
-    """One feed process given ``cpus`` CPUs (its tokenizer processes): rows, span, tokenizing."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--feed", str(folder), str(out)],
-        env={**os.environ, NUM_CPUS_ENV: str(cpus)},
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        sys.exit(f"the feed process failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def feed_rates(folder: Path, work: Path, actors: int, cpus: int) -> list[float]:
+    """Texts/s of each of ``actors`` feed processes run at once, each given ``cpus`` CPUs."""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--feed",
+                str(folder),
+                str(work / f"out-{actors}x{cpus}-{i}"),
+            ],
+            env={**os.environ, NUM_CPUS_ENV: str(cpus)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(actors)
+    ]
+    rates = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"a feed process failed:\n{err[-3000:]}")
+        result = json.loads(out.strip().splitlines()[-1])
+        rates.append(result["rows"] / result["span_s"])
+    return rates
 
 
 def main() -> None:
@@ -146,36 +144,50 @@ def main() -> None:
         print(json.dumps(feed(*args.feed)))
         return
 
+    from sbertray.config import ComputeConfig
+    from sbertray.embed.pool import plan_pool
+
+    node = plan_pool(
+        {"CPU": float(CPUS_PER_GPU), "GPU": 1.0}, ComputeConfig(), 10**6, cpus_per_gpu=CPUS_PER_GPU
+    )
     cores = len(os.sched_getaffinity(0))
     texts = [f"{s} (#{i})" for i, s in enumerate(stsb_sentences(args.rows))]
     with tempfile.TemporaryDirectory(prefix="sbertray-feed-") as tmp:
         work = Path(tmp)
         folder = write_inputs(work, texts)
         with Timer() as t:
-            one = feed_run(folder, work / "out-1", 1)
-            every = feed_run(folder, work / f"out-{cores}", cores)
-    one_rate, every_rate = one["rows"] / one["span_s"], every["rows"] / every["span_s"]
-    efficiency = every_rate / (one_rate * cores)
-    rest_s = one["span_s"] - one["tokenize_s"]  # the stage around tokenizing, per process
-    per_gpu = one["rows"] / (rest_s + one["tokenize_s"] / CPUS_PER_GPU)
-    rest_limit = one["rows"] / rest_s
+            rates = {cpus: feed_rates(folder, work, 1, cpus)[0] for cpus in sorted({1, cores})}
+            together = feed_rates(folder, work, cores, 1)
+    one = rates[1]
+    scaling = sum(together) / (one * cores)
+    actor_cpus = int(node.cpus_per_actor)
+    if actor_cpus not in rates:
+        sys.exit(f"the pool's GPU actors have {actor_cpus} CPUs; this machine has {cores}")
+    per_gpu = node.num_actors * rates[actor_cpus] * scaling
     print(f"GPU feed ceiling (model step skipped), {args.rows:,} short texts, {t.seconds:.0f} s:")
-    print(f"  1 CPU:  {one_rate:10,.0f} texts/s ({one['tokenize_s'] / one['span_s']:.0%} of it "
-          f"tokenizing, {rest_s:.2f} s the rest of the stage)")  # fmt: skip
-    print(f"  {cores} CPUs: {every_rate:10,.0f} texts/s (scaling efficiency {efficiency:.0%})")
-    print(f"  projected for a GPU actor with {CPUS_PER_GPU} CPUs (the rest of the stage as "
-          f"measured + tokenizing over {CPUS_PER_GPU} processes): {per_gpu:,.0f} texts/s (goal "
-          f">= 150,000); the rest of the stage alone allows {rest_limit:,.0f}")  # fmt: skip
+    for cpus, rate in rates.items():
+        print(f"  1 actor, {cpus} CPU(s): {rate:10,.0f} texts/s ({rate / (one * cpus):.0%} of "
+              f"{cpus} x 1 CPU)")  # fmt: skip
+    print(f"  {cores} actors of 1 CPU at once: {sum(together):10,.0f} texts/s ({scaling:.0%} of "
+          f"{cores} x 1)")  # fmt: skip
+    print(f"  projected for a GPU with {CPUS_PER_GPU} CPUs, as the pool plans it ({node.num_actors} "
+          f"actors x {node.cpus_per_actor:g} CPU, {node.gpus_per_actor:g} GPU each; each at the "
+          f"rate measured, times the scaling measured): {per_gpu:,.0f} texts/s (goal >= 150,000)")  # fmt: skip
     record(
         "gpu_feed",
         {
             "rows": args.rows,
-            "tokenizer": "processes",
-            "texts_per_s": {"1_cpu": round(one_rate), f"{cores}_cpus": round(every_rate)},
-            "scaling_efficiency": round(efficiency, 3),
-            "tokenize_share_1_cpu": round(one["tokenize_s"] / one["span_s"], 3),
+            "texts_per_s": {
+                **{f"1_actor_{cpus}_cpus": round(rate) for cpus, rate in rates.items()},
+                f"{cores}_actors_1_cpu_each": round(sum(together)),
+            },
+            "scaling_across_actors": round(scaling, 3),
+            "pool_16_cpus_per_gpu": {
+                "actors": node.num_actors,
+                "cpus_each": node.cpus_per_actor,
+                "gpu_each": node.gpus_per_actor,
+            },
             "projected_per_gpu_16_cpus": round(per_gpu),
-            "rest_of_stage_limit": round(rest_limit),
         },
     )
 
