@@ -86,7 +86,7 @@ class ComputeConfig(Strict):
     cpus_per_actor: float | None = Field(default=None, gt=0)  # None: derived, see pool.py
     # GPU actors sharing each GPU. None: one per CPU of the GPU nodes' CPUs per GPU, at most 16
     # (one actor's CPU work cannot keep a GPU busy with a small model; see pool.py). Each holds
-    # a CUDA context and its batches (1-1.5 GB): lower it on small GPUs.
+    # a CUDA context and its batches (estimated up to ~2 GB): lower it on small GPUs.
     actors_per_gpu: int | None = Field(default=None, gt=0)
     max_retries: int = Field(3, ge=0)  # actor restarts / task retries after a crash
     # Input files smaller than this are grouped into work units (each one output file) of about

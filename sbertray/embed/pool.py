@@ -21,11 +21,11 @@ from sbertray.ray_runtime import NUM_CPUS_ENV
 # A GPU actor reads, tokenizes and writes Parquet on its CPUs, about 14,000 short texts/s per CPU
 # here: a MiniLM-size model leaves a GPU idle behind one actor. Actors in processes of their own
 # scale with CPUs (2 actors x 1 CPU: 97% of twice one, benchmarks/gpu_feed.py) far better than
-# one actor's tokenizer processes do (1 actor x 2 CPUs: 67-79%), because the rest of a unit's
+# one actor's tokenizer processes do (1 actor x 2 CPUs: 67-88%), because the rest of a unit's
 # work (Parquet, keys, padding) stays on the actor's own thread. So a GPU is shared (fractional
 # GPUs) by an actor per GPU_ACTOR_CPUS of its node's CPUs, up to MAX_ACTORS_PER_GPU (each holds
-# a CUDA context and its batches, 1-1.5 GB); with the node's CPUs per GPU unknown, one actor per
-# GPU with CPUS_PER_GPU_ACTOR.
+# a CUDA context and two units' batches, by estimate up to about 2 GB); with the node's CPUs
+# per GPU unknown, one actor per GPU with CPUS_PER_GPU_ACTOR.
 GPU_ACTOR_CPUS = 1
 MAX_ACTORS_PER_GPU = 16
 CPUS_PER_GPU_ACTOR = 1.0

@@ -21,9 +21,9 @@ from sbertray.modeling import ModelSpec
 
 class OpenVinoForward(exported.ExportedForward):
     """On N threads, N streams of one thread each, every stream running a batch of its own,
-    rather than one stream splitting each batch over every thread: on 2 cores here that was
-    1.02-1.29x the rows/s on long texts and 1.05-1.16x on short, and steadier, as no thread
-    waits on another mid-batch.
+    rather than one stream splitting each batch over every thread: on 2 cores here the runtime
+    alone ran 1.00-1.29x the rows/s on long batches and 1.05-1.16x on short over several runs,
+    as no thread waits on another mid-batch.
 
     The streams are fed from one Python thread (``run_batches``): N infer requests started
     asynchronously, each waited on in turn. Two Python threads each calling ``infer`` on one
