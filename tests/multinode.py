@@ -200,23 +200,23 @@ def main(work: Path, model: str) -> None:
         per_gpu = cpus_per_gpu()
         plan = plan_pool(ray.cluster_resources(), ComputeConfig(), 4, cpus_per_gpu=per_gpu)
         seen["gpu_node"] = [per_gpu, plan.device, plan.num_actors, plan.cpus_per_actor]
-        seen["gpu_actors_placed"] = _place_gpu_actors(plan.num_actors, plan)
+        seen["gpu_actors_placed"] = _place_gpu_actors(plan)
     finally:
         ray.shutdown()
         cluster.shutdown()
     print(json.dumps(seen))
 
 
-def _place_gpu_actors(count: int, plan) -> list[list[str]]:
-    """The GPU devices that ``count`` actors asking what ``plan`` asks each see, all at once."""
+def _place_gpu_actors(plan) -> list[list[str]]:
+    """The GPU devices that the actors of ``plan``, all at once, each see."""
 
     @ray.remote(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
     class Probe:
         def devices(self) -> list[str]:
             return [str(d) for d in ray.get_gpu_ids()]
 
-    actors = [Probe.remote() for _ in range(count)]
-    ready, _ = ray.wait([a.devices.remote() for a in actors], num_returns=count, timeout=60)
+    actors = [Probe.remote() for _ in range(plan.num_actors)]
+    ready, _ = ray.wait([a.devices.remote() for a in actors], num_returns=len(actors), timeout=60)
     return [ray.get(r) for r in ready]
 
 

@@ -25,10 +25,9 @@ from sbertray.ray_runtime import NUM_CPUS_ENV
 # work (Parquet, keys, padding) stays on the actor's own thread. So a GPU is shared (fractional
 # GPUs) by an actor per GPU_ACTOR_CPUS of its node's CPUs, up to MAX_ACTORS_PER_GPU (each holds
 # a CUDA context and two units' batches, by estimate up to about 2 GB); with the node's CPUs
-# per GPU unknown, one actor per GPU with CPUS_PER_GPU_ACTOR.
+# per GPU unknown, one actor per GPU with GPU_ACTOR_CPUS.
 GPU_ACTOR_CPUS = 1
 MAX_ACTORS_PER_GPU = 16
-CPUS_PER_GPU_ACTOR = 1.0
 # Units one GPU actor works on at once: while one is on the GPU, the next is read and tokenized
 # and the last written, so the GPU does not wait on the CPU (the encoder is thread-safe).
 CALLS_PER_GPU_ACTOR = 2
@@ -104,7 +103,7 @@ def plan_pool(
         per_gpu = compute.actors_per_gpu or min(
             MAX_ACTORS_PER_GPU, max(1, node_cpus // GPU_ACTOR_CPUS)
         )
-        per_cpu = compute.cpus_per_actor or max(CPUS_PER_GPU_ACTOR, float(node_cpus // per_gpu))
+        per_cpu = compute.cpus_per_actor or float(max(GPU_ACTOR_CPUS, node_cpus // per_gpu))
         slots = int(most["GPU"]) * per_gpu
         wanted = compute.num_actors or compute.max_actors or slots or units
         if compute.num_actors and known and wanted > slots:
