@@ -20,6 +20,15 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Downloaded models and exports go to a cache of the session's, not the user's
+    ~/.cache/sbertray; set before any Ray starts so its workers and the CLI subprocesses see it."""
+    cache = tmp_path_factory.mktemp("sbertray-cache")
+    os.environ["SBERTRAY_CACHE"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def stsb_dir() -> Path:
     if not (STSB_DIR / "train.tsv").exists():
