@@ -138,6 +138,9 @@ def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
     assert third["train"]["promoted"] and third["model"] == third["train"]["candidate"]
     assert third["model"] not in (first["model"], second["model"])
     assert any(line.startswith("NOT promoting") for line in second["log"])
+    # Each night is a run of its own that nothing resumes: its checkpoints are gone.
+    candidates = {Path(r["train"]["candidate"]).name for r in (first, second, third)}
+    assert {p.name for p in (tmp_path / "models").iterdir()} == candidates
 
 
 def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server, s3_prefix):

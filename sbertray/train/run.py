@@ -101,12 +101,16 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     return TrainingPlan(config, train_pairs, dev_pairs, fingerprint)
 
 
-def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, ray_address: str | None = None, delete_checkpoints: bool = False
+) -> TrainResult:
     """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
 
     Rerunning the same recipe after a crash resumes from the last complete checkpoint in
     ``output.checkpoints`` (the global step continues); a rerun with another config, data or
-    base model starts over (see ``checkpoints.py``).
+    base model starts over (see ``checkpoints.py``). ``delete_checkpoints`` removes this run's
+    checkpoints once the model is written, for callers that never rerun the same run (each
+    nightly candidate is a run of its own): a MiniLM checkpoint with its optimizer is ~260 MB.
 
     Raises what ``plan_training`` raises, before any worker starts.
     """
@@ -164,7 +168,17 @@ def train(config: TrainConfig, *, ray_address: str | None = None) -> TrainResult
     storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
     add_run_to_card(storage.resolve(config.output.model, config.storage), summary)
     write_train_report(config.output.model, summary, config.storage)
+    if delete_checkpoints:
+        _delete_run_checkpoints(ckpt_loc, run_name(config, fingerprint))
     return TrainResult(**summary)
+
+
+def _delete_run_checkpoints(root: storage.Location, name: str) -> None:
+    """Deletes run ``name``'s folder under the checkpoint root, then the root if that left it
+    empty (other runs' checkpoints stay)."""
+    storage.delete(root.child(name))
+    if root.is_local and os.path.isdir(root.path) and not os.listdir(root.path):
+        os.rmdir(root.path)
 
 
 def _report_skips(kind: str, pairs: PairData) -> None:
