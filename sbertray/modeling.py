@@ -167,7 +167,7 @@ def load_model(
         normalize: True appends a Normalize module if missing, False removes it, None keeps.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize
+    from sentence_transformers.sentence_transformer.modules import Normalize
 
     path = resolve_model_path(name, storage_config)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):

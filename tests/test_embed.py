@@ -171,7 +171,7 @@ def test_default_and_int8_precisions_end_to_end(
 def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, base_model, sentences, tmp_path):
     """auto falls back to the sentence-transformers modules (here CLS pooling), same vectors."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Pooling
+    from sentence_transformers.sentence_transformer.modules import Pooling
 
     cls_model = SentenceTransformer(modules=[base_model[0], Pooling(384, pooling_mode="cls")])
     cls_model.save(str(tmp_path / "cls-model"))
