@@ -63,15 +63,18 @@ def plain(config: TrainConfig, out: Path, bf16: bool = False) -> tuple[int, floa
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.losses import CosineSimilarityLoss
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
     from sbertray.modeling import load_model
     from sbertray.train.data import load_pairs
     from sbertray.train.evaluation import build_evaluator
+    from sbertray.train.worker import use_eager_attention
 
     pairs = load_pairs(config.train)
     evaluator = build_evaluator(load_pairs(config.dev), "dev")
     model = load_model(config.base_model, device="cpu", max_seq_length=256, normalize=True)
+    if bf16:
+        use_eager_attention(model)  # as sbertray's workers do for CPU bf16
     evaluator(model)
     t = config.training
     args = SentenceTransformerTrainingArguments(

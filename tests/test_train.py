@@ -14,6 +14,7 @@ import pytest
 from processes import kill_when, run, sbertray_cmd
 
 from sbertray.config import PairDataConfig, TrainConfig, load_config
+from sbertray.embed.encoder import cpu_has_native_bf16
 from sbertray.ray_runtime import ray_train_settings
 from sbertray.report import summarize
 from sbertray.train import checkpoints, evaluate_model, train
@@ -81,6 +82,40 @@ def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, st
     start = saved["eval_log"][0]
     assert start["step"] == 0
     assert start["stsb-dev_spearman_cosine"] == pytest.approx(base.spearman_cosine, abs=1e-3)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="CPU without native bf16")
+def test_bf16_training_on_a_native_bf16_cpu(ray_2cpu, base_model, stsb_dir, tmp_path):
+    """`training.precision: bf16` on a CPU with AVX512-BF16/AMX: autocast steps through Ray
+    Train raise dev Spearman like fp32 steps do, and the saved weights stay fp32."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    lines = (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
+    subset = tmp_path / "train_subset.tsv"
+    subset.write_text("\n".join([lines[0], *lines[1::4]]) + "\n", encoding="utf-8")  # 1,438
+    config = load_config(
+        TrainConfig,
+        REPO / "jobs/configs/stsb.yaml",
+        [
+            "training.precision=bf16",
+            "training.epochs=1",
+            f"train.path={subset}",
+            "training.eval_every=end",
+            "training.select_best=false",
+            f"output.model={tmp_path / 'model'}",
+        ],
+    )
+    base = evaluate_model(base_model, load_pairs(config.dev), name="stsb-dev")
+    result = train(config)
+    assert result.global_step == 1438 // 16
+    assert result.dev_metrics["spearman_cosine"] > base.spearman_cosine + 0.005
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+    assert "`bf16`: True" in (tmp_path / "model" / "README.md").read_text()
+    # Eager attention was for training only: the saved model loads with the default again.
+    reloaded = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert reloaded[0].auto_model.config._attn_implementation == "sdpa"
 
 
 def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix):

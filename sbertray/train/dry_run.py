@@ -58,7 +58,7 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
 def _step_seconds(plan: TrainingPlan) -> float:
     """Seconds per optimizer step of the recipe's batch, measured on this machine."""
     import torch
-    from sentence_transformers.losses import CosineSimilarityLoss
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
     from sbertray.modeling import load_model
 
