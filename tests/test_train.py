@@ -24,16 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, stsb_dir, tmp_path):
-    """CI's short STS-B run: 1 epoch on 1,438 pairs across 2 workers must beat the base model on
-    the full dev set (1,500 pairs)."""
-    from sentence_transformers import SentenceTransformer
-
-    # STS-B train is ordered by genre (captions first): every 4th row covers all of them.
+def _stsb_quarter_recipe(stsb_dir: Path, tmp_path: Path, *overrides: str) -> TrainConfig:
+    """The STS-B recipe for 1 epoch on every 4th training pair (1,438: STS-B train is ordered by
+    genre, captions first, and every 4th row covers all of them), scored at the end only."""
     lines = (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
     subset = tmp_path / "train_subset.tsv"
-    subset.write_text("\n".join([lines[0], *lines[1::4]]) + "\n", encoding="utf-8")  # 1,438
-    config = load_config(
+    subset.write_text("\n".join([lines[0], *lines[1::4]]) + "\n", encoding="utf-8")
+    return load_config(
         TrainConfig,
         REPO / "jobs/configs/stsb.yaml",
         [
@@ -41,10 +38,19 @@ def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, st
             f"train.path={subset}",
             "training.eval_every=end",
             "training.select_best=false",
-            "scaling.num_workers=2",
-            "training.logging_steps=10",
             f"output.model={tmp_path / 'model'}",
+            *overrides,
         ],
+    )
+
+
+def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, stsb_dir, tmp_path):
+    """CI's short STS-B run: 1 epoch on 1,438 pairs across 2 workers must beat the base model on
+    the full dev set (1,500 pairs)."""
+    from sentence_transformers import SentenceTransformer
+
+    config = _stsb_quarter_recipe(
+        stsb_dir, tmp_path, "scaling.num_workers=2", "training.logging_steps=10"
     )
     dev = load_pairs(config.dev)
     base = evaluate_model(base_model, dev, name="stsb-dev")
@@ -91,21 +97,7 @@ def test_bf16_training_on_a_native_bf16_cpu(ray_2cpu, base_model, stsb_dir, tmp_
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    lines = (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
-    subset = tmp_path / "train_subset.tsv"
-    subset.write_text("\n".join([lines[0], *lines[1::4]]) + "\n", encoding="utf-8")  # 1,438
-    config = load_config(
-        TrainConfig,
-        REPO / "jobs/configs/stsb.yaml",
-        [
-            "training.precision=bf16",
-            "training.epochs=1",
-            f"train.path={subset}",
-            "training.eval_every=end",
-            "training.select_best=false",
-            f"output.model={tmp_path / 'model'}",
-        ],
-    )
+    config = _stsb_quarter_recipe(stsb_dir, tmp_path, "training.precision=bf16")
     base = evaluate_model(base_model, load_pairs(config.dev), name="stsb-dev")
     result = train(config)
     assert result.global_step == 1438 // 16
