@@ -1,5 +1,5 @@
 """Fine-tuning: validated pair data (``data``), the Ray Train driver (``run``) and worker loop
-(``worker``), evaluation (``evaluation``) and the model card (``card``)."""
+(``worker``), the loss (``loss``), evaluation (``evaluation``) and the model card (``card``)."""
 
 from sbertray.train.evaluation import evaluate, evaluate_model
 from sbertray.train.run import TrainResult, train

@@ -58,9 +58,9 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
 def _step_seconds(plan: TrainingPlan) -> float:
     """Seconds per optimizer step of the recipe's batch, measured on this machine."""
     import torch
-    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
     from sbertray.modeling import load_model
+    from sbertray.train.loss import CosineSimilarityLoss
 
     config = plan.config
     model = load_model(

@@ -1,5 +1,6 @@
 """The Ray Train worker loop: each worker drives sentence-transformers' own trainer with
-CosineSimilarityLoss; Ray Train owns the process group and checkpoint storage."""
+CosineSimilarityLoss (``loss``: a pair's two sides in one forward); Ray Train owns the process
+group and checkpoint storage."""
 
 from __future__ import annotations
 
@@ -199,11 +200,11 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import torch
     from sentence_transformers import SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
     from transformers.trainer_callback import PrinterCallback
 
     from sbertray.modeling import load_model
     from sbertray.train.evaluation import SimilarityMetrics, build_evaluator
+    from sbertray.train.loss import CosineSimilarityLoss
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()

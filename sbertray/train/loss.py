@@ -1,0 +1,46 @@
+"""The training loss: sentence-transformers' CosineSimilarityLoss, with both sentences of a pair
+embedded in one forward pass where that is cheaper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import (
+    CosineSimilarityLoss as _StockCosineSimilarityLoss,
+)
+from torch import Tensor
+
+# A merged forward pads both sides to the wider one. Measured on a 2-core AMX Xeon, batch 16
+# (merged step time / two forwards): widths 12+13: 0.77 bf16, 0.79 fp32; 12+24 (1.33 padded
+# slots per token): 0.86 bf16, 1.00 fp32; 12+35 (1.49): 0.93, 1.18; 12+85 (1.75): 1.22, 1.53.
+MAX_MERGED_PADDING = 1.25
+
+
+def merged_padding(widths: list[int]) -> float:
+    """Token slots of one forward padded to the widest side, per slot of separate forwards."""
+    return len(widths) * max(widths) / sum(widths)
+
+
+class CosineSimilarityLoss(_StockCosineSimilarityLoss):
+    """sentence-transformers' CosineSimilarityLoss, embedding both sentences of a batch's pairs
+    in one forward of twice the rows when their padded widths are close.
+
+    The stock loss always embeds the first column on its own, as suits short queries against
+    long documents. sbertray's pairs are mostly two sentences of a kind, and there one forward
+    does the word-embedding gradient, the dropout masks and every kernel call once instead of
+    twice, with matmuls of twice the rows: 1.09-1.14x the trainer's steps/s in fp32 and
+    1.27-1.29x in bf16 on STS-B (2-core AMX Xeon). Loss and gradients are the same, up to dropout sampling.
+
+    It keeps the stock name on purpose: the model card and its hub tags name the loss, and this
+    is that loss.
+    """
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        features = list(sentence_features)
+        widths = [f["input_ids"].shape[-1] for f in features if "input_ids" in f]
+        merge = len(widths) == len(features) and merged_padding(widths) <= MAX_MERGED_PADDING
+        # embed_columns merges what it can; it falls back to a forward per side by itself
+        # when the sides' features differ in kind.
+        embeddings = embed_columns(self.model, features, separate_first=not merge)
+        return self.compute_loss_from_embeddings(embeddings, labels)
