@@ -32,8 +32,8 @@ class CosineSimilarityLoss(_StockCosineSimilarityLoss):
     twice, with matmuls of twice the rows: 1.09-1.14x the trainer's steps/s in fp32 and
     1.27-1.29x in bf16 on STS-B (2-core AMX Xeon). Loss and gradients are the same, up to dropout sampling.
 
-    It keeps the stock name on purpose: the model card and its hub tags name the loss, and this
-    is that loss.
+    It keeps the stock name on purpose: the model card's hub tag (``loss:CosineSimilarityLoss``)
+    names the loss by class name, and this is that loss.
     """
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
