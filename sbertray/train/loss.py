@@ -30,7 +30,8 @@ class CosineSimilarityLoss(_StockCosineSimilarityLoss):
     long documents. sbertray's pairs are mostly two sentences of a kind, and there one forward
     does the word-embedding gradient, the dropout masks and every kernel call once instead of
     twice, with matmuls of twice the rows: 1.09-1.14x the trainer's steps/s in fp32 and
-    1.27-1.29x in bf16 on STS-B (2-core AMX Xeon). Loss and gradients are the same, up to dropout sampling.
+    1.27-1.29x in bf16 on STS-B (2-core AMX Xeon). Loss and gradients are the same, up to
+    dropout sampling.
 
     It keeps the stock name on purpose: the model card's hub tag (``loss:CosineSimilarityLoss``)
     names the loss by class name, and this is that loss.
