@@ -50,7 +50,7 @@ from _common import ROOT, Timer, record, run_sbertray  # noqa: E402
 # meet modules this process loaded before the edit.
 from sbertray.config import ComputeConfig  # noqa: E402
 from sbertray.embed import backends  # noqa: E402
-from sbertray.embed.encoder import cpu_has_native_bf16  # noqa: E402
+from sbertray.hardware import cpu_has_native_bf16  # noqa: E402
 from sbertray.modeling import bundled_model_path, cache_root, model_hash  # noqa: E402
 
 PEER_PINS = ("sentence-transformers[openvino,onnx]==5.7.0", "fastembed==0.9.1", "pyarrow")

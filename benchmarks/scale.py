@@ -88,7 +88,7 @@ def tiny_model(work: Path) -> str:
     tokenizer.save_pretrained(raw)
     modules = [models.Transformer(str(raw)), models.Pooling(32, "mean"), models.Normalize()]
     SentenceTransformer(modules=modules).save(str(saved))
-    from sbertray.modeling import prepare_model
+    from sbertray.embed.prepared import prepare_model
 
     prepare_model(str(saved), export=True)  # once, as for any model: not in the first run's plan
     return str(saved)

@@ -165,7 +165,7 @@ def main() -> None:
 
     import ray
 
-    from sbertray.embed.encoder import cpu_has_native_bf16
+    from sbertray.hardware import cpu_has_native_bf16
     from sbertray.ray_runtime import init_ray
     from sbertray.train import evaluate
 

@@ -1,14 +1,18 @@
 """Everything sbertray knows of a model, in one place: finding and loading it (the bundled
 default, a local directory, an object-storage path downloaded once per node, or a Hugging Face
-hub id), its content hash, its ``ModelSpec``, and preparing it for the embedding backends."""
+hub id), its content hash and its ``ModelSpec``. Preparing it for the embedding backends (the
+export) is the embed layer's: ``embed/prepared.py``."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,19 @@ class ModelError(UserError, ValueError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("SBERTRAY_CACHE", Path.home() / ".cache" / "sbertray"))
+
+
+@contextmanager
+def node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on this machine (``flock`` on ``path``): processes of one node that
+    would each download or export the same model wait for the first to finish instead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def bundled_model_path() -> str:
@@ -63,7 +80,7 @@ def _download_once(loc: storage.Location, url: str, expected_hash: str | None) -
     key = hashlib.sha256(repr((storage.redact(url), version)).encode()).hexdigest()[:16]
     root = cache_root() / "models"
     target = root / key
-    with storage.node_lock(root / f"{key}.lock"):
+    with node_lock(root / f"{key}.lock"):
         if not (target / ".complete").exists():
             shutil.rmtree(target, ignore_errors=True)  # a download killed half-way
             tmp = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
@@ -243,34 +260,3 @@ class ModelSpec:
             "normalized": self.normalized,
             "max_seq_length": self.max_seq_length,
         }
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """A model resolved on the driver, ready for the embedding actors."""
-
-    path: str  # local directory (or hub id) on this node
-    model_hash: str
-    spec: ModelSpec
-    exportable: bool  # runs on the backends that run the ONNX export
-
-
-def prepare_model(path: str, *, export: bool) -> PreparedModel:
-    """Hashes the model at ``path`` (resolved by ``resolve_model_path``) and reads its spec.
-
-    With ``export`` (the job may run an exported backend), a supported local model is exported
-    once here (cached by hash), so actors start from the export instead of each exporting; later
-    runs read the spec off the export without loading the model.
-    """
-    from sbertray.embed import exported
-
-    digest = model_hash(path)
-    local = os.path.isdir(path)
-    spec = exported.cached_spec(path, digest) if export and local else None
-    if spec is not None:
-        return PreparedModel(path, digest, spec, exportable=True)
-    model = load_model(path, device="cpu")
-    exportable = export and local and exported.unsupported_reason(model) is None
-    if exportable:
-        exported.export(model, path, exported.artifact_dir(path, digest))
-    return PreparedModel(path, digest, ModelSpec.of(model), exportable)

@@ -20,6 +20,10 @@ from dataclasses import asdict
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, NightlyConfig, TrainConfig, load_config, stable_hash
+from sbertray.embed import backends
+from sbertray.embed.prepared import prepare_job_model
+from sbertray.embed.run import run_embed
+from sbertray.embed.summary import EmbedSummary
 from sbertray.report import REPORT_DIR, REPORT_MD
 from sbertray.report import write as write_report
 
@@ -92,8 +96,6 @@ def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_addre
 def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dict:
     """Runs one night; returns (and writes to ``<output>/_report/report.json``) what each stage
     did."""
-    from sbertray.embed.run import prepare_job_model, run_embed
-
     started = time.time()
     root = storage.resolve(config.output, config.storage)
     state = _read_state(root)
@@ -105,6 +107,8 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
         log.append(message)
         print(f"[sbertray nightly] {message}", flush=True)
 
+    embed_config = load_config(EmbedConfig, config.embed.config, config.embed.overrides)
+    backends.check_config(embed_config.compute)  # a typo fails now, not after training
     train_stage = {"trained": False}
     if config.train is not None:
         train_stage = _train_stage(config, state, run_id, say, ray_address)
@@ -116,21 +120,8 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
             # Tried once on this data: a refused candidate is not retrained every night.
             state["train_fingerprint"] = train_stage["train_fingerprint"]
 
-    embed_config = load_config(EmbedConfig, config.embed.config, config.embed.overrides)
-    model = state.get("model") or embed_config.model
-    embed_config.model = model
-    prepared = prepare_job_model(embed_config)
-    model_hash = prepared.model_hash
-    embed_config.output.path = storage.join(config.output, f"model={model_hash[:12]}")
-    summary = run_embed(embed_config, ray_address=ray_address, model=prepared)
-    new_units = len(summary.units) - summary.skipped_units
-    say(
-        f"embedded {new_units} new or changed units ({summary.skipped_units} already done) "
-        f"into {summary.output_url}"
-        if new_units
-        else "no new or changed input shards: nothing embedded"
-    )
-
+    embed_config.model = model = state.get("model") or embed_config.model
+    summary, model_hash = _embed_stage(config, embed_config, say, ray_address)
     state.update(
         run_id=run_id,
         embeddings=summary.output_url,
@@ -143,18 +134,39 @@ def run_nightly(config: NightlyConfig, *, ray_address: str | None = None) -> dic
         "run_id": run_id,
         "seconds": round(time.time() - started, 1),
         "train": train_stage,
-        "embed": {k: v for k, v in asdict(summary).items() if k != "units"},
+        "embed": asdict(summary),
         "model": model,
         "model_hash": model_hash,
         "log": log,
     }
     state, report = storage.redact_value(state), storage.redact_value(report)
     storage.write_bytes(root.child(STATE), json.dumps(state, indent=2).encode())
+    _write_nightly_report(root, report, summary)
+    return report
+
+
+def _embed_stage(
+    config: NightlyConfig, embed_config: EmbedConfig, say, ray_address: str | None
+) -> tuple[EmbedSummary, str]:
+    """Embeds the new or changed shards into ``<output>/model=<hash12>/``; returns the run's
+    summary and the model's hash."""
+    prepared = prepare_job_model(embed_config)
+    embed_config.output.path = storage.join(config.output, f"model={prepared.model_hash[:12]}")
+    summary = run_embed(embed_config, ray_address=ray_address, model=prepared)
+    say(
+        f"embedded {summary.units_written} new or changed units ({summary.skipped_units} "
+        f"already done) into {summary.output_url}"
+        if summary.units_written
+        else "no new or changed input shards: nothing embedded"
+    )
+    return summary, prepared.model_hash
+
+
+def _write_nightly_report(root: storage.Location, report: dict, summary: EmbedSummary) -> None:
     markdown = (
-        f"# Nightly run {run_id}\n\n"
+        f"# Nightly run {report['run_id']}\n\n"
         + "".join(f"- {line}\n" for line in report["log"])
         + f"- embeddings: `{summary.output_url}` ({summary.output_rows:,} rows, "
         f"{summary.skipped_units} units already done, see its {REPORT_DIR}/{REPORT_MD})\n"
     )
     write_report(root.child(REPORT_DIR), report, markdown, {})
-    return report

@@ -8,16 +8,16 @@ written anywhere.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -31,7 +31,13 @@ _S3_CONNECT_TIMEOUT_S = 5.0
 _S3_REQUEST_TIMEOUT_S = 60.0
 _S3_MAX_ATTEMPTS = 5
 
+# Object-store requests are latency bound: reads of many small objects (footers, id columns,
+# donor parts) run this many at once.
+PARALLEL_READS = 16
+
 _SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class StorageError(UserError, OSError):
@@ -194,6 +200,12 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
     return sorted(files, key=lambda i: i.path)
 
 
+def map_parallel(read: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[read(item) for item in items]``, ``PARALLEL_READS`` at a time, in order."""
+    with ThreadPoolExecutor(max_workers=PARALLEL_READS) as pool:
+        return list(pool.map(read, items))
+
+
 def read_bytes(loc: Location) -> bytes:
     try:
         with loc.fs.open_input_stream(loc.path) as f:
@@ -336,16 +348,3 @@ def _refuse(paths: dict[str, str], why: str) -> None:
     if paths:
         listed = ", ".join(f"`{key}: {path}`" for key, path in paths.items())
         raise StorageError(f"{listed}: {why}")
-
-
-@contextmanager
-def node_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on this machine (``flock`` on ``path``): processes of one node that
-    would each download or export the same thing wait for the first to finish instead."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

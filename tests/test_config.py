@@ -80,13 +80,20 @@ def test_half_precision_needs_gpu_or_native_bf16_cpu(monkeypatch):
         ({"backend": "onnx", "precision": "bf16"}, "onnx` runs on CPU in fp32 or int8"),
         ({"backend": "onnx", "device": "cuda"}, "onnx` runs on CPU"),
         ({"precision": "fp16", "device": "cpu"}, "fp16` needs a GPU"),
+        ({"backend": "tensorrt"}, "`compute.backend: tensorrt` is not a backend; use auto or one"),
+        ({"precision": "fp8"}, "`compute.precision: fp8` is not a precision; use auto or one"),
     ],
 )
 def test_embed_backend_and_precision_combinations(compute, message):
+    """Checked against the backend registry where the embed plan is made."""
+    from sbertray.embed import backends
+
     embed = {"input": {"path": "in/"}, "output": {"path": "out/"}}
     with pytest.raises(ConfigError, match=message):
-        parse_config(EmbedConfig, {**embed, "compute": compute})
-    assert parse_config(EmbedConfig, {**embed, "compute": {"precision": "int8"}})
+        backends.check_config(parse_config(EmbedConfig, {**embed, "compute": compute}).compute)
+    backends.check_config(
+        parse_config(EmbedConfig, {**embed, "compute": {"precision": "int8"}}).compute
+    )
 
 
 def test_bad_literal_shows_value():

@@ -17,9 +17,9 @@ import pytest
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
-from sbertray.embed.encoder import cpu_has_native_bf16
 from sbertray.embed.run import run_embed
 from sbertray.embed.shards import EmbedInputError
+from sbertray.hardware import cpu_has_native_bf16
 from sbertray.modeling import ModelError
 
 pytestmark = pytest.mark.slow

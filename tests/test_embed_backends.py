@@ -8,8 +8,8 @@ from quality import BF16_WORST_ROW, INT8_MEAN_ROW, assert_keeps_quality
 from sbertray.config import ComputeConfig, ConfigError, EmbedConfig, parse_config
 from sbertray.embed import backends
 from sbertray.embed.backends import base, encoder_for_model
-from sbertray.embed.encoder import cpu_has_native_bf16
 from sbertray.embed.pool import plan_pool
+from sbertray.hardware import cpu_has_native_bf16
 
 
 def _cos(a, b):

@@ -5,8 +5,8 @@ import pytest
 from quality import BF16_WORST_ROW, assert_keeps_quality
 
 from sbertray.embed.backends import encoder_for_model
-from sbertray.embed.encoder import cpu_has_native_bf16
 from sbertray.embed.similarity import top_k
+from sbertray.hardware import cpu_has_native_bf16
 
 
 def _cos(a, b):

@@ -10,7 +10,7 @@ import pytest
 
 from sbertray.config import ConfigError, EmbedConfig, parse_config
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.shards import plan_input
+from sbertray.embed.plan import plan_input
 from sbertray.embed.stage import EmbedStage, check_output_columns, output_schema
 
 
@@ -75,7 +75,7 @@ def test_reference_mode_runs_without_torch(tmp_path, bundled_model_path):
     import subprocess
     import sys
 
-    from sbertray.modeling import prepare_model
+    from sbertray.embed.prepared import prepare_model
 
     prepare_model(bundled_model_path, export=True)  # the driver's export step
     (tmp_path / "in").mkdir()
@@ -95,8 +95,9 @@ def test_reference_mode_runs_without_torch(tmp_path, bundled_model_path):
 import json, sys
 from sbertray.config import EmbedConfig, parse_config
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.shards import plan_input
-from sbertray.embed.stage import EmbedStage, embed_reference
+from sbertray.embed.plan import plan_input
+from sbertray.embed.reference import embed_reference
+from sbertray.embed.stage import EmbedStage
 config = parse_config(EmbedConfig, json.loads(sys.argv[1]))
 spec = EncoderSpec(model=sys.argv[2], backend="openvino", precision="fp32")
 stage = EmbedStage(config, spec, {"content_hash": "c1"}, embed_reference(config, spec))

@@ -7,7 +7,8 @@ import pytest
 
 from sbertray import storage
 from sbertray.embed import exported
-from sbertray.modeling import ModelError, ModelSpec, model_hash, prepare_model, resolve_model_path
+from sbertray.embed.prepared import prepare_model
+from sbertray.modeling import ModelError, ModelSpec, model_hash, resolve_model_path
 
 
 def test_model_hash_follows_the_weights_not_the_card_or_location(tmp_path, bundled_model_path):

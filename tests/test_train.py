@@ -14,7 +14,7 @@ import pytest
 from processes import kill_when, run, sbertray_cmd
 
 from sbertray.config import PairDataConfig, TrainConfig, load_config
-from sbertray.embed.encoder import cpu_has_native_bf16
+from sbertray.hardware import cpu_has_native_bf16
 from sbertray.ray_runtime import ray_train_settings
 from sbertray.report import summarize
 from sbertray.train import checkpoints, evaluate_model, train

@@ -45,6 +45,15 @@ class EmbedOutputConfig(Strict):
     # first run, kept in the manifest, and reused by later runs into the same output.
     int8_ranges: str | None = None
 
+    @model_validator(mode="after")
+    def _int8_ranges_need_int8(self) -> EmbedOutputConfig:
+        if self.int8_ranges is not None and self.embedding_dtype != "int8":
+            raise ValueError(
+                f"`output.int8_ranges` is for `output.embedding_dtype: int8`, and this output "
+                f"stores {self.embedding_dtype}: drop `int8_ranges` or set the dtype to int8"
+            )
+        return self
+
 
 class ReferenceConfig(Strict):
     """A reference set embedded once per run; each input row gets its top-k most similar."""
@@ -103,20 +112,8 @@ class ComputeConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ComputeConfig:
-        # The registry holds every backend rule; imported here because it imports config users.
-        from sbertray.embed import backends
-
-        if self.backend != "auto" and self.backend not in backends.BACKENDS:
-            raise ValueError(
-                f"`compute.backend: {self.backend}` is not a backend; use auto or one of "
-                f"{', '.join(backends.BACKENDS)}"
-            )
-        if self.precision not in ("auto", *backends.precisions()):
-            raise ValueError(
-                f"`compute.precision: {self.precision}` is not a precision; use auto or one of "
-                f"{', '.join(backends.precisions())}"
-            )
-        backends.check_compute(self)
+        # `backend` and `precision` are checked against the backend registry where the embed
+        # plan is made (`embed.backends.check_config`): config sits below the backends.
         if self.num_actors and (self.min_actors or self.max_actors):
             raise ValueError("set `compute.num_actors` (a fixed pool) or min/max_actors, not both")
         if self.min_actors and self.max_actors and self.min_actors > self.max_actors:

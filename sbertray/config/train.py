@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sbertray.config.core import DEFAULT_BASE_MODEL, StorageConfig, Strict
-from sbertray.embed.encoder import cpu_has_native_bf16
+from sbertray.hardware import cpu_has_native_bf16
 
 
 class PairColumns(Strict):

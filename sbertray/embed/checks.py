@@ -1,10 +1,9 @@
 """Input checks that need more than one file's footer, run before any actor starts: ids
-across the whole input, the output's place relative to the input, the reference set."""
+across the whole input and the output's place relative to the input."""
 
 from __future__ import annotations
 
-import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -13,14 +12,15 @@ import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
-from sbertray.embed.shards import EmbedInputError, InputFile, discover, read_footer
+from sbertray.embed.shards import EmbedInputError, InputFile
+
+# (config, chunks of files, buckets, the planned hashes split into buckets) -> repeated hashes
+MapReduce = Callable[[EmbedConfig, list[list[InputFile]], int, list[np.ndarray]], np.ndarray]
 
 _IDS_SHOWN = 5
-_ID_READERS = 16  # id columns read at once (object-store latency dominates)
 _IDS_PER_MAP = 1_000_000  # ids one map reads
 _FILES_PER_MAP = 2_000
 _IDS_PER_BUCKET = 20_000_000  # hashes one reduce sorts (160 MB)
-_MAPS_IN_FLIGHT = 8
 
 
 def check_id_types(config: EmbedConfig, files: list[InputFile], schemas: list[pa.Schema]) -> None:
@@ -39,7 +39,10 @@ def check_id_types(config: EmbedConfig, files: list[InputFile], schemas: list[pa
 
 
 def check_ids(
-    config: EmbedConfig, files: list[InputFile], known: dict[str, np.ndarray] | None = None
+    config: EmbedConfig,
+    files: list[InputFile],
+    known: dict[str, np.ndarray] | None = None,
+    map_reduce: MapReduce | None = None,
 ) -> None:
     """Refuses ids that would break "every id exactly once": a null id, or one id twice
     (within a file or across files). Names the files and up to five ids.
@@ -48,9 +51,11 @@ def check_ids(
     each map reads the id column of a chunk of files and splits the hashes into buckets; each
     reduce finds the hashes repeated in its bucket. Only if there are any does a second pass
     read the ids with those hashes, to name them (and tell a rare hash collision from a real
-    repeat). With Ray running (a cluster run), maps and reduces are Ray tasks and this process
-    holds object refs only; else they run here, holding 8 bytes per id. ``known``: hashes
-    of files already read while planning (small files, by relative path): not read again.
+    repeat). ``map_reduce`` runs ``map_hashes`` over the chunks and ``repeated_hashes`` over
+    the buckets: by default here, holding 8 bytes per id; on a cluster as Ray tasks
+    (``ray_adapter.repeated_id_hashes``), this process holding object refs only. ``known``:
+    hashes of files already read while planning (small files, by relative path): not read
+    again.
     """
     column = config.input.id_column
     if column is None or not files:
@@ -59,10 +64,7 @@ def check_ids(
     chunks = _chunks([f for f in files if f.rel not in known])
     buckets = max(1, -(-sum(f.num_rows for f in files) // _IDS_PER_BUCKET))
     planned = _split_buckets(np.concatenate([np.empty(0, np.uint64), *known.values()]), buckets)
-    if _ray_running():
-        repeated = _run_on_ray(config, chunks, buckets, planned)
-    else:
-        repeated = _run_here(config, chunks, buckets, planned)
+    repeated = (map_reduce or _run_here)(config, chunks, buckets, planned)
     if not repeated.size:
         return
     table = _ids_with_hashes(config, files, repeated)
@@ -101,8 +103,7 @@ def _read_ids(config: EmbedConfig, files: list[InputFile]) -> list[pa.ChunkedArr
         except (OSError, pa.ArrowException) as exc:
             raise EmbedInputError(f"{f.url}: cannot read column `{column}`: {exc}") from None
 
-    with ThreadPoolExecutor(max_workers=_ID_READERS) as pool:
-        return list(pool.map(read, files))
+    return storage.map_parallel(read, files)
 
 
 def hash_ids(config: EmbedConfig, f: InputFile, ids: pa.ChunkedArray) -> np.ndarray:
@@ -126,20 +127,14 @@ def _split_buckets(hashes: np.ndarray, buckets: int) -> list[np.ndarray]:
     return [hashes[which == b] for b in range(buckets)]
 
 
-def _map_hashes(config: EmbedConfig, files: list[InputFile], buckets: int) -> list[np.ndarray]:
+def map_hashes(config: EmbedConfig, files: list[InputFile], buckets: int) -> list[np.ndarray]:
     """The map: the chunk's id hashes, split into ``buckets`` by hash."""
     columns = _read_ids(config, files)
     hashed = [hash_ids(config, f, ids) for f, ids in zip(files, columns, strict=True)]
     return _split_buckets(np.concatenate([np.empty(0, np.uint64), *hashed]), buckets)
 
 
-def _map_hashes_ray(config: EmbedConfig, files: list[InputFile], buckets: int):
-    """``_map_hashes`` as a Ray task of ``buckets`` returns (one return is the value itself)."""
-    parts = _map_hashes(config, files, buckets)
-    return parts[0] if buckets == 1 else parts
-
-
-def _repeated_hashes(*parts: np.ndarray) -> np.ndarray:
+def repeated_hashes(*parts: np.ndarray) -> np.ndarray:
     """The reduce: hashes that occur more than once in one bucket."""
     hashes = np.sort(np.concatenate(parts))
     return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
@@ -163,41 +158,8 @@ def _ids_with_hashes(config: EmbedConfig, files: list[InputFile], wanted: np.nda
 def _run_here(
     config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
 ) -> np.ndarray:
-    mapped = [planned, *(_map_hashes(config, files, buckets) for files in chunks)]
-    return np.concatenate([_repeated_hashes(*[m[b] for m in mapped]) for b in range(buckets)])
-
-
-def _ray_running() -> bool:
-    # Not imported to ask: a run without Ray would pay half a second for a "no".
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
-def _run_on_ray(
-    config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
-) -> np.ndarray:
-    import ray
-
-    # No CPU asked: reading ids is I/O, short, and runs before any actor, so it must not wait
-    # for a node to be added (the pool's own wait is bounded by `compute.placement_timeout_s`).
-    map_task = ray.remote(num_cpus=0, num_returns=buckets)(_map_hashes_ray)
-    reduce_task = ray.remote(num_cpus=0)(_repeated_hashes)
-    mapped = [[ray.put(part) for part in planned]]
-    for wave in range(0, len(chunks), _MAPS_IN_FLIGHT):
-        refs = [
-            map_task.remote(config, files, buckets)
-            for files in chunks[wave : wave + _MAPS_IN_FLIGHT]
-        ]
-        refs = [r if buckets > 1 else [r] for r in refs]
-        ray.wait([r[0] for r in refs], num_returns=len(refs))
-        mapped += refs
-    try:
-        parts = ray.get([reduce_task.remote(*[m[b] for m in mapped]) for b in range(buckets)])
-    except ray.exceptions.RayTaskError as exc:  # a map's null id or unreadable column
-        if isinstance(exc.cause, EmbedInputError):
-            raise exc.cause from None
-        raise
-    return np.concatenate(parts)
+    mapped = [planned, *(map_hashes(config, files, buckets) for files in chunks)]
+    return np.concatenate([repeated_hashes(*[m[b] for m in mapped]) for b in range(buckets)])
 
 
 def check_output_outside_input(config: EmbedConfig) -> None:
@@ -212,25 +174,3 @@ def check_output_outside_input(config: EmbedConfig) -> None:
                 f"{storage.redact(spec)}: the next run would read its own output as input; "
                 "write it elsewhere"
             )
-
-
-def check_reference(config: EmbedConfig) -> None:
-    """The reference set's files exist and have the configured columns (footers only)."""
-    ref = config.reference
-    if ref is None:
-        return
-    fs, files = discover(ref.path, config.storage)
-    if not files:
-        raise EmbedInputError(
-            f"reference `{storage.redact(str(ref.path))}`: no Parquet files found"
-        )
-    for f in files:
-        checked, schema, _ = read_footer(fs, f)
-        if checked.error:
-            raise EmbedInputError(f"reference: {checked.error}")
-        for key, column in (("id_column", ref.id_column), ("text_column", ref.text_column)):
-            if column not in schema.names:
-                raise EmbedInputError(
-                    f"reference {f.url}: missing column `{column}` (reference.{key}); "
-                    f"the file has {schema.names}"
-                )

@@ -15,8 +15,8 @@ import json
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,14 +24,17 @@ import pyarrow.parquet as pq
 from sbertray import storage
 from sbertray.config import EmbedConfig, dump_without, stable_hash
 from sbertray.embed.shards import InputPlan, WorkUnit
+from sbertray.embed.summary import EmbedSummary, peak_rss_mb
 from sbertray.errors import UserError
+
+if TYPE_CHECKING:
+    from sbertray.embed.encoder import EncoderSpec
+    from sbertray.embed.pool import PoolPlan
 
 TMP_PREFIX = "_inprogress-"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 MANIFEST_VERSION = 1
-# Object-store latency dominates footer reads: read this many at once.
-_FOOTER_READERS = 16
 _PART = re.compile(r"(?P<grouped>\.\d+-files)?\.part-\d{4,}\.parquet$")
 # Config keys that never change an output file's bytes: a rerun that changes only these skips
 # committed units. Every other key (and the output schema) goes into the content hash, so a new
@@ -59,9 +62,6 @@ _NOT_IN_CONTENT = {
 }
 
 
-_JSON_FIELDS = ("bad_rows", "files", "bad_files")  # nested: JSON in Ray Data result rows
-
-
 class InvariantError(UserError, RuntimeError):
     """A unit's rows written + bad rows != its input rows, a unit without a result, or an
     output file that does not hold what its unit wrote: the run is not committed."""
@@ -83,24 +83,10 @@ class UnitResult:
     rows_reused: int = 0  # rows whose computed columns were copied from an earlier output row
     rows_embedded: int = 0  # distinct texts embedded (a text repeated in the unit counts once)
     output: str | None = None  # relative output path once committed
-    error: str | None = None
-    error_kind: str | None = None  # "bad_rows" | "bad_file"
+    error: str | None = None  # bad rows whose policy is fail (unreadable files: bad_files)
     seconds: float = 0.0
     finished_at: float = 0.0  # unix time the unit was committed (throughput over time)
     attempt: int = 1  # the round that committed it (> 1: its actor or node was lost before)
-
-    def to_row(self) -> dict:
-        row = asdict(self)
-        for key in _JSON_FIELDS:
-            row[key] = json.dumps(row[key])
-        return row
-
-    @classmethod
-    def from_row(cls, row: dict) -> UnitResult:
-        row = dict(row)
-        for key in _JSON_FIELDS:
-            row[key] = json.loads(row[key])
-        return cls(**row)
 
     def footer_record(self, unit: WorkUnit) -> dict:
         """What the output footer says of the unit it completes (read back on reruns)."""
@@ -189,8 +175,8 @@ def committed_units(
             output=unit.output_rel,
         )
 
-    with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
-        return {r.unit_id: r for r in pool.map(check, candidates) if r is not None}
+    found = storage.map_parallel(check, candidates)
+    return {r.unit_id: r for r in found if r is not None}
 
 
 def check_invariant(
@@ -231,13 +217,12 @@ def check_invariant(
             ) from None
 
     written = [r for r in results.values() if r.output is not None and r.unit_id not in done]
-    with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
-        for r, rows in zip(written, pool.map(footer_rows, written), strict=True):
-            if rows != r.rows_out:
-                raise InvariantError(
-                    f"output {storage.redact(out.child(r.output).url)} of unit {r.unit_id} "
-                    f"holds {rows} rows; the unit wrote {r.rows_out}"
-                )
+    for r, rows in zip(written, storage.map_parallel(footer_rows, written), strict=True):
+        if rows != r.rows_out:
+            raise InvariantError(
+                f"output {storage.redact(out.child(r.output).url)} of unit {r.unit_id} "
+                f"holds {rows} rows; the unit wrote {r.rows_out}"
+            )
     return sum(r.rows_out for r in results.values())
 
 
@@ -285,13 +270,69 @@ def remove_stale_parts(
 
 
 def manifest_record(
-    run_metadata: dict, plan: InputPlan, results: list[UnitResult], totals: dict, run: dict
+    run_metadata: dict,
+    inputs: InputPlan,
+    committed: list[UnitResult],
+    summary: EmbedSummary,
+    encoder: EncoderSpec | None,
+    pool: PoolPlan | None,
+    started: float,
 ) -> dict:
-    """The run record: every input file with its outputs and bad rows, the totals, and ``run``
-    (timings, pool, compute) as the driver saw it."""
+    """The run record: every input file with its outputs and bad rows, the totals, and how the
+    run went (compute, pool, compact settings, timings) as the driver saw it."""
+    model_keys = ("model", "model_hash", "dim", "normalized", "max_seq_length")
+    output = run_metadata["config"]["output"]
+    compute = None
+    if encoder is not None:  # the model reference is in `model` already (redacted)
+        compute = {k: v for k, v in asdict(encoder).items() if k not in ("model", "model_hash")}
+    return {
+        "version": MANIFEST_VERSION,
+        "run_id": run_metadata["run_id"],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {k: run_metadata[k] for k in model_keys},
+        "config_hash": run_metadata["config_hash"],
+        "config": run_metadata["config"],
+        "files": _file_records(inputs, committed),
+        "totals": {
+            "input_files": summary.input_files,
+            "input_rows": summary.input_rows,
+            "output_rows": summary.output_rows,
+            "bad_rows": summary.bad_rows,
+            "truncated": summary.truncated,
+            "superseded_parts_removed": summary.superseded_parts,
+            "orphaned_parts_removed": summary.orphaned_parts,
+            "units_retried": summary.retried_units,
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "precision": encoder.precision if encoder else None,
+        "compute": compute,
+        "pool": asdict(pool) if pool else None,
+        "bad_files": summary.bad_files,
+        "compact": {
+            "embedding_dtype": output["embedding_dtype"],
+            "truncate_dim": output["truncate_dim"],
+            "int8_ranges": run_metadata.get("int8_ranges"),
+        },
+        "timings": {
+            "seconds": summary.seconds,
+            "embedded_rows": summary.embedded_rows,
+            "reused_rows": summary.reused_rows,
+            "texts_embedded": summary.texts_embedded,
+            "rows_per_s": round(summary.rows_per_s, 1),
+            "unit_seconds": sum(r.seconds for r in committed),
+            # First unit started to last unit committed: throughput once the actors run.
+            "units_span_s": summary.units_span_s,
+            "phases": dict(summary.phases),
+            "driver_peak_rss_mb": peak_rss_mb(),
+        },
+    }
+
+
+def _file_records(inputs: InputPlan, committed: list[UnitResult]) -> list[dict]:
+    """Each input file with its fingerprint, its output parts and its rows written and bad."""
     outputs: dict[str, list[dict]] = {}
     counts: dict[str, dict] = {}
-    for r in results:
+    for r in committed:
         for rel, c in r.files.items():
             outputs.setdefault(rel, []).append({"path": r.output, "rows": c["rows_out"]})
             seen = counts.setdefault(rel, {"rows_out": 0, "bad_rows": 0, "bad_reasons": {}})
@@ -299,7 +340,7 @@ def manifest_record(
             seen["bad_rows"] += c["rows_dropped"]
             for reason, n in c["bad_rows"].items():
                 seen["bad_reasons"][reason] = seen["bad_reasons"].get(reason, 0) + n
-    files = [
+    return [
         {
             "path": f.url,
             "rel": f.rel,
@@ -308,20 +349,8 @@ def manifest_record(
             "outputs": outputs.get(f.rel, []),
             **counts.get(f.rel, {"rows_out": 0, "bad_rows": 0, "bad_reasons": {}}),
         }
-        for f in plan.files
+        for f in inputs.files
     ]
-    model_keys = ("model", "model_hash", "dim", "normalized", "max_seq_length")
-    return {
-        "version": MANIFEST_VERSION,
-        "run_id": run_metadata["run_id"],
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {k: run_metadata[k] for k in model_keys},
-        "config_hash": run_metadata["config_hash"],
-        "config": run_metadata["config"],
-        "files": files,
-        "totals": totals,
-        **run,
-    }
 
 
 def read_manifest(out: storage.Location) -> dict | None:

@@ -24,9 +24,9 @@ import pyarrow as pa
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig, EmbedOutputConfig
 from sbertray.embed import backends, commit
+from sbertray.embed.prepared import PreparedModel
 from sbertray.embed.shards import EmbedInputError, InputPlan
 from sbertray.embed.texts import sample_texts
-from sbertray.modeling import PreparedModel
 
 VALUE_TYPES = {
     "float32": pa.float32(),

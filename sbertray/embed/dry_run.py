@@ -8,7 +8,7 @@ import time
 
 from sbertray.config import EmbedConfig
 from sbertray.embed import backends
-from sbertray.embed.run import (
+from sbertray.embed.plan import (
     EmbedPlan,
     check_input_ids,
     choose_pool,

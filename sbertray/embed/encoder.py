@@ -31,15 +31,6 @@ GPU_TOKEN_BUDGET, GPU_MAX_BATCH_ROWS = 65_536, 4096
 MIN_TEXTS_PER_TOKENIZER = 2048
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at least as fast as fp32 instead of being emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class RustTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer (the Rust one inside the model's fast tokenizer,
     or an export's tokenizer.json): the same ids as the model's own tokenizer, without

@@ -25,9 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sbertray import storage
 from sbertray.embed.encoder import EncoderSpec, RustTokenizer, TextEncoder
-from sbertray.modeling import SPEC_FORMAT, ModelSpec, cache_root, load_model, model_hash
+from sbertray.hardware import usable_cpus
+from sbertray.modeling import (
+    SPEC_FORMAT,
+    ModelSpec,
+    cache_root,
+    load_model,
+    model_hash,
+    node_lock,
+)
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _OPSET = 17
@@ -161,7 +168,7 @@ def ensure(
     spec = _read_spec(out)
     if spec is None:
         # Once per node: the node's other actors wait here, then read the export.
-        with storage.node_lock(out.parent / f"{out.name}.lock"):
+        with node_lock(out.parent / f"{out.name}.lock"):
             spec = _read_spec(out)
             if spec is None:
                 if model is None:
@@ -250,7 +257,7 @@ def build_encoder(
     """An encoder running ``forward_class(graph, spec, threads=, precision=)`` on the export of
     ``model_dir`` (exported first if there is none)."""
     path, facts = ensure(model_dir, spec.precision, model, spec.model_hash)
-    threads = spec.threads or len(os.sched_getaffinity(0))
+    threads = spec.threads or usable_cpus()
     return TextEncoder(
         RustTokenizer.from_file(
             path.with_name("tokenizer.json"), facts.max_seq_length, facts.do_lower_case

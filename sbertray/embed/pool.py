@@ -16,6 +16,7 @@ from pathlib import Path
 from sbertray.config import ComputeConfig
 from sbertray.embed import backends
 from sbertray.errors import UserError
+from sbertray.hardware import usable_cpus
 from sbertray.ray_runtime import NUM_CPUS_ENV
 
 # A GPU actor reads, tokenizes and writes Parquet on its CPUs, about 14,000 short texts/s per CPU
@@ -169,7 +170,7 @@ def runs_in_process(compute: ComputeConfig, address: str | None, rows_to_embed: 
 
 def in_process_pool() -> PoolPlan:
     """One in-process stage with a thread per core (capped like a local Ray's CPUs)."""
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     if os.environ.get(NUM_CPUS_ENV):
         cpus = min(cpus, int(os.environ[NUM_CPUS_ENV]))
     return PoolPlan(1, float(cpus), 0.0, cpus, "cpu", in_process=True)

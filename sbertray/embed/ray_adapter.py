@@ -1,30 +1,52 @@
-"""Ray Data wiring for the embed driver; the only module in ``embed/`` that imports Ray.
+"""Ray wiring for the embed driver; the only module in ``embed/`` that imports Ray.
 
 Work units are the items of a Ray Data dataset; an actor pool of ``EmbedStage`` actors (fixed,
 or autoscaling between the bounds ``pool.py`` plans) takes one unit per call. Reads and writes
-happen inside the actors, so no separate read/write tasks wait for a CPU.
+happen inside the actors, so no separate read/write tasks wait for a CPU. The id check's
+map/reduce (``checks``) runs here as Ray tasks on a cluster, and unit results travel back as
+Ray Data rows (``_to_row`` / ``_from_row``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
+import numpy as np
 import ray
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
+from sbertray.embed.checks import map_hashes, repeated_hashes
 from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.reuse import DonorIndex
-from sbertray.embed.shards import WorkUnit
+from sbertray.embed.shards import EmbedInputError, InputFile, WorkUnit
 from sbertray.errors import UserError
 from sbertray.ray_runtime import autoscaling_limits, init_ray
+
+_JSON_FIELDS = ("bad_rows", "files", "bad_files")  # nested: JSON in Ray Data result rows
+_MAPS_IN_FLIGHT = 8  # id-check maps running at once
+
+
+def _to_row(result: UnitResult) -> dict:
+    row = asdict(result)
+    for key in _JSON_FIELDS:
+        row[key] = json.dumps(row[key])
+    return row
+
+
+def _from_row(row: dict) -> UnitResult:
+    row = dict(row)
+    for key in _JSON_FIELDS:
+        row[key] = json.loads(row[key])
+    return UnitResult(**row)
 
 
 def cluster_resources(address: str | None) -> tuple[dict[str, float], dict[str, float] | None]:
@@ -57,10 +79,10 @@ class _EmbedActor:
         """The unit's result row; an exception travels back in it (``raised``) so the driver
         re-raises it as it is, while a unit lost with its actor or node has no row at all."""
         try:
-            return {**self.stage.process(self.units[index]).to_row(), "raised": None}
+            return {**_to_row(self.stage.process(self.units[index])), "raised": None}
         except Exception as exc:
             return {
-                **UnitResult(self.units[index].unit_id, 0).to_row(),
+                **_to_row(UnitResult(self.units[index].unit_id, 0)),
                 "raised": _pickled(exc),
             }
 
@@ -74,7 +96,7 @@ def _pickled(exc: Exception) -> bytes:
 
 
 def _embed_reference(config: EmbedConfig, encoder: EncoderSpec):
-    from sbertray.embed.stage import embed_reference
+    from sbertray.embed.reference import embed_reference
 
     return embed_reference(config, encoder)
 
@@ -137,7 +159,7 @@ def run_units(
         for row in _run_round(config, pending, pool, {**actor_args, "shared": shared}):
             if raised := row.pop("raised"):
                 raise pickle.loads(raised)
-            result = UnitResult.from_row(row)
+            result = _from_row(row)
             result.attempt = attempt
             results[result.unit_id] = result
             if on_result is not None:
@@ -206,3 +228,36 @@ def _run_round(config: EmbedConfig, pending: list[int], pool: PoolPlan, actor_ar
 def _resources_now() -> str:
     now = ray.cluster_resources()
     return ", ".join(f"{now.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def _map_hashes_task(config: EmbedConfig, files: list[InputFile], buckets: int):
+    """``checks.map_hashes`` as a Ray task of ``buckets`` returns (one return is the value)."""
+    parts = map_hashes(config, files, buckets)
+    return parts[0] if buckets == 1 else parts
+
+
+def repeated_id_hashes(
+    config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
+) -> np.ndarray:
+    """The id check's map/reduce (``checks.check_ids``) as Ray tasks: this process holds object
+    refs only."""
+    # No CPU asked: reading ids is I/O, short, and runs before any actor, so it must not wait
+    # for a node to be added (the pool's own wait is bounded by `compute.placement_timeout_s`).
+    map_task = ray.remote(num_cpus=0, num_returns=buckets)(_map_hashes_task)
+    reduce_task = ray.remote(num_cpus=0)(repeated_hashes)
+    mapped = [[ray.put(part) for part in planned]]
+    for wave in range(0, len(chunks), _MAPS_IN_FLIGHT):
+        refs = [
+            map_task.remote(config, files, buckets)
+            for files in chunks[wave : wave + _MAPS_IN_FLIGHT]
+        ]
+        refs = [r if buckets > 1 else [r] for r in refs]
+        ray.wait([r[0] for r in refs], num_returns=len(refs))
+        mapped += refs
+    try:
+        parts = ray.get([reduce_task.remote(*[m[b] for m in mapped]) for b in range(buckets)])
+    except ray.exceptions.RayTaskError as exc:  # a map's null id or unreadable column
+        if isinstance(exc.cause, EmbedInputError):
+            raise exc.cause from None
+        raise
+    return np.concatenate(parts)

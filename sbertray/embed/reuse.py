@@ -14,7 +14,6 @@ changed are embedded; repeated texts inside a unit are embedded once.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import blake2b
 
@@ -27,8 +26,6 @@ from sbertray import storage
 KEY_COLUMN = "content_key"
 KEY_BYTES = 16  # 128 bits: a collision among 10^12 rows is about 10^-15 likely
 KEY_TYPE = pa.binary(KEY_BYTES)
-# Object-store latency dominates: donor files are read this many at once.
-_READERS = 16
 
 
 def row_keys(content_hash: str, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
@@ -93,8 +90,7 @@ def donor_files(
             return path, meta.num_rows
         return None
 
-    with ThreadPoolExecutor(max_workers=_READERS) as pool:
-        return [d for d in pool.map(check, candidates) if d is not None]
+    return [d for d in storage.map_parallel(check, candidates) if d is not None]
 
 
 def build_index(out: storage.Location, files: list[str], columns: list[str]) -> DonorIndex:
@@ -104,8 +100,7 @@ def build_index(out: storage.Location, files: list[str], columns: list[str]) -> 
         with out.fs.open_input_file(path) as handle:
             return pq.read_table(handle, columns=[KEY_COLUMN, *columns])
 
-    with ThreadPoolExecutor(max_workers=_READERS) as pool:
-        tables = list(pool.map(read, files))
+    tables = storage.map_parallel(read, files)
     if not tables:
         return DonorIndex(np.empty(0, dtype=f"S{KEY_BYTES}"), pa.table({}), 0)
     table = pa.concat_tables(tables)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import fnmatch
 import glob as globlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -23,7 +21,6 @@ from sbertray.config import EmbedConfig, StorageConfig
 from sbertray.errors import UserError
 
 _GLOB_CHARS = "*?["
-_FOOTER_READERS = 16  # footers read at once
 _READ_WHOLE_BYTES = 4 << 20  # files up to this size are read in one request while planning
 _UNITS_WANTED = 32  # default unit size: the input in about this many units
 _MIN_UNIT_ROWS = 1024
@@ -340,71 +337,3 @@ def choose_unit_rows(config: EmbedConfig, total_rows: int) -> int:
         return config.compute.unit_rows
     wanted = 1 << round(math.log2(max(1, total_rows / _UNITS_WANTED)))
     return min(max(wanted, _MIN_UNIT_ROWS), config.output.rows_per_file)
-
-
-def plan_input(config: EmbedConfig) -> InputPlan:
-    """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
-    aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
-    ids of different types always raise, before any work (null and repeated ids: ``checks``)."""
-    from sbertray.embed.checks import check_id_types, hash_ids
-
-    fs, found = discover(config.input.path, config.storage)
-    if not found:
-        raise EmbedInputError(
-            f"input `{storage.redact(str(config.input.path))}`: no Parquet files found"
-        )
-    good, bad, schemas = [], [], []
-    # Footers one after another cost a round trip each in object storage: read them at once.
-    with ThreadPoolExecutor(max_workers=_FOOTER_READERS) as pool:
-        footers = list(pool.map(lambda f: read_footer(fs, f, config.input.id_column), found))
-    id_hashes = {}
-    for checked, schema, ids in footers:
-        if checked.error:
-            if config.bad_input.on_bad_file == "fail":
-                raise EmbedInputError(
-                    f"{checked.error}\n(set `bad_input.on_bad_file: skip` to embed the other files)"
-                )
-            bad.append(checked)
-            continue
-        check_columns(config, checked, schema)
-        good.append(checked)
-        schemas.append(schema)
-        if ids is not None:
-            id_hashes[checked.rel] = hash_ids(config, checked, ids)
-    check_id_types(config, good, schemas)
-    size = choose_unit_rows(config, sum(f.num_rows for f in good))
-    units = plan_units(good, config.output.rows_per_file, size)
-    return InputPlan(files=good, units=units, bad_files=bad, id_hashes=id_hashes)
-
-
-def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:
-    """The reference set's ids and texts (reference mode), checked: columns present, no null
-    id or text, ids unique."""
-    ref = config.reference
-    fs, files = discover(ref.path, config.storage)
-    ids, texts = [], []
-    for f in files:
-        checked, schema, _ = read_footer(fs, f)
-        if checked.error:
-            raise EmbedInputError(f"reference: {checked.error}")
-        for col in (ref.id_column, ref.text_column):
-            if col not in schema.names:
-                raise EmbedInputError(
-                    f"reference {f.url}: missing column `{col}`; the file has {schema.names}"
-                )
-        with fs.open_input_file(f.path) as handle:
-            table = pq.read_table(handle, columns=[ref.id_column, ref.text_column])
-        for i, (rid, text) in enumerate(
-            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
-        ):
-            if rid is None or not isinstance(text, str):
-                problem = "null id" if rid is None else "null or non-string text"
-                raise EmbedInputError(f"reference {f.url}: row {i}: {problem}")
-        ids.append(table.column(0))
-        texts.extend(table.column(1).to_pylist())
-    if not texts:
-        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}` has no rows")
-    all_ids = pa.chunked_array([c for chunk in ids for c in chunk.chunks]).combine_chunks()
-    if pc.count_distinct(all_ids).as_py() != len(all_ids):
-        raise EmbedInputError(f"reference `{storage.redact(str(ref.path))}`: ids are not unique")
-    return all_ids, texts

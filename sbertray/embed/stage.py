@@ -24,7 +24,6 @@ import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -35,18 +34,13 @@ from sbertray.config import ConfigError, EmbedConfig
 from sbertray.embed import backends, compact, reuse
 from sbertray.embed.commit import UnitResult, write_unit
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.shards import FileSlice, WorkUnit, read_reference
+from sbertray.embed.reference import ReferenceSet
+from sbertray.embed.shards import FileSlice, WorkUnit
 from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import BadRows, column_texts
 from sbertray.modeling import resolve_model_path
 
 _SLICE_READERS = 8  # small input files of one unit read at once
-
-
-@dataclass
-class ReferenceSet:
-    ids: pa.Array
-    embeddings: np.ndarray  # (m, dim) float32
 
 
 def output_schema(
@@ -110,15 +104,6 @@ def check_output_columns(config: EmbedConfig) -> None:
             f"`input.passthrough` has {clashes}, which the output writes itself "
             f"({', '.join(own)}); rename the input column or leave it out"
         )
-
-
-def embed_reference(config: EmbedConfig, encoder: EncoderSpec) -> ReferenceSet:
-    """Reads and embeds the reference set (once per run, on a node sized like an actor)."""
-    ids, texts = read_reference(config)
-    model_dir = resolve_model_path(encoder.model, config.storage, encoder.model_hash)
-    with backends.build_encoder(encoder, model_dir) as text_encoder:
-        embeddings = text_encoder.encode(texts).embeddings
-    return ReferenceSet(ids=ids, embeddings=embeddings)
 
 
 def _per_file(
@@ -232,9 +217,7 @@ class EmbedStage:
         result = UnitResult(unit_id=unit.unit_id, rows_in=unit.num_rows)
         slices, table, result.bad_files = self._read_unit(unit)
         if result.bad_files and (table is None or self.config.bad_input.on_bad_file == "fail"):
-            result.error = "\n".join(result.bad_files.values())
-            result.error_kind = "bad_file"
-            return result
+            return result  # the driver fails or skips them (`bad_input.on_bad_file`)
 
         inp, bad = self.config.input, BadRows(slices)
         texts = column_texts(table, inp.text_column, self.config, bad)
@@ -254,7 +237,6 @@ class EmbedStage:
             result.error = "bad rows (or set the `bad_input` policies to skip/replace):\n  " + (
                 "\n  ".join(bad.examples)
             )
-            result.error_kind = "bad_rows"
             return result
         result.bad_rows = {reason: n for reason, n in bad.counts.items() if n}
         # A row bad in both pair columns is dropped once: this is what the invariant counts.

@@ -1,6 +1,6 @@
 """The embedding backends, one module each, and every rule that picks among them.
 
-Config validation (``check_compute``), the pool's device (``may_run_on``), the driver's export
+Config validation (``check_config``), the pool's device (``may_run_on``), the driver's export
 step (``may_run_exported``) and compute resolution (``resolve``, ``encoder_spec``) all read the
 ``Backend`` records registered here, so a new backend is one module plus one line below:
 
@@ -10,6 +10,7 @@ step (``may_run_exported``) and compute resolution (``resolve``, ``encoder_spec`
 
 from __future__ import annotations
 
+from sbertray.config import ConfigError
 from sbertray.embed.backends import onnx, openvino, torch
 from sbertray.embed.backends.base import DEVICE_WORDS, Backend
 from sbertray.embed.encoder import EncoderSpec, TextEncoder, batch_defaults
@@ -46,8 +47,26 @@ def _devices(compute) -> list[str]:
     return list(DEVICE_WORDS) if compute.device == "auto" else [compute.device]
 
 
-def check_compute(compute) -> None:
-    """Refuses a ``ComputeConfig`` no registered backend can run, naming the keys to change."""
+def check_config(compute) -> None:
+    """Refuses a ``ComputeConfig`` whose backend or precision is not registered, or that no
+    registered backend can run, naming the keys to change."""
+    if compute.backend != "auto" and compute.backend not in BACKENDS:
+        raise ConfigError(
+            f"`compute.backend: {compute.backend}` is not a backend; use auto or one of "
+            f"{', '.join(BACKENDS)}"
+        )
+    if compute.precision not in ("auto", *precisions()):
+        raise ConfigError(
+            f"`compute.precision: {compute.precision}` is not a precision; use auto or one of "
+            f"{', '.join(precisions())}"
+        )
+    try:
+        _check_combination(compute)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_combination(compute) -> None:
     devices = _devices(compute)
     if compute.backend != "auto":
         b = get(compute.backend)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sbertray.embed.encoder import cpu_has_native_bf16
+from sbertray.hardware import cpu_has_native_bf16
 
 if TYPE_CHECKING:
     from sbertray.embed.encoder import EncoderSpec, TextEncoder

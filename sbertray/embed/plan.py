@@ -1,0 +1,198 @@
+"""The embed job's plan phase: everything that can fail without the model running (config,
+model, input footers and columns, ids, reference set, output), the units still to embed, the
+earlier output that can donate vectors, and where the units run."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import sbertray
+from sbertray import storage
+from sbertray.config import EmbedConfig, stable_hash
+from sbertray.embed import backends, commit, compact, reference, reuse, shards
+from sbertray.embed.checks import check_id_types, check_ids, check_output_outside_input, hash_ids
+from sbertray.embed.commit import UnitResult
+from sbertray.embed.encoder import EncoderSpec
+from sbertray.embed.pool import PoolPlan, in_process_pool, plan_pool, runs_in_process
+from sbertray.embed.prepared import PreparedModel, prepare_job_model
+from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit
+from sbertray.embed.stage import check_output_columns, output_schema
+from sbertray.ray_runtime import cpus_per_gpu
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What a run will do, checked before any actor starts."""
+
+    config: EmbedConfig  # output path made absolute
+    out: storage.Location
+    model: PreparedModel
+    inputs: InputPlan
+    run_metadata: dict  # in every output file's schema metadata (`sbertray` key) and the manifest
+
+    @property
+    def run_id(self) -> str:
+        return self.run_metadata["run_id"]
+
+    @property
+    def model_for_actors(self) -> str:
+        """Object-storage models are resolved by each node into its own cache; anything else
+        is the path (or hub id) the driver resolved."""
+        model = self.config.model
+        return model if storage.is_url(model) and not storage.is_local(model) else self.model.path
+
+
+def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> EmbedPlan:
+    """Checks the config, model, input and output, in that order, and plans the units.
+    ``model``: ``prepare_job_model(config)`` where the caller has it already.
+
+    Raises:
+        ConfigError: a backend or precision nothing runs; passthrough columns that collide with
+            the output's own; an output inside the input.
+        ModelError: the model cannot be found (before any data is read).
+        EmbedInputError: no input files, missing or non-text column, bad file
+            (``on_bad_file: fail``), null / duplicate / mixed-type ids, a bad reference set.
+        StorageError: output not writable / endpoint down.
+    """
+    backends.check_config(config.compute)
+    config = config.model_copy(deep=True)
+    config.output.path = storage.absolute(config.output.path)
+    check_output_columns(config)
+    check_output_outside_input(config)
+    storage.check_lasting({"output.path": config.output.path})
+    out = storage.resolve(config.output.path, config.storage)
+    model = model or prepare_job_model(config)
+    compact.check(config.output, model.spec.dim)
+    inputs = plan_input(config)
+    reference.check_reference(config)
+    storage.check_writable(out)
+    ranges = (
+        compact.resolve_int8_ranges(config, out, model, inputs)
+        if config.output.embedding_dtype == "int8"
+        else None
+    )
+    config_dict = config.model_dump()
+    run_metadata = {
+        "model": storage.redact(config.model),
+        "model_hash": model.model_hash,
+        **model.spec.facts(),
+        "config_hash": stable_hash(config_dict),
+        "content_hash": commit.content_hash(
+            config, model.model_hash, output_schema(config, model.spec.dim), ranges
+        ),
+        "config": storage.redact_value(config_dict),
+        "run_id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}",
+        "sbertray_version": sbertray.__version__,
+    }
+    if ranges is not None:
+        run_metadata["int8_ranges"] = ranges
+    return EmbedPlan(config, out, model, inputs, run_metadata)
+
+
+def plan_input(config: EmbedConfig) -> InputPlan:
+    """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
+    aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
+    ids of different types always raise, before any work (null and repeated ids: ``checks``)."""
+    fs, found = shards.discover(config.input.path, config.storage)
+    if not found:
+        raise EmbedInputError(
+            f"input `{storage.redact(str(config.input.path))}`: no Parquet files found"
+        )
+    good, bad, schemas = [], [], []
+    # Footers one after another cost a round trip each in object storage: read them at once.
+    footers = storage.map_parallel(
+        lambda f: shards.read_footer(fs, f, config.input.id_column), found
+    )
+    id_hashes = {}
+    for checked, schema, ids in footers:
+        if checked.error:
+            if config.bad_input.on_bad_file == "fail":
+                raise EmbedInputError(
+                    f"{checked.error}\n(set `bad_input.on_bad_file: skip` to embed the other files)"
+                )
+            bad.append(checked)
+            continue
+        shards.check_columns(config, checked, schema)
+        good.append(checked)
+        schemas.append(schema)
+        if ids is not None:
+            id_hashes[checked.rel] = hash_ids(config, checked, ids)
+    check_id_types(config, good, schemas)
+    size = shards.choose_unit_rows(config, sum(f.num_rows for f in good))
+    units = shards.plan_units(good, config.output.rows_per_file, size)
+    return InputPlan(files=good, units=units, bad_files=bad, id_hashes=id_hashes)
+
+
+def check_input_ids(plan: EmbedPlan) -> None:
+    """Null and repeated ids are refused before any work (``checks.check_ids``: on Ray tasks
+    when this process has joined a cluster). Skipped when the last committed run read these
+    very files (same names, sizes and mtimes) with the same input settings: it checked them."""
+    last = commit.read_manifest(plan.out) if storage.exists(plan.out) else None
+    if last is not None:
+        checked = [(f["rel"], f["size"], f["mtime"]) for f in last.get("files", [])]
+        current = [(f.rel, f.size, f.mtime) for f in plan.inputs.files]
+        same_input = last["config"]["input"] == plan.run_metadata["config"]["input"]
+        if same_input and checked == current and not last.get("bad_files"):
+            return
+    map_reduce = None
+    if _ray_running():
+        from sbertray.embed import ray_adapter
+
+        map_reduce = ray_adapter.repeated_id_hashes
+    check_ids(plan.config, plan.inputs.files, plan.inputs.id_hashes, map_reduce)
+
+
+def _ray_running() -> bool:
+    # Not imported to ask: a run without Ray would pay half a second for a "no".
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
+    """The files already under the output, and the units among them that this run need not
+    embed again (same content hash, same input fingerprint)."""
+    out = plan.out
+    existing = {i.path for i in storage.list_files(out)} if storage.exists(out) else set()
+    content_hash = plan.run_metadata["content_hash"]
+    return existing, commit.committed_units(out, plan.inputs, content_hash, existing)
+
+
+def donor_files(
+    plan: EmbedPlan, existing: set[str], done: dict[str, UnitResult]
+) -> list[tuple[str, int]]:
+    """The output parts this run replaces or removes that were written with this run's content
+    hash, with their row counts: their rows' vectors are copied, not recomputed."""
+    kept = {plan.out.child(r.output).path for r in done.values() if r.output}
+    candidates = sorted(p for p in commit.output_parts(existing) if p not in kept)
+    return reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"])
+
+
+def choose_pool(
+    plan: EmbedPlan, todo: list[WorkUnit], reusable_rows: int, ray_address: str | None
+) -> PoolPlan:
+    """This process for small work (``compute.executor``), else a pool sized from the cluster."""
+    expected = max(0, sum(u.num_rows for u in todo) - reusable_rows)
+    if runs_in_process(plan.config.compute, ray_address, expected):
+        return in_process_pool()
+    from sbertray.embed import ray_adapter
+
+    resources, limits = ray_adapter.cluster_resources(ray_address)
+    return plan_pool(resources, plan.config.compute, len(todo), limits, cpus_per_gpu=cpus_per_gpu())
+
+
+def resolve_encoder(plan: EmbedPlan, pool: PoolPlan) -> EncoderSpec:
+    """The one ``EncoderSpec`` the run's units get on this pool."""
+    try:
+        return backends.encoder_spec(
+            plan.config.compute,
+            model=plan.model_for_actors,
+            model_hash=plan.model.model_hash,
+            device=pool.device,
+            threads=pool.threads,
+            exportable=plan.model.exportable,
+        )
+    except ValueError as exc:
+        raise EmbedInputError(f"compute: {exc}") from None
