@@ -25,7 +25,13 @@ from sbertray.errors import UserError
 _BUNDLED_NAMES = {DEFAULT_BASE_MODEL, "all-MiniLM-L6-v2", "bundled"}
 _MODEL_MARKERS = ("modules.json", "config.json", "config_sentence_transformers.json")
 # Files that don't change what the model computes, left out of its hash.
-_HASH_IGNORED = {"README.md", ".gitattributes", "train_result.json", "run.log"}
+_HASH_IGNORED = {
+    "README.md",
+    ".gitattributes",
+    "train_result.json",
+    "loop_result.json",
+    "run.log",
+}
 
 
 class ModelError(UserError, ValueError):

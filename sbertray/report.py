@@ -131,34 +131,8 @@ _FILES_AS_BARS = 40  # more input files than this: a histogram of their sizes, n
 def write_embed_report(out: storage.Location, manifest: dict, units: list[dict]) -> dict:
     """Rows over time, rows per input file, score histogram and bad rows by reason, into
     ``<out>/_report/``."""
-    plots = {}
-    timed = sorted((u for u in units if u.get("finished_at")), key=lambda u: u["finished_at"])
-    if timed:
-        t0 = min(u["finished_at"] - u["seconds"] for u in timed)
-        xs = [u["finished_at"] - t0 for u in timed]
-        fig, ax = _figure("throughput", "seconds since start", "rows embedded")
-        ax.plot(xs, np.cumsum([u["rows_out"] for u in timed]), drawstyle="steps-post")
-        plots["throughput.png"] = _png(fig)
     files = manifest.get("files", [])
-    if len(files) > _FILES_AS_BARS:  # thousands of small files: how their sizes spread
-        fig, ax = _figure(f"rows per input file ({len(files):,} files)", "rows", "input files")
-        ax.hist([f["rows_out"] + f["bad_rows"] for f in files], bins=50, label="rows")
-        ax.hist([f["bad_rows"] for f in files if f["bad_rows"]], bins=50, label="bad rows")
-        ax.legend(fontsize=8)
-        plots["rows_per_shard.png"] = _png(fig)
-    elif files:
-        fig, ax = _figure("rows per input file", "input file", "rows")
-        names = [f["rel"] for f in files]
-        ax.bar(names, [f["rows_out"] for f in files], label="embedded")
-        ax.bar(
-            names,
-            [f["bad_rows"] for f in files],
-            bottom=[f["rows_out"] for f in files],
-            label="bad",
-        )
-        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-        ax.legend(fontsize=8)
-        plots["rows_per_shard.png"] = _png(fig)
+    plots = {**_throughput_plot(units), **_rows_per_file_plot(files)}
     outputs = dict.fromkeys(o["path"] for f in files for o in f["outputs"])  # groups: once
     label, scores = _score_sample(out, list(outputs))
     if label and len(scores):
@@ -172,11 +146,10 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         fig, ax = _figure("bad rows by reason", "reason", "rows")
         ax.bar(list(reasons), list(reasons.values()))
         plots["bad_rows.png"] = _png(fig)
-    totals = manifest["totals"]
     report = {
         "kind": "embed",
         "run_id": manifest["run_id"],
-        "totals": totals,
+        "totals": manifest["totals"],
         "timings": manifest["timings"],
         "bad_reasons": dict(reasons),
         "bad_files": manifest.get("bad_files", []),
@@ -191,21 +164,55 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         else None,
         "plots": sorted(plots),
     }
+    write(out.child(REPORT_DIR), report, _embed_markdown(manifest, plots), plots)
+    return report
+
+
+def _throughput_plot(units: list[dict]) -> dict[str, bytes]:
+    timed = sorted((u for u in units if u.get("finished_at")), key=lambda u: u["finished_at"])
+    if not timed:
+        return {}
+    t0 = min(u["finished_at"] - u["seconds"] for u in timed)
+    xs = [u["finished_at"] - t0 for u in timed]
+    fig, ax = _figure("throughput", "seconds since start", "rows embedded")
+    ax.plot(xs, np.cumsum([u["rows_out"] for u in timed]), drawstyle="steps-post")
+    return {"throughput.png": _png(fig)}
+
+
+def _rows_per_file_plot(files: list[dict]) -> dict[str, bytes]:
+    """A bar per input file, or for many files a histogram of how their sizes spread."""
+    if not files:
+        return {}
+    if len(files) > _FILES_AS_BARS:
+        fig, ax = _figure(f"rows per input file ({len(files):,} files)", "rows", "input files")
+        ax.hist([f["rows_out"] + f["bad_rows"] for f in files], bins=50, label="rows")
+        ax.hist([f["bad_rows"] for f in files if f["bad_rows"]], bins=50, label="bad rows")
+    else:
+        fig, ax = _figure("rows per input file", "input file", "rows")
+        names = [f["rel"] for f in files]
+        ax.bar(names, [f["rows_out"] for f in files], label="embedded")
+        bottom = [f["rows_out"] for f in files]
+        ax.bar(names, [f["bad_rows"] for f in files], bottom=bottom, label="bad")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.legend(fontsize=8)
+    return {"rows_per_shard.png": _png(fig)}
+
+
+def _embed_markdown(manifest: dict, plots: dict[str, bytes]) -> str:
+    totals, timings, model = manifest["totals"], manifest["timings"], manifest["model"]
     lines = [
         f"# Embedding report: run {manifest['run_id']}",
         "",
-        f"- model: `{manifest['model']['model']}` (hash {manifest['model']['model_hash'][:12]}, "
-        f"dim {manifest['model']['dim']})",
+        f"- model: `{model['model']}` (hash {model['model_hash'][:12]}, dim {model['dim']})",
         f"- rows: {totals['input_rows']:,} in, {totals['output_rows']:,} embedded, "
         f"{totals['bad_rows']:,} bad, {totals['truncated']:,} truncated",
-        f"- this run: embedded {format_rate(manifest['timings']['embedded_rows'], manifest['timings']['seconds'])}",
+        f"- this run: embedded {format_rate(timings['embedded_rows'], timings['seconds'])}",
         f"- bad files: {len(manifest.get('bad_files', []))}",
         "",
         *[f"![{p}]({p})" for p in sorted(plots)],
         "",
     ]
-    write(out.child(REPORT_DIR), report, "\n".join(lines), plots)
-    return report
+    return "\n".join(lines)
 
 
 def note_noop_rerun(out: storage.Location, line: str) -> None:

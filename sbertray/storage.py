@@ -243,9 +243,15 @@ def check_writable(loc: Location) -> None:
         ancestor = Path(loc.path)
         while not ancestor.exists():
             ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            problem = "is a file" if not ancestor.is_dir() else "is not writable"
-            raise StorageError(f"output location is not writable: {ancestor} {problem}")
+        if not ancestor.is_dir():
+            raise StorageError(f"output location is not writable: {ancestor} is a file")
+        try:  # a real folder made and removed: permissions alone miss /proc, read-only mounts
+            os.rmdir(tempfile.mkdtemp(prefix=".sbertray-probe-", dir=ancestor))
+        except OSError as exc:
+            raise StorageError(
+                f"output location is not writable: nothing can be created in {ancestor}, "
+                f"where {loc.path} would go ({exc.strerror})"
+            ) from None
         return
     probe = loc.child(f"_probe-{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -309,42 +315,3 @@ def download_dir(src: Location, local_dir: str | Path) -> Path:
     except OSError as exc:
         raise _wrap("download", src, exc) from exc
     return local_dir
-
-
-# Where Ray unpacks a job's `--working-dir`: deleted with the job (or the cluster).
-_JOB_PACKAGE = "/runtime_resources/working_dir_files/"
-
-
-def check_lasting(paths: dict[str, str]) -> None:
-    """Refuses outputs (config key -> path) inside the temporary copy of a Ray job's working
-    directory, where a relative output path of a `ray job submit` lands."""
-    doomed = {key: path for key, path in paths.items() if path and _JOB_PACKAGE in absolute(path)}
-    _refuse(
-        doomed,
-        "inside this Ray job's temporary copy of its working directory, which is deleted with "
-        "the job. Give an object-storage URL (s3://, gs://, ...) or an absolute path outside it",
-    )
-
-
-def check_shared(paths: dict[str, str], storage: StorageConfig) -> None:
-    """Refuses local ``paths`` (config key -> path) not under ``storage.shared_paths``: on a
-    cluster of many nodes each node would write to its own disk, not where the user looks."""
-    shared = [absolute(p).rstrip("/") + "/" for p in storage.shared_paths]
-    local = {
-        key: path
-        for key, path in paths.items()
-        if path and is_local(path) and not any((absolute(path) + "/").startswith(s) for s in shared)
-    }
-    _refuse(
-        local,
-        "a local path, but this Ray cluster has (or may add) more than one node, and each node "
-        "would write to its own disk. Use an object-storage URL (s3://, gs://, ...) or a folder "
-        "every node mounts, listed in `storage.shared_paths`",
-    )
-
-
-def _refuse(paths: dict[str, str], why: str) -> None:
-    """One error naming every refused ``config key: path`` and why."""
-    if paths:
-        listed = ", ".join(f"`{key}: {path}`" for key, path in paths.items())
-        raise StorageError(f"{listed}: {why}")

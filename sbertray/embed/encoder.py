@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 # Padded tokens per forward pass and rows per pass when the config leaves them unset.
-# On CPU small batches stay in cache: rows/s at budget 1024 vs 16384 was 1.3x (bf16) to 1.4x
-# (fp32) here. GPUs want large batches to fill the device.
+# On CPU small batches stay in cache (a budget of 1024 measured faster than 16384); GPUs want
+# large batches to fill the device.
 CPU_TOKEN_BUDGET, CPU_MAX_BATCH_ROWS = 1024, 256
 GPU_TOKEN_BUDGET, GPU_MAX_BATCH_ROWS = 65_536, 4096
 # Fewest texts per tokenizer process: below it, shipping texts out costs more than it saves.

@@ -3,7 +3,7 @@
 Export is ``torch.onnx`` of the transformer (no optimum: its pins would downgrade transformers).
 Next to the graph go the tokenizer and a ``spec.json`` (``ModelSpec``) read off the loaded
 sentence-transformers model, so an actor whose artifact is cached starts without importing torch, transformers or
-sentence-transformers (~5 s per actor here) and tokenizes with the same Rust tokenizer.
+sentence-transformers (seconds per actor) and tokenizes with the same Rust tokenizer.
 
 The runtimes that run the export are backends of their own (``backends/openvino.py``,
 ``backends/onnx.py``); this module builds and caches what they share: the graph (fp32, and int8

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sbertray.config import EmbedConfig
-from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.reference import embed_reference
+from sbertray.embed.results import UnitResult
 from sbertray.embed.reuse import DonorIndex
 from sbertray.embed.shards import WorkUnit
 from sbertray.embed.stage import EmbedStage

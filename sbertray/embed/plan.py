@@ -10,14 +10,14 @@ import uuid
 from dataclasses import dataclass
 
 import sbertray
-from sbertray import storage
+from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig, stable_hash
 from sbertray.embed import backends, commit, compact, reference, reuse, shards
 from sbertray.embed.checks import check_id_types, check_ids, check_output_outside_input, hash_ids
-from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, in_process_pool, plan_pool, runs_in_process
 from sbertray.embed.prepared import PreparedModel, prepare_job_model
+from sbertray.embed.results import UnitResult
 from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit
 from sbertray.embed.stage import check_output_columns, output_schema
 from sbertray.ray_runtime import cpus_per_gpu
@@ -62,7 +62,7 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     config.output.path = storage.absolute(config.output.path)
     check_output_columns(config)
     check_output_outside_input(config)
-    storage.check_lasting({"output.path": config.output.path})
+    output_paths.check_lasting({"output.path": config.output.path})
     out = storage.resolve(config.output.path, config.storage)
     model = model or prepare_job_model(config)
     compact.check(config.output, model.spec.dim)

@@ -19,11 +19,10 @@ from sbertray.errors import UserError
 from sbertray.hardware import usable_cpus
 from sbertray.ray_runtime import NUM_CPUS_ENV
 
-# A GPU actor reads, tokenizes and writes Parquet on its CPUs, about 14,000 short texts/s per CPU
-# here: a MiniLM-size model leaves a GPU idle behind one actor. Actors in processes of their own
-# scale with CPUs (2 actors x 1 CPU: 97% of twice one, benchmarks/gpu_feed.py) far better than
-# one actor's tokenizer processes do (1 actor x 2 CPUs: 67-88%), because the rest of a unit's
-# work (Parquet, keys, padding) stays on the actor's own thread. So a GPU is shared (fractional
+# A GPU actor reads, tokenizes and writes Parquet on its CPUs: a MiniLM-size model leaves a GPU
+# idle behind one actor. Actors in processes of their own scale with CPUs far better than one
+# actor's tokenizer processes do (benchmarks/gpu_feed.py), because the rest of a unit's work
+# (Parquet, keys, padding) stays on the actor's own thread. So a GPU is shared (fractional
 # GPUs) by an actor per GPU_ACTOR_CPUS of its node's CPUs, up to MAX_ACTORS_PER_GPU (each holds
 # a CUDA context and two units' batches, by estimate up to about 2 GB); with the node's CPUs
 # per GPU unknown, one actor per GPU with GPU_ACTOR_CPUS.
@@ -100,50 +99,60 @@ def plan_pool(
             "autoscaler can add has any"
         )
     if compute.device != "cpu" and gpu_possible and backends.may_run_on(compute, "cuda"):
-        node_cpus = int(cpus_per_gpu or 0)
-        per_gpu = compute.actors_per_gpu or min(
-            MAX_ACTORS_PER_GPU, max(1, node_cpus // GPU_ACTOR_CPUS)
-        )
-        per_cpu = compute.cpus_per_actor or float(max(GPU_ACTOR_CPUS, node_cpus // per_gpu))
-        slots = int(most["GPU"]) * per_gpu
-        wanted = compute.num_actors or compute.max_actors or slots or units
-        if compute.num_actors and known and wanted > slots:
-            raise PoolSizeError(
-                f"`compute.num_actors: {wanted}` GPU actors but the cluster has {most['GPU']:g} "
-                f"GPUs x {per_gpu} actor(s) each (`compute.actors_per_gpu`)"
-            )
-        actors = min(wanted, units)
-        if known:
-            _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
-        low = _min_actors(compute, actors, int(gpus) * per_gpu)
-        return PoolPlan(
-            actors,
-            per_cpu,
-            1.0 / per_gpu,
-            max(1, int(per_cpu)),
-            "cuda",
-            CALLS_PER_GPU_ACTOR,
-            False,
-            low,
-        )
-
+        return _gpu_pool(compute, units, most, gpus, known, int(cpus_per_gpu or 0))
     if known and most["CPU"] < 1:
         raise PoolSizeError(
             f"the Ray cluster reports {cpus:g} CPUs and no node type its autoscaler can add has "
             "any; an embedding actor needs at least 1"
         )
+    return _cpu_pool(compute, units, most, cpus, known)
+
+
+def _gpu_pool(
+    compute: ComputeConfig,
+    units: int,
+    most: dict[str, float],
+    gpus_now: float,
+    known: bool,
+    node_cpus: int,
+) -> PoolPlan:
+    """GPU actors sharing each GPU and its node's CPUs per GPU (``plan_pool``)."""
+    per_gpu = compute.actors_per_gpu or min(MAX_ACTORS_PER_GPU, max(1, node_cpus // GPU_ACTOR_CPUS))
+    per_cpu = compute.cpus_per_actor or float(max(GPU_ACTOR_CPUS, node_cpus // per_gpu))
+    slots = int(most["GPU"]) * per_gpu
+    wanted = compute.num_actors or compute.max_actors or slots or units
+    if compute.num_actors and known and wanted > slots:
+        raise PoolSizeError(
+            f"`compute.num_actors: {wanted}` GPU actors but the cluster has {most['GPU']:g} "
+            f"GPUs x {per_gpu} actor(s) each (`compute.actors_per_gpu`)"
+        )
+    actors = min(wanted, units)
+    if known:
+        _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
+    low = _min_actors(compute, actors, int(gpus_now) * per_gpu)
+    threads = max(1, int(per_cpu))
+    return PoolPlan(
+        actors, per_cpu, 1.0 / per_gpu, threads, "cuda", CALLS_PER_GPU_ACTOR, False, low
+    )
+
+
+def _cpu_pool(
+    compute: ComputeConfig, units: int, most: dict[str, float], cpus_now: float, known: bool
+) -> PoolPlan:
+    """CPU actors, one per CPU share, each with its share as threads (``plan_pool``)."""
     if compute.cpus_per_actor:
         per_cpu = compute.cpus_per_actor
-    elif cpus >= 1:
+    elif cpus_now >= 1:
         # Fewer units than CPUs: give each actor more threads instead of idling cores.
-        per_cpu = float(max(1, int(cpus // min(compute.num_actors or units, units, int(cpus)))))
+        share = min(compute.num_actors or units, units, int(cpus_now))
+        per_cpu = float(max(1, int(cpus_now // share)))
     else:  # a cold cluster: the nodes to come are not known yet
         per_cpu = 1.0
     fits = max(1, int(most["CPU"] // per_cpu)) if known else units
     actors = min(compute.num_actors or compute.max_actors or fits, units)
     if known:
         _check_cpus(actors if compute.num_actors else 1, per_cpu, most["CPU"])
-    low = _min_actors(compute, actors, int(cpus // per_cpu))
+    low = _min_actors(compute, actors, int(cpus_now // per_cpu))
     return PoolPlan(actors, per_cpu, 0.0, max(1, int(per_cpu)), "cpu", 1, False, low)
 
 

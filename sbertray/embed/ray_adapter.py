@@ -23,9 +23,9 @@ import ray
 from sbertray import storage
 from sbertray.config import EmbedConfig
 from sbertray.embed.checks import map_hashes, repeated_hashes
-from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, PoolSizeError
+from sbertray.embed.results import UnitResult
 from sbertray.embed.reuse import DonorIndex
 from sbertray.embed.shards import EmbedInputError, InputFile, WorkUnit
 from sbertray.errors import UserError
@@ -101,6 +101,33 @@ def _embed_reference(config: EmbedConfig, encoder: EncoderSpec):
     return embed_reference(config, encoder)
 
 
+def _shared(
+    config: EmbedConfig,
+    units: list[WorkUnit],
+    pool: PoolPlan,
+    encoder: EncoderSpec,
+    donors: DonorIndex | None,
+) -> list:
+    """Object refs of what every actor reads: the units, the embedded reference set (a task
+    sized like an actor) and the donor index. They go through the object store once (each node
+    maps them, zero-copy), not into every actor's constructor arguments."""
+    reference = ray.put(None)
+    if config.reference is not None:
+        task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
+            _embed_reference
+        )
+        # Relative paths as the driver sees them: the task's node runs in another directory.
+        located = config.model_copy(deep=True)
+        ref = located.reference
+        ref.path = (
+            storage.absolute(ref.path)
+            if isinstance(ref.path, str)
+            else [storage.absolute(p) for p in ref.path]
+        )
+        reference = task.remote(located, encoder)
+    return [ray.put(units), reference, ray.put(donors)]
+
+
 class UnitsLostError(UserError, RuntimeError):
     """Units whose actor or node was lost on every attempt."""
 
@@ -122,27 +149,7 @@ def run_units(
     and run again in another round, on the actors there are then, up to
     ``compute.max_retries`` rounds; its result says which round (``attempt``) committed it.
     """
-    reference = None
-    if config.reference is not None:
-        task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
-            _embed_reference
-        )
-        # Relative paths as the driver sees them: the task's node runs in another directory.
-        located = config.model_copy(deep=True)
-        ref = located.reference
-        ref.path = (
-            storage.absolute(ref.path)
-            if isinstance(ref.path, str)
-            else [storage.absolute(p) for p in ref.path]
-        )
-        reference = task.remote(located, encoder)
-    # Units, the reference set and the donor index go through the object store once (each
-    # node maps it, zero-copy), not into every actor's constructor arguments.
-    shared = [
-        ray.put(units),
-        reference if reference is not None else ray.put(None),
-        ray.put(donors),
-    ]
+    shared = _shared(config, units, pool, encoder, donors)
     actor_args = {"config": config, "encoder": encoder, "run_metadata": run_metadata}
     results: dict[str, UnitResult] = {}
     pending = list(range(len(units)))

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sbertray import storage
+from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig
 from sbertray.embed import backends, commit, reuse
-from sbertray.embed.commit import UnitResult
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lock import OutputLock
 from sbertray.embed.plan import (
@@ -32,6 +31,7 @@ from sbertray.embed.plan import (
 )
 from sbertray.embed.pool import PoolPlan, runs_in_process
 from sbertray.embed.prepared import PreparedModel
+from sbertray.embed.results import UnitResult
 from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit
 from sbertray.embed.stage import computed_columns
 from sbertray.embed.summary import EmbedSummary, PhaseClock, peak_rss_mb, units_span
@@ -117,7 +117,7 @@ def _check_paths_on_cluster(plan: EmbedPlan, ray_address: str | None) -> None:
 
     ray_adapter.cluster_resources(ray_address)  # joins the cluster
     if spans_many_nodes():
-        storage.check_shared({"output.path": plan.config.output.path}, plan.config.storage)
+        output_paths.check_shared({"output.path": plan.config.output.path}, plan.config.storage)
 
 
 def _execute(

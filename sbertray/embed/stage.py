@@ -7,13 +7,14 @@ by ``output_schema``:
 | in                       | out                                                        |
 |--------------------------|------------------------------------------------------------|
 | id (or generated)        | id                                                         |
-| text [, pair text]       | embedding fixed_size_list<float32>[dim]                    |
+| text [, pair text]       | embedding fixed_size_list<dtype>[width] (``compact``)      |
 | passthrough columns      | passthrough columns, unchanged                             |
 |                          | pair mode: embedding_pair, cosine                          |
 |                          | reference mode: topk_ids, topk_scores (best first)         |
+|                          | content_key: 16-byte hash of the text (``reuse``)          |
 
-A new output column is one entry in ``output_schema`` plus the code in ``_columns`` that
-computes it; the driver refuses passthrough columns that would collide with it, and the content
+A new output column is one entry in ``_stage_fields`` plus the code in ``EmbedStage._compute``
+that computes it; the driver refuses passthrough columns that would collide with it, and the content
 hash (``commit.content_hash``) follows the schema.
 """
 
@@ -32,9 +33,10 @@ import pyarrow.parquet as pq
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
 from sbertray.embed import backends, compact, reuse
-from sbertray.embed.commit import UnitResult, write_unit
+from sbertray.embed.commit import write_unit
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.reference import ReferenceSet
+from sbertray.embed.results import UnitResult
 from sbertray.embed.shards import FileSlice, WorkUnit
 from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import BadRows, column_texts

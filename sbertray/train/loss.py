@@ -11,9 +11,8 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from torch import Tensor
 
-# A merged forward pads both sides to the wider one. Measured on a 2-core AMX Xeon, batch 16
-# (merged step time / two forwards): widths 12+13: 0.77 bf16, 0.79 fp32; 12+24 (1.33 padded
-# slots per token): 0.86 bf16, 1.00 fp32; 12+35 (1.49): 0.93, 1.18; 12+85 (1.75): 1.22, 1.53.
+# A merged forward pads both sides to the wider one: past about 1.25 padded slots per token of
+# two forwards it was measured slower than two forwards in fp32 (the README has the figures).
 MAX_MERGED_PADDING = 1.25
 
 
@@ -29,9 +28,8 @@ class CosineSimilarityLoss(_StockCosineSimilarityLoss):
     The stock loss always embeds the first column on its own, as suits short queries against
     long documents. sbertray's pairs are mostly two sentences of a kind, and there one forward
     does the word-embedding gradient, the dropout masks and every kernel call once instead of
-    twice, with matmuls of twice the rows: 1.09-1.14x the trainer's steps/s in fp32 and
-    1.27-1.29x in bf16 on STS-B (2-core AMX Xeon). Loss and gradients are the same, up to
-    dropout sampling.
+    twice, with matmuls of twice the rows (the README's training-speed section measures it).
+    Loss and gradients are the same, up to dropout sampling.
 
     It keeps the stock name on purpose: the model card's hub tag (``loss:CosineSimilarityLoss``)
     names the loss by class name, and this is that loss.

@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from sbertray import storage
+from sbertray import output_paths, storage
 from sbertray.config import TrainConfig
 from sbertray.modeling import model_hash, resolve_model_path
 from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
@@ -25,7 +25,29 @@ from sbertray.report import write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint
 from sbertray.train.data import PairData, load_pairs
-from sbertray.train.worker import RESULT_FILE, TrainResult, run_name, train_worker
+from sbertray.train.worker import LOOP_RESULT_FILE, LoopResult, WorkerJob, run_name, train_worker
+
+RESULT_FILE = "train_result.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written as ``train_result.json`` beside the model): the
+    training loop's ``LoopResult`` and the run-level facts the driver owns."""
+
+    name: str
+    model_url: str
+    base_model: str
+    global_step: int
+    resumed_from_step: int
+    epochs: float
+    train_rows: int
+    skipped_rows: int
+    num_workers: int
+    wall_time_s: float
+    dev_metrics: dict | None
+    loss_log: list[dict]  # {step, epoch, loss} every `logging_steps`
+    eval_log: list[dict]  # dev metrics after each epoch
 
 
 def worker_cpus(config: TrainConfig) -> float:
@@ -87,7 +109,7 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     config.output.model = storage.absolute(config.output.model)
     config.output.checkpoints = storage.absolute(config.output.checkpoint_root)
     outputs = {"output.model": config.output.model, "output.checkpoints": config.output.checkpoints}
-    storage.check_lasting(outputs)
+    output_paths.check_lasting(outputs)
     if os.path.exists(config.base_model):
         config.base_model = storage.absolute(config.base_model)
     train_pairs = load_pairs(config.train, config.storage)
@@ -114,13 +136,10 @@ def train(
 
     Raises what ``plan_training`` raises, before any worker starts.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = time.time()
     plan = plan_training(config)
-    config, train_pairs, fingerprint = plan.config, plan.train, plan.fingerprint
-    _report_skips("train", train_pairs)
+    config = plan.config
+    _report_skips("train", plan.train)
     if plan.dev is not None:
         _report_skips("dev", plan.dev)
     print(f"[sbertray] {plan.describe()}", flush=True)
@@ -132,45 +151,71 @@ def train(
             "output.model": config.output.model,
             "output.checkpoints": config.output.checkpoint_root,
         }
-        storage.check_shared(outputs, config.storage)
+        output_paths.check_shared(outputs, config.storage)
     ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
+    with ray_train_settings(many_nodes):
+        _trainer(plan, ckpt_loc).fit()
+    result = _finish(plan, started)
+    if delete_checkpoints:
+        _delete_run_checkpoints(ckpt_loc, run_name(config, plan.fingerprint))
+    return result
+
+
+def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location):
+    """A ``TorchTrainer`` whose workers each run ``train_worker`` on the plan's ``WorkerJob``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = plan.config
     cpus = worker_cpus(config)
-    trainer = TorchTrainer(
+    job = WorkerJob(
+        config=config,
+        train=plan.train.table,
+        dev=plan.dev.table if plan.dev is not None else None,
+        cpus_per_worker=cpus,
+        fingerprint=plan.fingerprint,
+        verbose=logging.getLogger().isEnabledFor(logging.DEBUG),
+    )
+    return TorchTrainer(
         train_worker,
-        train_loop_config={
-            "config": config.model_dump(),
-            "train": train_pairs.table,
-            "dev": plan.dev.table if plan.dev is not None else None,
-            "cpus_per_worker": cpus,
-            "fingerprint": fingerprint,
-            "verbose": logging.getLogger().isEnabledFor(logging.DEBUG),
-        },
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=run_name(config, fingerprint),
+            name=run_name(config, plan.fingerprint),
             storage_path=ckpt_loc.path,
             storage_filesystem=ckpt_loc.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.training.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
     )
-    with ray_train_settings(many_nodes):
-        trainer.fit()
-    # Rank 0 wrote the run summary beside the model; the driver adds its own wall time.
-    result_loc = storage.resolve(config.output.model, config.storage).child(RESULT_FILE)
-    summary = json.loads(storage.read_bytes(result_loc))
-    summary["wall_time_s"] = round(time.time() - started, 1)
-    summary["skipped_rows"] = train_pairs.num_skipped
-    storage.write_bytes(result_loc, json.dumps(summary, indent=2).encode())
-    add_run_to_card(storage.resolve(config.output.model, config.storage), summary)
+
+
+def _finish(plan: TrainingPlan, started: float) -> TrainResult:
+    """The run's ``TrainResult`` from rank 0's ``LoopResult`` (uploaded beside the model) and
+    the driver's own facts, written as ``train_result.json``, to the card and the report."""
+    config = plan.config
+    model_loc = storage.resolve(config.output.model, config.storage)
+    loop_loc = model_loc.child(LOOP_RESULT_FILE)
+    loop = LoopResult(**json.loads(storage.read_bytes(loop_loc)))
+    result = TrainResult(
+        name=config.name,
+        model_url=storage.redact(config.output.model),
+        base_model=storage.redact(config.base_model),
+        skipped_rows=plan.train.num_skipped,
+        num_workers=config.scaling.num_workers,
+        wall_time_s=round(time.time() - started, 1),
+        **asdict(loop),
+    )
+    summary = asdict(result)
+    storage.write_bytes(model_loc.child(RESULT_FILE), json.dumps(summary, indent=2).encode())
+    storage.delete(loop_loc)
+    add_run_to_card(model_loc, summary)
     write_train_report(config.output.model, summary, config.storage)
-    if delete_checkpoints:
-        _delete_run_checkpoints(ckpt_loc, run_name(config, fingerprint))
-    return TrainResult(**summary)
+    return result
 
 
 def _delete_run_checkpoints(root: storage.Location, name: str) -> None:

@@ -9,35 +9,44 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sbertray import storage
 from sbertray.config import TrainConfig
-from sbertray.progress import format_duration
-from sbertray.train import checkpoints
+from sbertray.train.callback import report_callback
 from sbertray.train.card import card_base_model
 from sbertray.train.checkpoints import CheckpointStore
 from sbertray.train.data import PairData
 
-RESULT_FILE = "train_result.json"
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+LOOP_RESULT_FILE = "loop_result.json"  # rank 0's part, beside the model until the driver reads it
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker gets: the validated recipe and data, as typed objects."""
+
+    config: TrainConfig  # local paths made absolute by the driver's plan
+    train: pa.Table  # validated pairs: sentence_0, sentence_1, label
+    dev: pa.Table | None
+    cpus_per_worker: float
+    fingerprint: str  # ``checkpoints.run_fingerprint``: which checkpoints are this run's
+    verbose: bool
 
 
 @dataclass
-class TrainResult:
-    """What a finished run reports (also written as ``train_result.json`` beside the model)."""
+class LoopResult:
+    """What the training loop itself knows of a finished run (rank 0 writes it; the driver adds
+    the run-level facts in ``run.TrainResult``)."""
 
-    name: str
-    model_url: str
-    base_model: str
     global_step: int
     resumed_from_step: int
     epochs: float
     train_rows: int
-    skipped_rows: int
-    num_workers: int
-    wall_time_s: float
     dev_metrics: dict | None
     loss_log: list[dict]  # {step, epoch, loss} every `logging_steps`
     eval_log: list[dict]  # dev metrics after each epoch
@@ -53,74 +62,6 @@ def run_name(config: TrainConfig, fingerprint: str) -> str:
         digest = hashlib.sha256(storage.redact(config.output.model).encode()).hexdigest()[:8]
         base = f"{config.name}-{digest}"
     return f"{base}-{fingerprint[:8]}"
-
-
-def _make_report_callback(rank: int, store: CheckpointStore, evaluator=None):
-    """A transformers callback that hands each saved checkpoint to Ray Train (rank 0's copy: it
-    holds the model, optimizer, scheduler and trainer state), marks it complete once uploaded,
-    and prints progress on rank 0."""
-    import ray.train
-    from transformers import TrainerCallback
-
-    class _RayTrainReport(TrainerCallback):
-        def __init__(self):
-            self.printed_step = -1  # the trainer may log one step more than once
-            self.first = None  # (time, step) of this process's first logged step, for the ETA
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if (
-                rank != 0
-                or not logs
-                or "loss" not in logs
-                or state.global_step == self.printed_step
-            ):
-                return
-            self.printed_step = state.global_step
-            now = time.monotonic()
-            self.first = self.first or (now, state.global_step)
-            done = state.global_step - self.first[1]
-            left = (
-                (now - self.first[0]) / done * (state.max_steps - state.global_step)
-                if done
-                else None
-            )
-            print(
-                f"[sbertray] step {state.global_step}/{state.max_steps} "
-                f"epoch {state.epoch:.2f} loss {logs['loss']:.4f} "
-                f"lr {logs.get('learning_rate', 0):.2e} ETA "
-                + (format_duration(left) if left is not None else "?"),
-                flush=True,
-            )
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            """The base model's dev score as step 0 of the eval log, so the report shows the
-            gain from the start (kept in the trainer state, so a resumed run has it too)."""
-            if rank == 0 and evaluator is not None and state.global_step == 0 and model:
-                scores = {f"eval_{k}": v for k, v in evaluator(model).items()}
-                state.log_history.append({"step": 0, "epoch": 0.0, **scores})
-                self.on_evaluate(args, state, control, metrics=scores)
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            scores = {k: v for k, v in (metrics or {}).items() if k.endswith("spearman_cosine")}
-            if rank == 0 and scores:
-                shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items())
-                print(f"[sbertray] step {state.global_step}: {shown}", flush=True)
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            checkpoint = None
-            if rank == 0 and ckpt_dir.is_dir():
-                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-                store.unmark(state.global_step)
-            ray.train.report(
-                {"global_step": state.global_step, "epoch": state.epoch},
-                checkpoint=checkpoint,
-                checkpoint_dir_name=checkpoints.dir_name(state.global_step),
-            )
-            if checkpoint is not None:  # the upload is synchronous: the files are all there
-                store.mark(state.global_step)
-
-    return _RayTrainReport()
 
 
 def _training_arguments(
@@ -189,31 +130,65 @@ def _quiet_worker_logs() -> None:
 
 def use_eager_attention(model) -> None:
     """For bf16 autocast training on CPU. PyTorch's SDPA flash-attention backward in bf16 on CPU
-    took 14x the fp32 one here (3.7 ms a call against 0.34, AMX Xeon, torch 2.13), which made a
-    bf16 step slower than fp32 (209 against 187 ms); eager attention runs its matmuls on AMX like
-    the rest (141-144 ms). Inference keeps SDPA: the saved model does not record the choice."""
+    was measured many times slower than the fp32 one (torch 2.13), which made a bf16 step slower
+    than fp32; eager attention runs its matmuls on AMX like the rest (the README has the
+    figures). Inference keeps SDPA: the saved model does not record the choice."""
     model[0].auto_model.set_attn_implementation("eager")
 
 
 def train_worker(loop_config: dict) -> None:
-    import datasets
+    """One Ray Train worker: ``loop_config["job"]`` is the run's ``WorkerJob``."""
     import ray.train
-    import torch
-    from sentence_transformers import SentenceTransformerTrainer
-    from transformers.trainer_callback import PrinterCallback
 
-    from sbertray.modeling import load_model
-    from sbertray.train.evaluation import SimilarityMetrics, build_evaluator
-    from sbertray.train.loss import CosineSimilarityLoss
-
-    config = TrainConfig.model_validate(loop_config["config"])
+    job: WorkerJob = loop_config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if not config.scaling.use_gpu:
-        torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    _set_up_process(job)
+    model = _load_base_model(job.config)
+    dev_name = (job.config.dev.name if job.config.dev else None) or "dev"
+    evaluator = _dev_evaluator(job, dev_name)
+    name = run_name(job.config, job.fingerprint)
+    local_root = storage.scratch_root() / name
+    local_root.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(
+        storage.resolve(job.config.output.checkpoint_root, job.config.storage), name
+    )
+    resume_dir = local_root / f"resume-rank{rank}"
+    resume_path, resumed_from = _restore(store, resume_dir, rank)
+    if world == 1 and not job.config.scaling.use_gpu:
+        # accelerate wraps every CPU run that has LOCAL_RANK set (Ray Train sets it) in DDP,
+        # even a single process, whose gradients then go through gloo for nothing (5-10% of a
+        # step on a 2-core machine). One worker trains as the plain trainer does.
+        os.environ.pop("LOCAL_RANK", None)
+    trainer = _trainer(job, model, evaluator, dev_name, local_root, world, rank, store)
+    trainer.train(resume_from_checkpoint=resume_path)
+    dev_rows = job.dev.num_rows if job.dev is not None else 0
+    dev_metrics = _final_dev_score(model, trainer, evaluator, dev_name, dev_rows)
+    if rank == 0:
+        outcome = _loop_result(trainer, resumed_from, len(job.train), dev_metrics)
+        _save_model(job.config, model, outcome, local_root / "model")
+    ray.train.report({"global_step": trainer.state.global_step})
+    # Done: every checkpoint and the model are in storage; a failed run keeps its scratch.
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(local_root, ignore_errors=True)
+
+
+def _set_up_process(job: WorkerJob) -> None:
+    import torch
+
+    if not job.config.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub mid-run
-    if not loop_config.get("verbose"):
+    if not job.verbose:
         _quiet_worker_logs()
+
+
+def _load_base_model(config: TrainConfig):
+    """The base model with the recipe's architecture choices and a card that names it."""
+    import ray.train
+
+    from sbertray.modeling import load_model
 
     model = load_model(
         config.base_model,
@@ -233,92 +208,97 @@ def train_worker(loop_config: dict) -> None:
     )
     if config.train.name:
         card.train_datasets = [{"name": config.train.name}]
+    return model
 
-    train_ds = datasets.Dataset(loop_config["train"])
-    dev_name = (config.dev.name if config.dev else None) or "dev"
-    dev_table = loop_config["dev"]
-    dev_pairs = PairData(table=dev_table, files=[]) if dev_table is not None else None
-    evaluator = build_evaluator(dev_pairs, dev_name) if dev_pairs is not None else None
 
-    name = run_name(config, loop_config["fingerprint"])
-    local_root = storage.scratch_root() / name
-    local_root.mkdir(parents=True, exist_ok=True)
-    ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
-    store = CheckpointStore(ckpt_root, name)
-    resume_dir = local_root / f"resume-rank{rank}"
+def _dev_evaluator(job: WorkerJob, dev_name: str):
+    from sbertray.train.evaluation import build_evaluator
+
+    if job.dev is None:
+        return None
+    return build_evaluator(PairData(table=job.dev, files=[]), dev_name)
+
+
+def _restore(store: CheckpointStore, resume_dir: Path, rank: int) -> tuple[str | None, int]:
+    """The newest complete checkpoint of this run, copied into ``resume_dir``, and its step."""
     shutil.rmtree(resume_dir, ignore_errors=True)
     resume_path, resumed_from = store.restore(resume_dir)
     if rank == 0 and resume_path is None and (others := store.other_runs()):
         print(
-            f"[sbertray] the checkpoints in {storage.redact(ckpt_root.url)} are from runs with "
-            f"another config, data or base model ({', '.join(others)}): training from step 0",
+            f"[sbertray] the checkpoints in {storage.redact(store.parent.url)} are from runs "
+            f"with another config, data or base model ({', '.join(others)}): training from "
+            "step 0",
             flush=True,
         )
     if rank == 0 and resume_path:
         print(f"[sbertray] resuming from checkpoint at step {resumed_from}", flush=True)
+    return resume_path, resumed_from
 
-    if world == 1 and not config.scaling.use_gpu:
-        # accelerate wraps every CPU run that has LOCAL_RANK set (Ray Train sets it) in DDP,
-        # even a single process, whose gradients then go through gloo for nothing: 10-20 ms a
-        # step here (5-10%). One worker trains as the plain trainer does.
-        os.environ.pop("LOCAL_RANK", None)
+
+def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, world, rank, store):
+    """sentence-transformers' trainer over the job's pairs, reporting to Ray Train."""
+    import datasets
+    from sentence_transformers import SentenceTransformerTrainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from sbertray.train.loss import CosineSimilarityLoss
+
     trainer = SentenceTransformerTrainer(
         model=model,
         args=_training_arguments(
-            config, str(local_root / "hf"), world, dev_name if evaluator is not None else None
+            job.config, str(local_root / "hf"), world, dev_name if evaluator is not None else None
         ),
-        train_dataset=train_ds,
+        train_dataset=datasets.Dataset(job.train),
         loss=CosineSimilarityLoss(model),
         evaluator=evaluator,
-        callbacks=[_make_report_callback(rank, store, evaluator)],
+        callbacks=[report_callback(rank, store, evaluator)],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resume_path)
+    return trainer
 
-    dev_metrics = None
-    if evaluator is not None:
-        # Final score for the model card's evaluation table and the run's closing line.
-        results = evaluator(model)
-        card.set_evaluation_metrics(
-            evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
-        )
-        dev_metrics = SimilarityMetrics.from_results(results, dev_name, len(dev_table)).as_dict()
-    if rank == 0:
-        out_dir = local_root / "model"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        model.save(str(out_dir))
-        summary = TrainResult(
-            name=config.name,
-            model_url=storage.redact(config.output.model),
-            base_model=storage.redact(config.base_model),
-            global_step=trainer.state.global_step,
-            resumed_from_step=resumed_from,
-            epochs=float(trainer.state.epoch or 0.0),
-            train_rows=len(train_ds),
-            skipped_rows=0,
-            num_workers=world,
-            wall_time_s=0.0,
-            dev_metrics=dev_metrics,
-            loss_log=[
-                {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]}
-                for e in trainer.state.log_history
-                if "loss" in e
-            ],
-            eval_log=[
-                {
-                    "step": e["step"],
-                    "epoch": e.get("epoch"),
-                    **{k[len("eval_") :]: v for k, v in e.items() if k.startswith("eval_")},
-                }
-                for e in trainer.state.log_history
-                if any(k.endswith("_spearman_cosine") for k in e)
-            ],
-        )
-        (out_dir / RESULT_FILE).write_text(json.dumps(asdict(summary), indent=2))
-        storage.upload_dir(out_dir, storage.resolve(config.output.model, config.storage))
-    ray.train.report({"global_step": trainer.state.global_step})
-    # Done: every checkpoint and the model are in storage; a failed run keeps its scratch.
-    shutil.rmtree(resume_dir, ignore_errors=True)
-    if rank == 0:
-        shutil.rmtree(local_root, ignore_errors=True)
+
+def _final_dev_score(model, trainer, evaluator, dev_name: str, dev_rows: int) -> dict | None:
+    """The final dev score, also set as the model card's evaluation table."""
+    from sbertray.train.evaluation import SimilarityMetrics
+
+    if evaluator is None:
+        return None
+    results = evaluator(model)
+    model.model_card_data.set_evaluation_metrics(
+        evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
+    )
+    return SimilarityMetrics.from_results(results, dev_name, dev_rows).as_dict()
+
+
+def _loop_result(trainer, resumed_from: int, train_rows: int, dev_metrics) -> LoopResult:
+    history = trainer.state.log_history
+    return LoopResult(
+        global_step=trainer.state.global_step,
+        resumed_from_step=resumed_from,
+        epochs=float(trainer.state.epoch or 0.0),
+        train_rows=train_rows,
+        dev_metrics=dev_metrics,
+        loss_log=[
+            {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]}
+            for e in history
+            if "loss" in e
+        ],
+        eval_log=[
+            {
+                "step": e["step"],
+                "epoch": e.get("epoch"),
+                **{k[len("eval_") :]: v for k, v in e.items() if k.startswith("eval_")},
+            }
+            for e in history
+            if any(k.endswith("_spearman_cosine") for k in e)
+        ],
+    )
+
+
+def _save_model(config: TrainConfig, model, outcome: LoopResult, out_dir: Path) -> None:
+    """Saves the model with the loop's result beside it and uploads both to ``output.model``."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save(str(out_dir))
+    (out_dir / LOOP_RESULT_FILE).write_text(json.dumps(asdict(outcome), indent=2))
+    storage.upload_dir(out_dir, storage.resolve(config.output.model, config.storage))
