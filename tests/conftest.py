@@ -1,5 +1,5 @@
 """Shared fixtures: a 2-CPU local Ray, a real S3 server (SeaweedFS on loopback), the bundled
-model, and paths to the shared STS-B data."""
+model, a one-layer MiniLM for tests of mechanics, and paths to the shared STS-B data."""
 
 from __future__ import annotations
 
@@ -96,6 +96,22 @@ def bundled_model_path() -> str:
     from sbertray.modeling import bundled_model_path
 
     return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_cache) -> str:
+    """A one-layer MiniLM (``tiny_model.py``) for tests of mechanics."""
+    from tiny_model import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    """The tiny model loaded once per session (fp32, CPU), to check outputs against."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(tiny_model_path, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,14 @@ def _console(proc) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
 
 
-def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch):
+def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch, tiny_model_path):
     monkeypatch.setenv("SBERTRAY_PROGRESS_EVERY_S", "0")  # a progress line per unit, off a tty
     model = tmp_path / "model"
     train = run(
         sbertray_cmd(
             "train",
             str(REPO / "jobs/configs/resume_roles.yaml"),
+            f"base_model={tiny_model_path}",
             "training.max_steps=4",
             "training.logging_steps=2",
             f"output.model={model}",

@@ -11,10 +11,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_path):
     out = tmp_path / "out"
     config = str(REPO / "jobs/configs/embed_demo.yaml")
-    plan = run(sbertray_cmd("embed", config, f"output.path={out}", "--dry-run"))
+    plan = run(
+        sbertray_cmd("embed", config, f"model={tiny_model_path}", f"output.path={out}", "--dry-run")
+    )
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "input: 3 files, 36 rows, 2 units; 0 already committed, 36 rows to embed" in plan.stdout
     assert "(id, language, source, embedding, topk_ids, topk_scores, content_key)" in plan.stdout
@@ -30,11 +32,15 @@ def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_train_dry_run_counts_steps_and_writes_nothing(tmp_path):
+def test_train_dry_run_counts_steps_and_writes_nothing(tmp_path, tiny_model_path):
     model = tmp_path / "model"
     plan = run(
         sbertray_cmd(
-            "train", str(REPO / "jobs/configs/concepts.yaml"), f"output.model={model}", "--dry-run"
+            "train",
+            str(REPO / "jobs/configs/concepts.yaml"),
+            f"base_model={tiny_model_path}",
+            f"output.model={model}",
+            "--dry-run",
         )
     )
     assert plan.returncode == 0, plan.stderr[-3000:]

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from tiny_model import tiny_model_path
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
@@ -36,7 +37,9 @@ def sentences(stsb_dir) -> list[str]:
 
 
 def _config(inp, out, **overrides) -> EmbedConfig:
+    """A job on the tiny model (``tiny_model.py``) unless ``model`` is given."""
     data = {
+        "model": tiny_model_path(),
         "input": {"path": inp, "id_column": "id", "text_column": "text", "passthrough": ["group"]},
         "output": {"path": out},
         "compute": {"precision": "fp32"},
@@ -91,7 +94,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_local_to_local_matches_encode_and_keeps_every_row(
-    ray_2cpu, base_model, sentences, tmp_path
+    ray_2cpu, tiny_model, sentences, tmp_path
 ):
     texts = sentences[:700] + ["", "word " * 400]  # empty text is valid; a long one is truncated
     sizes = [300, 0, 17, 385]  # uneven, one empty shard
@@ -105,7 +108,7 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     assert table.column("id").to_pylist() == ids
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    ref = base_model.encode(texts, batch_size=64)
+    ref = tiny_model.encode(texts, batch_size=64)
     assert _cos(emb, ref).min() >= 0.9999
     assert table.column("group").to_pylist() == [f"g{i % 3}" for i in ids]
 
@@ -150,12 +153,25 @@ def test_local_to_local_matches_encode_and_keeps_every_row(
     [("auto", "openvino", 0.9999, 0.9999), ("int8", "onnx", 0.9, 0.99)],
 )
 def test_default_and_int8_precisions_end_to_end(
-    ray_2cpu, base_model, sentences, tmp_path, precision, backend, worst_row, mean_row
+    ray_2cpu,
+    base_model,
+    bundled_model_path,
+    sentences,
+    tmp_path,
+    precision,
+    backend,
+    worst_row,
+    mean_row,
 ):
     """What users run by default (auto: bf16 where native) and int8, through the whole job,
     held to the README's quality thresholds against plain encode."""
     ids = _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences[:300], [160, 140])
-    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), compute={"precision": precision})
+    config = _config(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        model=bundled_model_path,
+        compute={"precision": precision},
+    )
     assert run_embed(config).output_rows == 300
     table = _read_output(str(tmp_path / "out")).sort_by("id")
     assert table.column("id").to_pylist() == ids
@@ -168,12 +184,12 @@ def test_default_and_int8_precisions_end_to_end(
     assert (manifest["compute"]["backend"], manifest["compute"]["precision"]) == (backend, expected)
 
 
-def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, base_model, sentences, tmp_path):
+def test_model_the_export_does_not_cover_runs_on_torch(ray_2cpu, tiny_model, sentences, tmp_path):
     """auto falls back to the sentence-transformers modules (here CLS pooling), same vectors."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    cls_model = SentenceTransformer(modules=[base_model[0], Pooling(384, pooling_mode="cls")])
+    cls_model = SentenceTransformer(modules=[tiny_model[0], Pooling(384, pooling_mode="cls")])
     cls_model.save(str(tmp_path / "cls-model"))
     texts = sentences[:150]
     _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), texts, [150])
@@ -232,7 +248,7 @@ def test_s3_to_s3_pair_mode(ray_2cpu, s3_server, s3_prefix, sentences, capfd):
     assert len(df) == 200
 
 
-def test_reference_topk_equals_brute_force(ray_2cpu, base_model, sentences, tmp_path):
+def test_reference_topk_equals_brute_force(ray_2cpu, tiny_model, sentences, tmp_path):
     queries, refs = sentences[:150], sentences[1000:1300]
     _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), queries, [150])
     pq.write_table(
@@ -251,8 +267,8 @@ def test_reference_topk_equals_brute_force(ray_2cpu, base_model, sentences, tmp_
     )
     run_embed(config)
     out = _read_output(str(tmp_path / "out")).sort_by("id")
-    q = base_model.encode(queries)
-    r = base_model.encode(refs)
+    q = tiny_model.encode(queries)
+    r = tiny_model.encode(refs)
     scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
         r / np.linalg.norm(r, axis=1, keepdims=True)
     ).T
@@ -348,7 +364,7 @@ def _write_table(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path)
 
 
-def test_null_text_policies(ray_2cpu, base_model, tmp_path):
+def test_null_text_policies(ray_2cpu, tiny_model, tmp_path):
     table = pa.table({"id": [1, 2, 3, 4], "text": ["alpha", None, "", "delta"], "group": ["a"] * 4})
     _write_table(tmp_path / "in" / "x.parquet", table)
     with pytest.raises(EmbedInputError, match=r"x\.parquet: row 1: column `text`: null text"):
@@ -369,7 +385,7 @@ def test_null_text_policies(ray_2cpu, base_model, tmp_path):
     assert blank.output_rows == 4
     out = _read_output(str(tmp_path / "o3")).sort_by("id")
     emb = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))
-    assert _cos(emb[1:2], base_model.encode([""]))[0] >= 0.9999
+    assert _cos(emb[1:2], tiny_model.encode([""]))[0] >= 0.9999
 
 
 def test_invalid_utf8_fails_or_is_replaced(ray_2cpu, tmp_path):

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from processes import run, sbertray_cmd
+from tiny_model import tiny_model_path
 
 from sbertray import cli
 from sbertray.config import ConfigError, EmbedConfig, parse_config
@@ -24,6 +25,7 @@ def _write(path, **columns) -> None:
 
 def _config(tmp_path, **sections) -> EmbedConfig:
     data = {
+        "model": tiny_model_path(),
         "input": {"path": str(tmp_path / "in")},
         "output": {"path": str(tmp_path / "out")},
         "compute": {"precision": "fp32"},

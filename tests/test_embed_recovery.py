@@ -18,6 +18,7 @@ import pytest
 import yaml
 from faulty_proxy import FaultyProxy
 from processes import cli_env, kill_when, run, sbertray_cmd
+from tiny_model import tiny_model_path
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, parse_config
@@ -53,6 +54,7 @@ def _config_file(tmp_path: Path, inp: Path, out: Path, **compute) -> Path:
     path.write_text(
         yaml.safe_dump(
             {
+                "model": tiny_model_path(),
                 "input": {"path": str(inp), "id_column": "id", "text_column": "text"},
                 "output": {"path": str(out), "rows_per_file": 100},
                 "compute": {"precision": "fp32", **compute},
@@ -108,6 +110,7 @@ def test_new_shard_is_the_only_work(ray_2cpu, tmp_path, sentences):
     config = parse_config(
         EmbedConfig,
         {
+            "model": tiny_model_path(),
             "input": {"path": str(tmp_path / "in"), "id_column": "id"},
             "output": {"path": str(tmp_path / "out")},
             "compute": {"precision": "fp32"},
@@ -133,6 +136,7 @@ def test_input_file_rewritten_with_fewer_rows_leaves_no_stale_parts(ray_2cpu, tm
     config = parse_config(
         EmbedConfig,
         {
+            "model": tiny_model_path(),
             "input": {"path": str(tmp_path / "in"), "id_column": "id"},
             "output": {"path": str(tmp_path / "out"), "rows_per_file": 100},
             "compute": {"precision": "fp32"},
@@ -244,6 +248,7 @@ def test_s3_connection_resets_are_retried_and_exhausted_retries_fail_cleanly(
         return parse_config(
             EmbedConfig,
             {
+                "model": tiny_model_path(),
                 "input": {"path": f"{s3_prefix}/in"},
                 "output": {"path": f"{s3_prefix}/{out}", "rows_per_file": 100},
                 "compute": {"precision": "fp32"},
@@ -277,6 +282,7 @@ def test_two_runs_on_one_s3_prefix_one_refuses(s3_server, s3_prefix, tmp_path, s
     config.write_text(
         yaml.safe_dump(
             {
+                "model": tiny_model_path(),
                 "input": {"path": f"{s3_prefix}/in"},
                 "output": {"path": f"{s3_prefix}/out", "rows_per_file": 100},
                 "compute": {"precision": "fp32"},

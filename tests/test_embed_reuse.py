@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny_model import tiny_model_path
 
 from sbertray.config import ComputeConfig, EmbedConfig, parse_config
 from sbertray.embed.pool import runs_in_process
@@ -23,6 +24,7 @@ def _config(inp, out, executor: str, **output) -> EmbedConfig:
     return parse_config(
         EmbedConfig,
         {
+            "model": tiny_model_path(),
             "input": {"path": str(inp), "id_column": "id", "passthrough": ["n"]},
             "output": {"path": str(out), "rows_per_file": 20, **output},
             "compute": {"precision": "fp32", "executor": executor},

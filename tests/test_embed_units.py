@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from tiny_model import tiny_model_path
 
 from sbertray.config import EmbedConfig, parse_config
 from sbertray.embed.run import run_embed
@@ -115,6 +116,7 @@ def test_small_files_on_s3_coalesce_and_a_changed_one_reembeds_only_its_unit(
     config = parse_config(
         EmbedConfig,
         {
+            "model": tiny_model_path(),
             "input": {"path": f"{s3_prefix}/in", "id_column": "id"},
             "output": {"path": f"{s3_prefix}/out"},
             "compute": {"precision": "fp32", "executor": "local", "unit_rows": 200},

@@ -35,14 +35,15 @@ def ray_head():
         head.stop()
 
 
-def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch):
+def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch, tiny_model_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client = JobSubmissionClient(ray_head)
     out = tmp_path / "out"
     job_id = client.submit_job(
-        entrypoint=f"python jobs/embed.py --config jobs/configs/embed_demo.yaml output.path={out}",
+        entrypoint="python jobs/embed.py --config jobs/configs/embed_demo.yaml "
+        f"output.path={out} model={tiny_model_path}",
         runtime_env={
             "working_dir": str(REPO),
             "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
@@ -64,7 +65,15 @@ def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch):
     assert {p.name for p in out.glob("source=*")} == {"source=udemy", "source=coursera"}
 
 
-def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, capsys):
+def _on_the_tiny_model(config: NightlyConfig, tiny_model_path: str) -> NightlyConfig:
+    config.train.overrides.append(f"base_model={tiny_model_path}")
+    config.embed.overrides.append(f"model={tiny_model_path}")
+    return config
+
+
+def test_nightly_runs_twice_then_picks_up_only_new_shards(
+    ray_2cpu, tmp_path, capsys, tiny_model_path
+):
     inp = tmp_path / "courses"
     shutil.copytree(REPO / "jobs/samples/courses", inp)
     overrides = [
@@ -73,6 +82,7 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
         f"embed.overrides=[input.path={inp}]",
     ]
     config = load_config(NightlyConfig, REPO / "jobs/configs/nightly_demo.yaml", overrides)
+    config = _on_the_tiny_model(config, tiny_model_path)
 
     first = run_nightly(config)
     assert first["train"]["trained"] and first["train"]["promoted"]
@@ -112,7 +122,7 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(ray_2cpu, tmp_path, ca
     assert third["embed"]["texts_embedded"] == 2  # udemy's unit again: its old rows copied
 
 
-def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
+def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path, tiny_model_path):
     config = load_config(
         NightlyConfig,
         REPO / "jobs/configs/nightly_demo.yaml",
@@ -121,6 +131,7 @@ def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
             f"output={tmp_path / 'emb'}",
         ],
     )
+    config = _on_the_tiny_model(config, tiny_model_path)
     first = run_nightly(config)
     assert first["train"]["promoted"]
     # New training data + a bar no candidate can clear: the current model must stay.
@@ -143,7 +154,9 @@ def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path):
     assert {p.name for p in (tmp_path / "models").iterdir()} == candidates
 
 
-def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server, s3_prefix):
+def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(
+    tmp_path, s3_server, s3_prefix, tiny_model_path
+):
     """`ray job submit` as users meet it: Ray's default token authentication on, a head that
     takes no work, and worker nodes the autoscaler adds (fake multi-node provider: 1-CPU nodes,
     0 to 2) only once the jobs ask for them."""
@@ -177,6 +190,7 @@ def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server,
             "--config",
             "jobs/configs/embed_demo.yaml",
             f"output.path={s3_prefix}/emb",
+            f"model={tiny_model_path}",
         )
         assert embed.returncode == 0, embed.stdout[-4000:] + embed.stderr[-2000:]
         assert "(autoscaling) cpu actor(s)" in embed.stdout
@@ -192,6 +206,7 @@ def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(tmp_path, s3_server,
             "jobs/configs/nightly_demo.yaml",
             f"models={s3_prefix}/models",
             f"output={s3_prefix}/nightly",
+            f"'embed.overrides=[model={tiny_model_path}]'",
         )
         assert nightly.returncode == 0, nightly.stdout[-4000:] + nightly.stderr[-2000:]
         assert "[sbertray] step " in nightly.stdout  # training progress, from the workers

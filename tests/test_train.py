@@ -110,7 +110,7 @@ def test_bf16_training_on_a_native_bf16_cpu(ray_2cpu, base_model, stsb_dir, tmp_
     assert reloaded[0].auto_model.config._attn_implementation == "sdpa"
 
 
-def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix):
+def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix, tiny_model_path):
     from sbertray.modeling import load_model
 
     fs = s3_server.filesystem()
@@ -125,6 +125,7 @@ def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix):
         REPO / "jobs/configs/resume_roles.yaml",
         [
             f"train.path={s3_prefix}/pairs",
+            f"base_model={tiny_model_path}",
             "training.max_steps=4",
             "training.checkpoint_steps=2",
             "training.keep_checkpoints=1",
@@ -159,7 +160,7 @@ def _complete_checkpoints(root: Path) -> list[int]:
     )
 
 
-def test_resume_after_killing_the_run(tmp_path, monkeypatch):
+def test_resume_after_killing_the_run(tmp_path, monkeypatch, tiny_model_path):
     """Kill the whole training process tree twice: while the first checkpoint is being
     written (none complete yet), then once a checkpoint is complete on disk (Ray Train may not
     have registered it yet). The last rerun continues from the newest complete checkpoint and
@@ -169,6 +170,7 @@ def test_resume_after_killing_the_run(tmp_path, monkeypatch):
     cmd = sbertray_cmd(
         "train",
         str(REPO / "jobs/configs/concepts.yaml"),
+        f"base_model={tiny_model_path}",
         "training.epochs=8",
         "training.checkpoint_steps=4",
         "training.keep_checkpoints=2",
@@ -221,7 +223,9 @@ def test_resume_after_killing_the_run(tmp_path, monkeypatch):
     assert resumed == pytest.approx(uninterrupted, abs=0.002)
 
 
-def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkeypatch):
+def test_a_changed_recipe_does_not_resume_the_old_run(
+    ray_2cpu, tmp_path, monkeypatch, tiny_model_path
+):
     """Retraining into the same output with another learning rate or fewer rows trains from
     step 0, and the card and train_result.json describe the run that happened."""
     scratch = tmp_path / "scratch"
@@ -229,6 +233,7 @@ def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkey
     recipe = REPO / "jobs/configs/resume_roles.yaml"
     base = [
         f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
+        f"base_model={tiny_model_path}",
         "training.epochs=2",
         f"output.model={tmp_path / 'model'}",
     ]
@@ -244,7 +249,7 @@ def test_a_changed_recipe_does_not_resume_the_old_run(ray_2cpu, tmp_path, monkey
     assert same.resumed_from_step == changed.global_step  # the same recipe picks up its own run
 
 
-def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch):
+def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch, tiny_model_path):
     """Ray Train workers run in their own directory: a relative output path must still mean
     the driver's directory (the README demo uses one)."""
     recipe = REPO / "jobs/configs/resume_roles.yaml"
@@ -254,6 +259,7 @@ def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch
         recipe,
         [
             f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
+            f"base_model={tiny_model_path}",
             "training.max_steps=1",
             "output.model=rel/model",
         ],
