@@ -193,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         log = f"\n(full log: {args.run_log.path})" if logged else ""
         print(f"sbertray {args.command}: error: {exc}{log}", file=sys.stderr)
         return 2
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if logged:
+            print(
+                f"sbertray {args.command}: stopped ({type(exc).__name__}); what was committed is "
+                f"kept, a rerun finishes the rest (full log: {args.run_log.path})",
+                file=sys.stderr,
+            )
+        raise
     except BaseException:
         if logged:  # a bug: its traceback follows on the console
             print(f"sbertray {args.command}: full log: {args.run_log.path}", file=sys.stderr)

@@ -58,6 +58,12 @@ def console_stream():
     return getattr(sys.stdout, "console", sys.stdout)
 
 
+def _shut_down_ray() -> None:
+    ray = sys.modules.get("ray")  # never imported just to ask
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 class RunLog:
     """Routes this process's output for one command; ``publish`` copies the log beside the
     command's outputs."""
@@ -92,7 +98,11 @@ class RunLog:
         print(f"[sbertray] log: {self.path}", flush=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, SystemExit | KeyboardInterrupt):
+            # Stopped by a signal (Ray's driver handler turns SIGTERM into SystemExit): Ray's
+            # teardown lines about the tasks and actors it kills go to the log, not the console.
+            _shut_down_ray()
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = self._saved

@@ -49,6 +49,35 @@ def kill_when(
     time.sleep(3)  # let every process of the killed run be gone before looking at its output
 
 
+def terminate_when(
+    cmd: list[str], ready: Callable[[], bool], *, what: str, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
+    """Starts ``cmd``, waits until ``ready()``, then sends the driver alone SIGTERM (as `kill`,
+    `ray job stop` or Kubernetes do) and returns what it printed until it ended."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.time() < deadline, f"no {what} within {timeout_s:.0f}s"
+            time.sleep(0.1)
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run(cmd: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout_s

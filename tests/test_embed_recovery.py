@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from faulty_proxy import FaultyProxy
-from processes import cli_env, kill_when, run, sbertray_cmd
+from processes import cli_env, kill_when, run, sbertray_cmd, terminate_when
 from tiny_model import tiny_model_path
 
 from sbertray import storage
@@ -103,6 +103,24 @@ def test_killed_driver_rerun_finishes_only_unfinished_units(tmp_path, sentences)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"nothing to do: all {total} units of 80 files are already embedded" in third.stdout
     assert _output_ids(out) == ids
+
+
+def test_a_terminated_run_keeps_rays_lines_off_the_console(tmp_path, sentences):
+    """SIGTERM mid-run (`kill`, `ray job stop`): the run stops with its committed units kept,
+    and Ray's lines about the tasks and actors it kills go to the run log, not the console."""
+    _shards(tmp_path / "in", sentences, 40, 30)
+    out = tmp_path / "out"
+    config = _config_file(tmp_path, tmp_path / "in", out, unit_rows=100, executor="ray")
+    stopped = terminate_when(
+        sbertray_cmd("embed", str(config)),
+        lambda: len(list(out.glob("*.parquet"))) >= 1,
+        what="a committed output",
+    )
+    assert stopped.returncode != 0 and not (out / "_SUCCESS").exists()
+    console = stopped.stdout + stopped.stderr
+    assert "(raylet)" not in console and "ray.kill" not in console, console[-3000:]
+    assert "[sbertray] log: " in stopped.stdout
+    assert "sbertray embed: stopped (SystemExit); what was committed is kept" in stopped.stderr
 
 
 def test_new_shard_is_the_only_work(ray_2cpu, tmp_path, sentences):
