@@ -52,7 +52,7 @@ def main() -> None:
     from sbertray.config import EmbedConfig, parse_config
     from sbertray.embed import compact
     from sbertray.embed.encoder import EncoderSpec
-    from sbertray.embed.plan import plan_input
+    from sbertray.embed.planning import plan_input
     from sbertray.embed.stage import EmbedStage
     from sbertray.modeling import bundled_model_path
 

@@ -24,28 +24,34 @@ def sbertray_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sbertray", *args]
 
 
-def kill_when(
-    cmd: list[str], ready: Callable[[], bool], *, what: str, timeout_s: float = 300
-) -> None:
-    """Starts ``cmd`` in its own process group, waits until ``ready()``, then SIGKILLs the whole
-    group (the driver and the Ray processes it started) and waits for it to be gone."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def _start_and_wait(
+    cmd: list[str], ready: Callable[[], bool], what: str, timeout_s: float, **popen
+) -> subprocess.Popen:
+    """Starts ``cmd`` in its own process group and returns once ``ready()``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), start_new_session=True, **popen)
     deadline = time.time() + timeout_s
     try:
         while not ready():
             assert proc.poll() is None, f"the run ended before {what}"
             assert time.time() < deadline, f"no {what} within {timeout_s:.0f}s"
             time.sleep(0.1)
-    finally:
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        raise
+    return proc
+
+
+def kill_when(
+    cmd: list[str], ready: Callable[[], bool], *, what: str, timeout_s: float = 300
+) -> None:
+    """Starts ``cmd``, waits until ``ready()``, then SIGKILLs the whole process group (the
+    driver and the Ray processes it started) and waits for it to be gone."""
+    proc = _start_and_wait(
+        cmd, ready, what, timeout_s, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     time.sleep(3)  # let every process of the killed run be gone before looking at its output
 
 
@@ -54,22 +60,11 @@ def terminate_when(
 ) -> subprocess.CompletedProcess:
     """Starts ``cmd``, waits until ``ready()``, then sends the driver alone SIGTERM (as `kill`,
     `ray job stop` or Kubernetes do) and returns what it printed until it ended."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    proc = _start_and_wait(
+        cmd, ready, what, timeout_s, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + timeout_s
+    proc.terminate()
     try:
-        while not ready():
-            assert proc.poll() is None, f"the run ended before {what}"
-            assert time.time() < deadline, f"no {what} within {timeout_s:.0f}s"
-            time.sleep(0.1)
-        proc.terminate()
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -14,7 +14,7 @@ from sentence_transformers.util.quantization import quantize_embeddings
 
 from sbertray.config import ConfigError, EmbedConfig, parse_config
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.plan import plan_input
+from sbertray.embed.planning import plan_input
 from sbertray.embed.run import run_embed
 from sbertray.embed.stage import EmbedStage
 

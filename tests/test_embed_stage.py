@@ -10,7 +10,7 @@ import pytest
 
 from sbertray.config import ConfigError, EmbedConfig, parse_config
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.plan import plan_input
+from sbertray.embed.planning import plan_input
 from sbertray.embed.stage import EmbedStage, check_output_columns, output_schema
 
 
@@ -95,7 +95,7 @@ def test_reference_mode_runs_without_torch(tmp_path, bundled_model_path):
 import json, sys
 from sbertray.config import EmbedConfig, parse_config
 from sbertray.embed.encoder import EncoderSpec
-from sbertray.embed.plan import plan_input
+from sbertray.embed.planning import plan_input
 from sbertray.embed.reference import embed_reference
 from sbertray.embed.stage import EmbedStage
 config = parse_config(EmbedConfig, json.loads(sys.argv[1]))

@@ -7,16 +7,8 @@ from __future__ import annotations
 import time
 
 from sbertray.config import EmbedConfig
-from sbertray.embed import backends
-from sbertray.embed.plan import (
-    EmbedPlan,
-    check_input_ids,
-    choose_pool,
-    donor_files,
-    find_committed,
-    plan_embed,
-    resolve_encoder,
-)
+from sbertray.embed import backends, planning
+from sbertray.embed.planning import EmbedPlan
 from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import sample_texts
 from sbertray.modeling import resolve_model_path
@@ -29,9 +21,9 @@ SAMPLE_ROWS = 256
 
 def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     """The plan as lines of text. Raises what ``run_embed`` raises before it starts work."""
-    plan = plan_embed(config)
-    check_input_ids(plan)
-    existing, done = find_committed(plan)
+    plan = planning.plan_embed(config)
+    planning.check_input_ids(plan)
+    existing, done = planning.find_committed(plan)
     todo = [u for u in plan.inputs.units if u.unit_id not in done]
     inputs = plan.inputs
     lines = [
@@ -48,9 +40,9 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     ]
     if not todo:
         return "\n".join([*lines, "  nothing to embed"])
-    reusable = sum(rows for _, rows in donor_files(plan, existing, done))
-    pool = choose_pool(plan, todo, reusable, ray_address)
-    encoder = resolve_encoder(plan, pool)
+    reusable = sum(rows for _, rows in planning.donor_files(plan, existing, done))
+    pool = planning.choose_pool(plan, todo, reusable, ray_address)
+    encoder = planning.resolve_encoder(plan, pool)
     rate, sampled = _sample_rate(plan, todo[0], encoder)
     seconds = sum(u.num_rows for u in todo) / (rate * pool.num_actors)
     lines += [

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/embed.py --config jobs/configs/embed_demo.yaml
 
-- **plan** (``plan``): everything that can fail without the model running: config, model,
+- **plan** (``planning``): everything that can fail without the model running: config, model,
   input footers and columns, ids, output columns, output writability.
 - **execute**: the units not committed by an earlier run, on a pool of ``EmbedStage`` actors
   (``ray_adapter``) sized from the cluster (``pool``), or in this process for small work
@@ -20,7 +20,7 @@ from sbertray.config import EmbedConfig
 from sbertray.embed import backends, commit, reuse
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lock import OutputLock
-from sbertray.embed.plan import (
+from sbertray.embed.planning import (
     EmbedPlan,
     check_input_ids,
     choose_pool,

@@ -31,23 +31,16 @@ RESULT_FILE = "train_result.json"
 
 
 @dataclass
-class TrainResult:
+class TrainResult(LoopResult):
     """What a finished run reports (also written as ``train_result.json`` beside the model): the
     training loop's ``LoopResult`` and the run-level facts the driver owns."""
 
     name: str
     model_url: str
     base_model: str
-    global_step: int
-    resumed_from_step: int
-    epochs: float
-    train_rows: int
     skipped_rows: int
     num_workers: int
     wall_time_s: float
-    dev_metrics: dict | None
-    loss_log: list[dict]  # {step, epoch, loss} every `logging_steps`
-    eval_log: list[dict]  # dev metrics after each epoch
 
 
 def worker_cpus(config: TrainConfig) -> float:
