@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from processes import run, sbertray_cmd
 
@@ -60,3 +62,30 @@ def test_train_dry_run_counts_steps_and_writes_nothing(tmp_path, tiny_model_path
         )
     )
     assert bad.returncode == 2 and "none.csv: no such file or directory" in bad.stderr
+
+
+def test_dry_run_and_run_find_a_null_text_before_any_embedding(tmp_path, tiny_model_path):
+    """The pre-flight both share: footer statistics count the null, its file is read to name
+    the row, and neither run embeds anything (the default `on_null_text: fail`)."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for part in range(3):
+        texts = [f"text {part}-{i}" for i in range(100)]
+        if part == 1:
+            texts[5] = None
+        ids = list(range(part * 100, (part + 1) * 100))
+        pq.write_table(pa.table({"id": ids, "text": texts}), inp / f"part-{part}.parquet")
+    args = [f"model={tiny_model_path}", f"input.path={inp}", f"output.path={out}"]
+    config = str(REPO / "jobs/configs/embed_demo.yaml")
+    common = [
+        "input.id_column=id",
+        "input.text_column=text",
+        "input.passthrough=[]",
+        "reference=null",
+    ]
+    for extra in (["--dry-run"], []):
+        result = run(sbertray_cmd("embed", config, *args, *common, *extra))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "part-1.parquet: row 5: column `text`: null text" in result.stderr
+        assert "rows (" not in result.stdout  # no progress line: nothing was embedded
+    assert not list(out.rglob("*.parquet"))

@@ -1,5 +1,5 @@
-"""Input checks that need more than one file's footer, run before any actor starts: ids
-across the whole input and the output's place relative to the input."""
+"""Input checks run before any actor starts, in the dry run and the real run alike: ids across
+the whole input, texts a `fail` policy refuses, and the output's place relative to the input."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
-from sbertray.embed.shards import EmbedInputError, InputFile
+from sbertray.embed.shards import EmbedInputError, FileSlice, InputFile
+from sbertray.embed.texts import BadRows, column_texts
 
 # (config, chunks of files, buckets, the planned hashes split into buckets) -> repeated hashes
 MapReduce = Callable[[EmbedConfig, list[list[InputFile]], int, list[np.ndarray]], np.ndarray]
@@ -174,3 +176,59 @@ def check_output_outside_input(config: EmbedConfig) -> None:
                 f"{storage.redact(spec)}: the next run would read its own output as input; "
                 "write it elsewhere"
             )
+
+
+def _text_columns(config: EmbedConfig) -> list[str]:
+    return [c for c in (config.input.text_column, config.input.pair_column) if c]
+
+
+def needs_text_read(config: EmbedConfig, meta: pq.FileMetaData, schema: pa.Schema) -> bool:
+    """Whether a file's text columns must be read to know that no row fails a `fail` policy:
+    its footer counts null texts (or keeps no counts), or a binary text column may hold invalid
+    UTF-8. A footer that counts no nulls in string columns settles it without reading."""
+    policy = config.bad_input
+    for column in _text_columns(config):
+        column_type = schema.field(column).type
+        binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+        if policy.on_invalid_utf8 == "fail" and binary:
+            return True
+        if policy.on_null_text == "fail" and _null_count(meta, column) != 0:
+            return True
+    return False
+
+
+def _null_count(meta: pq.FileMetaData, column: str) -> int | None:
+    """Nulls in ``column`` per the footer's statistics; None if a row group keeps none."""
+    total = 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            if chunk.path_in_schema == column:
+                stats = chunk.statistics
+                if stats is None or not stats.has_null_count:
+                    return None
+                total += stats.null_count
+    return total
+
+
+def check_texts(config: EmbedConfig, fs: pafs.FileSystem, files: list[InputFile]) -> None:
+    """Reads the text columns of ``files`` (those ``needs_text_read`` picked) and raises on the
+    rows a `fail` policy refuses, named by file, row and column as the run names them, so that
+    the dry run finds them and a real run fails before it embeds anything."""
+    columns = _text_columns(config)
+
+    def failure(f: InputFile) -> str | None:
+        try:
+            with fs.open_input_file(f.path) as handle:
+                table = pq.read_table(handle, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise EmbedInputError(f"{f.url}: cannot read columns {columns}: {exc}") from None
+        bad = BadRows([FileSlice(f, tuple(range(len(f.row_group_rows))), 0, f.num_rows)])
+        for column in columns:
+            column_texts(table, column, config, bad)
+        return bad.failure(config)
+
+    failures = [message for message in storage.map_parallel(failure, files) if message]
+    if failures:
+        raise EmbedInputError("\n".join(failures))

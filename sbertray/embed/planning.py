@@ -13,7 +13,14 @@ import sbertray
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig, stable_hash
 from sbertray.embed import backends, commit, compact, reference, reuse, shards
-from sbertray.embed.checks import check_id_types, check_ids, check_output_outside_input, hash_ids
+from sbertray.embed.checks import (
+    check_id_types,
+    check_ids,
+    check_output_outside_input,
+    check_texts,
+    hash_ids,
+    needs_text_read,
+)
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, in_process_pool, plan_pool, runs_in_process
 from sbertray.embed.prepared import PreparedModel, prepare_job_model
@@ -94,20 +101,21 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
 
 def plan_input(config: EmbedConfig) -> InputPlan:
     """Discovers, checks and cuts the input. Bad files raise (``on_bad_file: fail``) or are set
-    aside (``skip``); a missing column, a non-text text column, no Parquet files at all, and
-    ids of different types always raise, before any work (null and repeated ids: ``checks``)."""
+    aside (``skip``); a missing column, a non-text text column, no Parquet files at all, ids of
+    different types and texts a `fail` policy refuses raise, before any work (null and repeated
+    ids: ``check_input_ids``)."""
     fs, found = shards.discover(config.input.path, config.storage)
     if not found:
         raise EmbedInputError(
             f"input `{storage.redact(str(config.input.path))}`: no Parquet files found"
         )
-    good, bad, schemas = [], [], []
+    good, bad, schemas, texts_to_read = [], [], [], []
     # Footers one after another cost a round trip each in object storage: read them at once.
     footers = storage.map_parallel(
         lambda f: shards.read_footer(fs, f, config.input.id_column), found
     )
     id_hashes = {}
-    for checked, schema, ids in footers:
+    for checked, meta, ids in footers:
         if checked.error:
             if config.bad_input.on_bad_file == "fail":
                 raise EmbedInputError(
@@ -115,12 +123,16 @@ def plan_input(config: EmbedConfig) -> InputPlan:
                 )
             bad.append(checked)
             continue
+        schema = meta.schema.to_arrow_schema()
         shards.check_columns(config, checked, schema)
         good.append(checked)
         schemas.append(schema)
+        if needs_text_read(config, meta, schema):
+            texts_to_read.append(checked)
         if ids is not None:
             id_hashes[checked.rel] = hash_ids(config, checked, ids)
     check_id_types(config, good, schemas)
+    check_texts(config, fs, texts_to_read)
     size = shards.choose_unit_rows(config, sum(f.num_rows for f in good))
     units = shards.plan_units(good, config.output.rows_per_file, size)
     return InputPlan(files=good, units=units, bad_files=bad, id_hashes=id_hashes)

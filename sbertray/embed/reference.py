@@ -35,9 +35,10 @@ def _checked_files(config: EmbedConfig) -> tuple[pafs.FileSystem, list[InputFile
             f"reference `{storage.redact(str(ref.path))}`: no Parquet files found"
         )
     for f in files:
-        checked, schema, _ = read_footer(fs, f)
+        checked, meta, _ = read_footer(fs, f)
         if checked.error:
             raise EmbedInputError(f"reference: {checked.error}")
+        schema = meta.schema.to_arrow_schema()
         for key, column in (("id_column", ref.id_column), ("text_column", ref.text_column)):
             if column not in schema.names:
                 raise EmbedInputError(

@@ -197,8 +197,8 @@ def discover(
 
 def read_footer(
     fs: pafs.FileSystem, f: InputFile, id_column: str | None = None
-) -> tuple[InputFile, pa.Schema | None, pa.ChunkedArray | None]:
-    """The file's row counts and schema, and, if ``id_column`` is given and the file is small,
+) -> tuple[InputFile, pq.FileMetaData | None, pa.ChunkedArray | None]:
+    """The file's row counts and footer, and, if ``id_column`` is given and the file is small,
     its ids too: a small file costs one request whatever part of it is read, so it is read
     whole (object storage is latency bound: this halves the requests of planning many small
     files). Without ids to read, only the footer is fetched."""
@@ -212,7 +212,7 @@ def read_footer(
                     ids = parquet.read(columns=[id_column]).column(0)
             else:
                 meta = pq.read_metadata(handle)
-        schema = meta.schema.to_arrow_schema()
+        meta.schema.to_arrow_schema()  # a footer whose schema pyarrow cannot read is bad too
     except (OSError, pa.ArrowException) as exc:
         return (
             InputFile(**{**f.__dict__, "error": f"{f.url}: not a readable Parquet file: {exc}"}),
@@ -221,7 +221,7 @@ def read_footer(
         )
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     checked = InputFile(**{**f.__dict__, "num_rows": meta.num_rows, "row_group_rows": rows})
-    return checked, schema, ids
+    return checked, meta, ids
 
 
 def check_columns(config: EmbedConfig, f: InputFile, schema: pa.Schema) -> None:

@@ -231,14 +231,8 @@ class EmbedStage:
             ],
             dtype=bool,
         )
-        must_fail = bad.counts["invalid UTF-8"] or (
-            self.config.bad_input.on_null_text == "fail"
-            and bad.counts["null text"] + bad.counts["non-string text"]
-        )
-        if must_fail:
-            result.error = "bad rows (or set the `bad_input` policies to skip/replace):\n  " + (
-                "\n  ".join(bad.examples)
-            )
+        result.error = bad.failure(self.config)
+        if result.error:
             return result
         result.bad_rows = {reason: n for reason, n in bad.counts.items() if n}
         # A row bad in both pair columns is dropped once: this is what the invariant counts.

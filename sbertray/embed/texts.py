@@ -38,6 +38,19 @@ class BadRows:
             row = piece.first_row + index - self.starts[which]
             self.examples.append(f"{piece.file.url}: row {row}: column `{column}`: {reason}{shown}")
 
+    def failure(self, config: EmbedConfig) -> str | None:
+        """The error that fails the run, if a bad row's policy is `fail`, naming the first few."""
+        policy = config.bad_input
+        fails = self.counts["invalid UTF-8"] or (
+            policy.on_null_text == "fail"
+            and self.counts["null text"] + self.counts["non-string text"]
+        )
+        if not fails:
+            return None
+        return "bad rows (or set the `bad_input` policies to skip/replace):\n  " + "\n  ".join(
+            self.examples
+        )
+
 
 def _decode(values: list, column: str, policy_utf8: str, bad: BadRows) -> list:
     """Binary values to str per the UTF-8 policy (a failed decode becomes None + a bad row)."""
