@@ -2,7 +2,7 @@
 
 sbertray train RECIPE.yaml [key.path=value ...] [--dry-run]
 sbertray evaluate MODEL DATA [--sentence-0 COL --sentence-1 COL --label COL --label-scale X]
-sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run]
+sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run] [--replace]
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def _config_unless_dry_run(args: argparse.Namespace, schema, dry_run_module: str
     """The command's config; with ``--dry-run``, prints the plan instead and returns None."""
     from sbertray.config import load_config
 
-    config = load_config(schema, args.config, args.overrides)
+    overrides = [
+        *args.overrides,
+        *(["output.mode=replace"] if getattr(args, "replace", False) else []),
+    ]
+    config = load_config(schema, args.config, overrides)
     if not args.dry_run:
         return config
     plan = importlib.import_module(dry_run_module).dry_run(config, ray_address=args.address)
@@ -128,6 +132,12 @@ def _add_config_command(sub, name: str, func, *, help: str, example: str) -> Non
             "--dry-run",
             action="store_true",
             help="check everything, print the plan and a time estimate, write nothing",
+        )
+    if name == "embed":
+        p.add_argument(
+            "--replace",
+            action="store_true",
+            help="rewrite an output written with other settings (`output.mode: replace`)",
         )
     p.set_defaults(func=func)
 

@@ -89,3 +89,34 @@ def test_dry_run_and_run_find_a_null_text_before_any_embedding(tmp_path, tiny_mo
         assert "part-1.parquet: row 5: column `text`: null text" in result.stderr
         assert "rows (" not in result.stdout  # no progress line: nothing was embedded
     assert not list(out.rglob("*.parquet"))
+
+
+def test_an_output_written_with_other_settings_is_refused_unless_replaced(
+    tmp_path, tiny_model_path
+):
+    out = tmp_path / "out"
+    config = str(REPO / "jobs/configs/embed_demo.yaml")
+    args = [f"model={tiny_model_path}", f"output.path={out}"]
+    assert run(sbertray_cmd("embed", config, *args)).returncode == 0
+
+    for extra in (["--dry-run"], []):
+        changed = run(
+            sbertray_cmd("embed", config, *args, "output.embedding_dtype=float16", *extra)
+        )
+        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr
+        assert (
+            "holds rows written with other settings (`output.embedding_dtype`: " in changed.stderr
+        )
+        assert "'float32' -> 'float16'" in changed.stderr and "--replace" in changed.stderr
+    assert (
+        pq.read_schema(next(out.rglob("*.parquet"))).field("embedding").type.value_type == "float"
+    )
+
+    replaced = run(
+        sbertray_cmd("embed", config, *args, "output.embedding_dtype=float16", "--replace")
+    )
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    types = {pq.read_schema(f).field("embedding").type.value_type for f in out.rglob("*.parquet")}
+    assert types == {pa.float16()}
+    again = run(sbertray_cmd("embed", config, *args, "output.embedding_dtype=float16"))
+    assert again.returncode == 0 and "nothing to do" in again.stdout

@@ -97,7 +97,7 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     assert cos.min() >= 0.99999
 
     # Anything that changes the vectors changes every key: nothing is copied.
-    third = run_embed(_config(inp, out, "local", embedding_dtype="float16"))
+    third = run_embed(_config(inp, out, "local", embedding_dtype="float16", mode="replace"))
     assert (third.texts_embedded, third.reused_rows) == (121, 0)
 
 

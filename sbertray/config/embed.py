@@ -37,6 +37,9 @@ class EmbedOutputConfig(Strict):
     # A run holds `_lock.json` here; a lock this long without a heartbeat (or whose process is
     # gone from this host) is taken over.
     lock_stale_after_s: float = Field(600.0, gt=0)
+    # incremental: an output written with other settings (model, dtype, columns, ...) is refused,
+    # never silently rewritten; replace: rewrite it with these settings (`--replace` on the CLI).
+    mode: Literal["incremental", "replace"] = "incremental"
     # Compact embeddings (see embed/compact.py): fewer dimensions and fewer bits per value.
     # Scores (pair cosine, top-k) are always computed from the full float32 vectors.
     embedding_dtype: Literal["float32", "float16", "int8", "binary"] = "float32"

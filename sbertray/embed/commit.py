@@ -40,10 +40,10 @@ _PART = re.compile(r"(?P<grouped>\.\d+-files)?\.part-\d{4,}\.parquet$")
 # Config keys that never change an output file's bytes: a rerun that changes only these skips
 # committed units. Every other key (and the output schema) goes into the content hash, so a new
 # option re-embeds by default instead of silently reusing stale files.
-_NOT_IN_CONTENT = {
+NOT_IN_CONTENT = {
     "name": None,
     "model": None,  # the model's content hash stands for it
-    "output": {"path", "lock_stale_after_s", "rows_per_file"},  # the layout is in unit ids
+    "output": {"path", "lock_stale_after_s", "rows_per_file", "mode"},  # layout: in unit ids
     "compute": {
         "device",
         "token_budget",
@@ -70,9 +70,9 @@ class InvariantError(UserError, RuntimeError):
 
 def content_hash(config: EmbedConfig, model_hash: str, schema: pa.Schema, int8_ranges=None) -> str:
     """What decides the bytes of an output file: the model, the declared output schema, the
-    int8 ranges (if any) and every config key but ``_NOT_IN_CONTENT``. A committed unit with the same hash and input
+    int8 ranges (if any) and every config key but ``NOT_IN_CONTENT``. A committed unit with the same hash and input
     fingerprint is not embedded again."""
-    settings = dump_without(config, _NOT_IN_CONTENT)
+    settings = dump_without(config, NOT_IN_CONTENT)
     columns = [(f.name, str(f.type)) for f in schema]
     return stable_hash(
         {"model_hash": model_hash, "schema": columns, "config": settings, "int8": int8_ranges}

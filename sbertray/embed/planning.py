@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import sbertray
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig, stable_hash
-from sbertray.embed import backends, commit, compact, reference, reuse, shards
+from sbertray.embed import backends, commit, compact, reference, replacing, reuse, shards
 from sbertray.embed.checks import (
     check_id_types,
     check_ids,
@@ -63,6 +63,7 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
         EmbedInputError: no input files, missing or non-text column, bad file
             (``on_bad_file: fail``), null / duplicate / mixed-type ids, a bad reference set.
         StorageError: output not writable / endpoint down.
+        SettingsChangedError: the output holds rows written with other settings.
     """
     backends.check_config(config.compute)
     config = config.model_copy(deep=True)
@@ -96,6 +97,8 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     }
     if ranges is not None:
         run_metadata["int8_ranges"] = ranges
+    last = commit.read_manifest(out) if storage.exists(out) else None
+    replacing.check_unchanged(last, run_metadata, storage.redact(out.url))
     return EmbedPlan(config, out, model, inputs, run_metadata)
 
 
