@@ -1,6 +1,6 @@
 """``sbertray`` command line: a thin layer over the library.
 
-sbertray train RECIPE.yaml [key.path=value ...] [--dry-run]
+sbertray train RECIPE.yaml [key.path=value ...] [--dry-run] [--restart]
 sbertray evaluate MODEL DATA [--sentence-0 COL --sentence-1 COL --label COL --label-scale X]
 sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run] [--replace]
 """
@@ -42,7 +42,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if (config := _config_unless_dry_run(args, TrainConfig, "sbertray.train.dry_run")) is None:
         return 0
-    result = train(config, ray_address=args.address)
+    result = train(config, ray_address=args.address, restart=args.restart)
+    if result.kept:
+        return 0
     metric = ""
     if result.dev_metrics:
         m = result.dev_metrics
@@ -132,6 +134,12 @@ def _add_config_command(sub, name: str, func, *, help: str, example: str) -> Non
             "--dry-run",
             action="store_true",
             help="check everything, print the plan and a time estimate, write nothing",
+        )
+    if name == "train":
+        p.add_argument(
+            "--restart",
+            action="store_true",
+            help="train from step 0, even if this recipe's model or checkpoints exist",
         )
     if name == "embed":
         p.add_argument(

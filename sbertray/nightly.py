@@ -62,7 +62,7 @@ def _train_stage(config: NightlyConfig, state: dict, run_id: str, say, ray_addre
     recipe.output.model = candidate_url
     recipe.output.run_name = f"{config.name}-{run_id}"
     # A later night is a new run and never resumes this one's checkpoints.
-    result = train(recipe, ray_address=ray_address, delete_checkpoints=True)
+    result = train(recipe, ray_address=ray_address)
     candidate = result.dev_metrics["spearman_cosine"]
     current_model = state.get("model")
     current = (

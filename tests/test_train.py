@@ -129,6 +129,7 @@ def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix, tiny_mo
             "training.max_steps=4",
             "training.checkpoint_steps=2",
             "training.keep_checkpoints=1",
+            "output.keep_checkpoints=true",
             f"output.model={s3_prefix}/model",
             f"output.checkpoints={s3_prefix}/checkpoints",
         ],
@@ -245,8 +246,11 @@ def test_a_changed_recipe_does_not_resume_the_old_run(
     assert changed.resumed_from_step == 0 and changed.global_step == first.global_step
     card = (tmp_path / "model" / "README.md").read_text()
     assert "0.0001" in card and "resumed from step" not in card
+    weights = tmp_path / "model" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
     same = train(load_config(TrainConfig, recipe, [*base, "training.learning_rate=1.0e-4"]))
-    assert same.resumed_from_step == changed.global_step  # the same recipe picks up its own run
+    assert same.kept and same.global_step == changed.global_step  # the same run: kept as is
+    assert weights.stat().st_mtime_ns == written
 
 
 def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch, tiny_model_path):
@@ -286,3 +290,34 @@ def test_ray_train_settings_keep_the_users_and_are_undone(monkeypatch):
         assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
         assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # spot nodes may go
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
+
+
+def test_the_demo_run_twice_trains_and_embeds_nothing_the_second_time(tmp_path, tiny_model_path):
+    """`bash scripts/demo.sh` twice: the second training keeps the model (same recipe, data and
+    base model), so its hash is the same and the embed step has nothing to do. A completed
+    training leaves no checkpoints behind."""
+    model, out = tmp_path / "model", tmp_path / "emb"
+    train_cmd = sbertray_cmd(
+        "train",
+        str(REPO / "jobs/configs/courses.yaml"),
+        f"base_model={tiny_model_path}",
+        "training.epochs=1",
+        f"output.model={model}",
+    )
+    embed_cmd = sbertray_cmd(
+        "embed", str(REPO / "jobs/configs/embed_demo.yaml"), f"model={model}", f"output.path={out}"
+    )
+    for cmd in (train_cmd, embed_cmd):
+        first = run(cmd)
+        assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "model-checkpoints").exists()
+    weights = (model / "model.safetensors").stat().st_mtime_ns
+
+    again = run(train_cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was trained with this recipe, data and base model" in again.stdout
+    assert "keeping it (--restart trains it again)" in again.stdout
+    assert "[sbertray] step " not in again.stdout
+    assert (model / "model.safetensors").stat().st_mtime_ns == weights
+    embedded = run(embed_cmd)
+    assert embedded.returncode == 0 and "nothing to do" in embedded.stdout, embedded.stdout

@@ -92,6 +92,9 @@ class TrainOutputConfig(Strict):
     model: str  # where the trained model directory goes; local path or s3://
     checkpoints: str | None = None  # Ray Train storage_path; default: `<model>-checkpoints`
     run_name: str | None = None  # Ray Train run name; default: derived from the output path
+    # A completed run's checkpoints (optimizer state: ~260 MB each for MiniLM) are deleted once
+    # the model is written, as nothing resumes a finished run; true keeps them.
+    keep_checkpoints: bool = False
 
     @property
     def checkpoint_root(self) -> str:

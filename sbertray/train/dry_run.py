@@ -10,7 +10,7 @@ from sbertray import storage
 from sbertray.config import TrainConfig
 from sbertray.progress import format_duration
 from sbertray.train.checkpoints import CheckpointStore
-from sbertray.train.run import TrainingPlan, plan_training, worker_cpus
+from sbertray.train.run import TrainingPlan, finished_result, plan_training, worker_cpus
 from sbertray.train.worker import run_name
 
 # Optimizer steps timed after one warm-up step: enough for a stable figure, a few seconds.
@@ -36,6 +36,12 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
         raise PoolSizeError(
             f"{config.scaling.num_workers} workers x {cpus:g} CPUs = {needed:g} CPUs, but the "
             f"cluster has {cluster_cpus:g}: lower `scaling.num_workers` or `scaling.cpus_per_worker`"
+        )
+    if (finished := finished_result(plan)) is not None:
+        return (
+            f"[sbertray] dry run: nothing to train: {finished.model_url} was trained with this "
+            f"recipe, data and base model ({finished.global_step} steps); a run keeps it "
+            "(--restart trains it again)"
         )
     ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
     resume = CheckpointStore(ckpt_root, run_name(config, plan.fingerprint)).latest_step()

@@ -41,6 +41,8 @@ class TrainResult(LoopResult):
     skipped_rows: int
     num_workers: int
     wall_time_s: float
+    fingerprint: str  # ``checkpoints.run_fingerprint``: a rerun of this run keeps the model
+    kept: bool = False  # this call found the model already trained by this run and kept it
 
 
 def worker_cpus(config: TrainConfig) -> float:
@@ -117,21 +119,29 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
 
 
 def train(
-    config: TrainConfig, *, ray_address: str | None = None, delete_checkpoints: bool = False
+    config: TrainConfig, *, ray_address: str | None = None, restart: bool = False
 ) -> TrainResult:
     """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
 
-    Rerunning the same recipe after a crash resumes from the last complete checkpoint in
-    ``output.checkpoints`` (the global step continues); a rerun with another config, data or
-    base model starts over (see ``checkpoints.py``). ``delete_checkpoints`` removes this run's
-    checkpoints once the model is written, for callers that never rerun the same run (each
-    nightly candidate is a run of its own): a MiniLM checkpoint with its optimizer is ~260 MB.
+    Training is incremental like embedding: a rerun whose model was already written by this
+    recipe, data and base model keeps it and returns its result; rerunning after a crash
+    resumes from the last complete checkpoint in ``output.checkpoints`` (the global step
+    continues); a rerun with another config, data or base model starts over (see
+    ``checkpoints.py``). ``restart`` trains from step 0 whatever was there. The run's
+    checkpoints are deleted once the model is written unless ``output.keep_checkpoints``.
 
     Raises what ``plan_training`` raises, before any worker starts.
     """
     started = time.time()
     plan = plan_training(config)
     config = plan.config
+    if not restart and (finished := finished_result(plan)) is not None:
+        print(
+            f"[sbertray] {finished.model_url} was trained with this recipe, data and base model "
+            f"({finished.global_step} steps): keeping it (--restart trains it again)",
+            flush=True,
+        )
+        return finished
     _report_skips("train", plan.train)
     if plan.dev is not None:
         _report_skips("dev", plan.dev)
@@ -146,12 +156,26 @@ def train(
         }
         output_paths.check_shared(outputs, config.storage)
     ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
+    if restart:
+        storage.delete(ckpt_loc.child(run_name(config, plan.fingerprint)))
     with ray_train_settings(many_nodes):
         _trainer(plan, ckpt_loc).fit()
     result = _finish(plan, started)
-    if delete_checkpoints:
+    if not config.output.keep_checkpoints:
         _delete_run_checkpoints(ckpt_loc, run_name(config, plan.fingerprint))
     return result
+
+
+def finished_result(plan: TrainingPlan) -> TrainResult | None:
+    """The result of the model at ``output.model`` if this very run (same fingerprint) wrote
+    it, else None."""
+    loc = storage.resolve(plan.config.output.model, plan.config.storage).child(RESULT_FILE)
+    if not storage.exists(loc):
+        return None
+    written = json.loads(storage.read_bytes(loc))
+    if written.get("fingerprint") != plan.fingerprint:
+        return None
+    return TrainResult(**{**written, "kept": True})
 
 
 def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location):
@@ -201,9 +225,10 @@ def _finish(plan: TrainingPlan, started: float) -> TrainResult:
         skipped_rows=plan.train.num_skipped,
         num_workers=config.scaling.num_workers,
         wall_time_s=round(time.time() - started, 1),
+        fingerprint=plan.fingerprint,
         **asdict(loop),
     )
-    summary = asdict(result)
+    summary = {k: v for k, v in asdict(result).items() if k != "kept"}
     storage.write_bytes(model_loc.child(RESULT_FILE), json.dumps(summary, indent=2).encode())
     storage.delete(loop_loc)
     add_run_to_card(model_loc, summary)
