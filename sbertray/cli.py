@@ -72,10 +72,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             sentence_0=args.sentence_0, sentence_1=args.sentence_1, label=args.label
         ),
         label_scale=args.label_scale,
+        on_bad_row=args.on_bad_row,
         name=args.name,
     )
     metrics = evaluate(
-        args.model, data, storage_config=StorageConfig(endpoint_url=args.endpoint_url)
+        args.model,
+        data,
+        storage_config=StorageConfig(endpoint_url=args.endpoint_url),
+        progress=True,
     )
     print(json.dumps(metrics.as_dict(), indent=2))
     print(
@@ -173,15 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text, example in config_commands:
         _add_config_command(sub, name, func, help=help_text, example=f"jobs/configs/{example}")
 
-    p = sub.add_parser("evaluate", help="Pearson/Spearman of cosine vs gold labels")
+    p = sub.add_parser(
+        "evaluate",
+        help="Pearson/Spearman of cosine vs gold labels",
+        description="Scores a model on sentence pairs with a similarity label: the Spearman and "
+        "Pearson correlation of the pairs' cosine with the labels, which must lie in 0..1 once "
+        "multiplied by --label-scale. Example (STS-B, scores 0..5): sbertray evaluate bundled "
+        "dev.tsv --sentence-0 sentence1 --sentence-1 sentence2 --label score --label-scale 0.2",
+    )
     p.add_argument("model", help="model directory, s3:// path, hub id, or `bundled`")
     p.add_argument("data", help="pairs file or directory (parquet/csv/tsv/jsonl/datasets)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--sentence-0", default="sentence_0")
-    p.add_argument("--sentence-1", default="sentence_1")
-    p.add_argument("--label", default="label")
-    p.add_argument("--label-scale", type=float, default=1.0, help="e.g. 0.2 for 0..5 scores")
-    p.add_argument("--name", default="dev")
+    p.add_argument("--format", default="auto", help="auto (from the file names), parquet, csv, ...")
+    p.add_argument("--sentence-0", default="sentence_0", help="first sentence's column")
+    p.add_argument("--sentence-1", default="sentence_1", help="second sentence's column")
+    p.add_argument("--label", default="label", help="the label's column")
+    p.add_argument(
+        "--label-scale", type=float, default=1.0, help="multiplied into labels, e.g. 0.2 for 0..5"
+    )
+    p.add_argument(
+        "--on-bad-row", choices=["fail", "skip"], default="fail", help="skip: drop and count them"
+    )
+    p.add_argument("--name", default="dev", help="the data set's name in the output")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -246,13 +246,8 @@ def _validate(
         more = (
             f"\n  ... and {total - len(checker.errors)} more" if total > len(checker.errors) else ""
         )
-        hint = (
-            "; empty sentences are meant: `empty_text: keep`"
-            if checker.skipped["empty text"]
-            else ""
-        )
         raise DataError(
-            f"{total} bad row(s); fix them or set `on_bad_row: skip`{hint}:\n  "
+            f"{total} bad row(s); {_bad_row_hint(checker.skipped, labels, spec)}:\n  "
             + "\n  ".join(checker.errors)
             + more
         )
@@ -260,6 +255,36 @@ def _validate(
         {"sentence_0": out0, "sentence_1": out1, "label": outl}, schema=PAIR_SCHEMA
     )
     return good, checker.skipped, checker.kept
+
+
+def _bad_row_hint(skipped: Counter, labels: list, spec: PairDataConfig) -> str:
+    """What to do about the bad rows, naming the recipe key and the `evaluate` flag."""
+    if skipped[f"label outside 0..1 after label_scale={spec.label_scale}"]:
+        numbers = [float(v) for v in labels if _is_number(v)]
+        top = max(numbers, default=0.0)
+        if top > 1 and min(numbers) >= 0:
+            scale = f"{1 / math.ceil(top):g}"
+            return (
+                f"the labels run up to {top:g}, so they look like a 0..{math.ceil(top)} scale: "
+                f"scale them to 0..1 with `label_scale: {scale}` in a recipe, or "
+                f"`sbertray evaluate ... --label-scale {scale}`"
+            )
+    hint = (
+        "; empty sentences are meant: `empty_text: keep` in a recipe"
+        if skipped["empty text"]
+        else ""
+    )
+    return (
+        "fix them, or skip them with `on_bad_row: skip` in a recipe or "
+        f"`sbertray evaluate ... --on-bad-row skip`{hint}"
+    )
+
+
+def _is_number(value) -> bool:
+    try:
+        return not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None) -> PairData:

@@ -37,7 +37,7 @@ class SimilarityMetrics:
         }
 
 
-def build_evaluator(pairs: PairData, name: str):
+def build_evaluator(pairs: PairData, name: str, *, show_progress_bar: bool = False):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     table = pairs.table
@@ -50,12 +50,15 @@ def build_evaluator(pairs: PairData, name: str):
         similarity_fn_names=["cosine"],
         name=name,
         write_csv=False,
+        show_progress_bar=show_progress_bar,
     )
 
 
-def evaluate_model(model, pairs: PairData, *, name: str = "dev") -> SimilarityMetrics:
+def evaluate_model(
+    model, pairs: PairData, *, name: str = "dev", show_progress_bar: bool = False
+) -> SimilarityMetrics:
     """Scores an already loaded SentenceTransformer on validated pairs."""
-    results = build_evaluator(pairs, name)(model)
+    results = build_evaluator(pairs, name, show_progress_bar=show_progress_bar)(model)
     return SimilarityMetrics.from_results(results, name, pairs.table.num_rows)
 
 
@@ -65,10 +68,18 @@ def evaluate(
     *,
     storage_config: StorageConfig | None = None,
     device: str | None = None,
+    progress: bool = False,
 ) -> SimilarityMetrics:
-    """Loads ``model`` (path, s3://, hub id or the bundled default) and scores it on ``data``."""
+    """Loads ``model`` (path, s3://, hub id or the bundled default) and scores it on ``data``;
+    ``progress``: say what runs and draw the encoding's progress bar (the CLI)."""
     from sbertray.modeling import load_model
 
     pairs = load_pairs(data, storage_config)
+    if progress:
+        print(
+            f"[sbertray] embedding {pairs.table.num_rows:,} pairs ({2 * pairs.table.num_rows:,} "
+            "sentences) with the model; scoring their cosine against the labels",
+            flush=True,
+        )
     loaded = load_model(model, storage_config=storage_config, device=device)
-    return evaluate_model(loaded, pairs, name=data.name or "dev")
+    return evaluate_model(loaded, pairs, name=data.name or "dev", show_progress_bar=progress)

@@ -1,0 +1,33 @@
+"""`sbertray evaluate` as a new user meets it: STS-B's own columns and 0..5 scores."""
+
+from __future__ import annotations
+
+import pytest
+from processes import run, sbertray_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def test_evaluate_names_the_flags_and_suggests_the_label_scale(tmp_path, stsb_dir, tiny_model_path):
+    lines = (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("\n".join(lines[:201]) + "\n", encoding="utf-8")  # header + 200 pairs
+    base = sbertray_cmd("evaluate", tiny_model_path, str(dev))
+
+    helped = run(sbertray_cmd("evaluate", "--help"))
+    assert "--sentence-0" in helped.stdout and "--label-scale 0.2" in helped.stdout
+
+    columns = run(base)
+    assert columns.returncode == 2 and "Traceback" not in columns.stderr
+    assert "--sentence-0 COL --sentence-1 COL --label COL" in columns.stderr
+
+    named = [*base, "--sentence-0", "sentence1", "--sentence-1", "sentence2", "--label", "score"]
+    unscaled = run(named)
+    assert unscaled.returncode == 2 and "Traceback" not in unscaled.stderr
+    assert "the labels run up to 5, so they look like a 0..5 scale" in unscaled.stderr
+    assert "`sbertray evaluate ... --label-scale 0.2`" in unscaled.stderr
+
+    scored = run([*named, "--label-scale", "0.2"])
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "[sbertray] embedding 200 pairs (400 sentences)" in scored.stdout
+    assert "spearman_cosine=" in scored.stdout and "on 200 pairs" in scored.stdout
