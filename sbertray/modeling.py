@@ -68,7 +68,7 @@ def bundled_model_path() -> str:
 
 def _check_model_dir(path: Path, shown: str) -> None:
     if not path.is_dir():
-        raise ModelError(f"model `{shown}`: no such directory")
+        raise ModelError(f"model `{shown}`: no such directory{storage.relative_note(shown)}")
     if not any((path / marker).exists() for marker in _MODEL_MARKERS):
         raise ModelError(
             f"model `{shown}`: not a sentence-transformers model directory "

@@ -52,6 +52,13 @@ def is_local(path: str) -> bool:
     return not is_url(path) or str(path).startswith("file://")
 
 
+def relative_note(path: str) -> str:
+    """For an error about a relative local path: the directory it was read from."""
+    if is_url(path) or os.path.isabs(os.path.expanduser(path)):
+        return ""
+    return f" (relative paths are read from the current directory, {os.getcwd()})"
+
+
 def absolute(path: str) -> str:
     """Local paths made absolute (Ray workers run in other directories); URLs unchanged."""
     if is_url(path) and not path.startswith("file://"):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from processes import run, sbertray_cmd
+from processes import cli_env, run, sbertray_cmd
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -120,3 +121,21 @@ def test_an_output_written_with_other_settings_is_refused_unless_replaced(
     assert types == {pa.float16()}
     again = run(sbertray_cmd("embed", config, *args, "output.embedding_dtype=float16"))
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_relative_paths_are_read_from_the_current_directory_and_errors_say_so(tmp_path):
+    """Recipes are written relative to the repository root, where jobs are submitted from:
+    run elsewhere, the error names the directory the path was read from."""
+    elsewhere = subprocess.run(
+        sbertray_cmd("embed", str(REPO / "jobs/configs/embed_demo.yaml"), "--dry-run"),
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert elsewhere.returncode == 2 and "Traceback" not in elsewhere.stderr
+    assert (
+        "input `jobs/samples/courses`: no such file or directory (relative paths are read from "
+        f"the current directory, {tmp_path})"
+    ) in elsewhere.stderr

@@ -164,7 +164,9 @@ def _list_one(spec: str, storage_config: StorageConfig | None) -> list[InputFile
     loc = storage.resolve(spec, storage_config)
     info = storage.file_info(loc)
     if info.type == pafs.FileType.NotFound:
-        raise EmbedInputError(f"input `{storage.redact(spec)}`: no such file or directory")
+        raise EmbedInputError(
+            f"input `{storage.redact(spec)}`: no such file or directory{storage.relative_note(spec)}"
+        )
     if info.type == pafs.FileType.File:  # the spec names the file itself
         found = _file_info_to_input(loc, info, loc.path.rsplit("/", 1)[-1])
         return [replace(found, url=storage.redact(loc.url))]

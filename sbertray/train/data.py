@@ -297,7 +297,7 @@ def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None
     loc = storage.resolve(spec.path, storage_config)
     shown = storage.redact(spec.path)
     if not storage.exists(loc):
-        raise DataError(f"{shown}: no such file or directory")
+        raise DataError(f"{shown}: no such file or directory{storage.relative_note(spec.path)}")
     if spec.format == "datasets" or (spec.format == "auto" and _is_datasets_dir(loc)):
         sources = [(loc, "datasets")]
     elif storage.file_info(loc).type == storage.pafs.FileType.Directory:
