@@ -127,11 +127,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+_OVERRIDE_EXAMPLES = {
+    "train": "training.epochs=1 output.model=runs/x",
+    "embed": "output.path=runs/out compute.precision=fp32",
+    "nightly": "output=s3://bucket/nightly",
+}
+
+
 def _add_config_command(sub, name: str, func, *, help: str, example: str) -> None:
     """`sbertray NAME CONFIG.yaml [key.path=value ...] [--address ADDR]`."""
     p = sub.add_parser(name, help=help)
     p.add_argument("config", help=f"YAML config, e.g. {example}")
-    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.epochs=1")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"config keys to change, key.path=value, e.g. {_OVERRIDE_EXAMPLES[name]}",
+    )
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
     if name in ("train", "embed"):
         p.add_argument(
@@ -243,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def job_main(command: str, argv: list[str] | None = None) -> int:
     """Entry for ``jobs/*.py`` under ``ray job submit``: ``--config FILE [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog=f"jobs/{command}.py")
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{command}.py",
+        usage="%(prog)s --config FILE [key.path=value ...] [--address ADDR]",
+        description=f"`sbertray {command}` for `ray job submit`. Arguments after the config "
+        f"change its keys, e.g. {_OVERRIDE_EXAMPLES[command]}; other flags of `sbertray "
+        f"{command}` (--dry-run, ...) pass through.",
+    )
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS)")
     args, overrides = parser.parse_known_args(argv)

@@ -24,7 +24,7 @@ from sbertray.embed import backends
 from sbertray.embed.prepared import prepare_job_model
 from sbertray.embed.run import run_embed
 from sbertray.embed.summary import EmbedSummary
-from sbertray.report import REPORT_DIR, REPORT_MD
+from sbertray.report import REPORT_DIR, REPORT_MD, plural
 from sbertray.report import write as write_report
 
 STATE = "_nightly_state.json"
@@ -154,8 +154,8 @@ def _embed_stage(
     embed_config.output.path = storage.join(config.output, f"model={prepared.model_hash[:12]}")
     summary = run_embed(embed_config, ray_address=ray_address, model=prepared)
     say(
-        f"embedded {summary.units_written} new or changed units ({summary.skipped_units} "
-        f"already done) into {summary.output_url}"
+        f"embedded {plural(summary.units_written, 'new or changed unit')} "
+        f"({summary.skipped_units} already done) into {summary.output_url}"
         if summary.units_written
         else "no new or changed input shards: nothing embedded"
     )

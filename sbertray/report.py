@@ -44,6 +44,11 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
+def plural(count: int, word: str) -> str:
+    """``"1 file"``, ``"2 files"``, ``"1,200 rows"``."""
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
 def format_rate(rows: int, seconds: float) -> str:
     """``"36 rows in 24.1 s, 1.49 rows/s"``: three significant digits, never "1 rows/s"."""
     rate = rows / seconds if seconds > 0 else 0.0
@@ -153,6 +158,7 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
         "timings": manifest["timings"],
         "bad_reasons": dict(reasons),
         "bad_files": manifest.get("bad_files", []),
+        "bad_row_examples": manifest.get("bad_row_examples", []),
         "model": manifest["model"],
         "score": {
             "label": label,
@@ -198,6 +204,14 @@ def _rows_per_file_plot(files: list[dict]) -> dict[str, bytes]:
     return {"rows_per_shard.png": _png(fig)}
 
 
+def _skipped_rows(examples: list[str]) -> list[str]:
+    if not examples:
+        return []
+    return ["- skipped rows (the first ones; the manifest lists them too):"] + [
+        f"  - {example}" for example in examples
+    ]
+
+
 def _embed_markdown(manifest: dict, plots: dict[str, bytes]) -> str:
     totals, timings, model = manifest["totals"], manifest["timings"], manifest["model"]
     lines = [
@@ -208,6 +222,7 @@ def _embed_markdown(manifest: dict, plots: dict[str, bytes]) -> str:
         f"{totals['bad_rows']:,} bad, {totals['truncated']:,} truncated",
         f"- this run: embedded {format_rate(timings['embedded_rows'], timings['seconds'])}",
         f"- bad files: {len(manifest.get('bad_files', []))}",
+        *_skipped_rows(manifest.get("bad_row_examples", [])),
         "",
         *[f"![{p}]({p})" for p in sorted(plots)],
         "",
@@ -256,7 +271,8 @@ def summarize(url: str, storage_config=None) -> str:
             else "no loss logged"
         )
         return (
-            f"train {report['name']}: {report['global_step']} steps, {report['epochs']:.2f} epochs, "
+            f"train {report['name']}: {plural(report['global_step'], 'step')}, "
+            f"{report['epochs']:.2f} epochs, "
             f"{report['wall_time_s']:.0f}s; {loss}; {metric}; plots: {', '.join(report['plots'])}"
         )
     t = report["totals"]

@@ -378,6 +378,12 @@ def test_null_text_policies(ray_2cpu, tiny_model, tmp_path):
     assert sorted(_read_output(str(tmp_path / "o2")).column("id").to_pylist()) == [1, 3, 4]
     manifest = json.loads((tmp_path / "o2" / "_manifest.json").read_text())
     assert manifest["files"][0]["bad_reasons"] == {"null text": 1}
+    assert [
+        e.endswith("x.parquet: row 1: column `text`: null text")
+        for e in manifest["bad_row_examples"]
+    ] == [True]
+    report = (tmp_path / "o2" / "_report" / "report.md").read_text()
+    assert "skipped rows" in report and "row 1: column `text`: null text" in report
 
     blank = run_embed(
         _config(str(tmp_path / "in"), str(tmp_path / "o3"), bad_input={"on_null_text": "empty"})

@@ -274,7 +274,7 @@ def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch
     assert (tmp_path / "rel" / "model" / "report.md").exists()
     summary = summarize("rel/model")
     # One step is enough for a loss on record (and its plot): no "loss nan -> nan".
-    assert summary.startswith("train resume_roles: 1 steps") and "loss.png" in summary
+    assert summary.startswith("train resume_roles: 1 step,") and "loss.png" in summary
     assert "nan" not in summary
 
 

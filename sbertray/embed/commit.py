@@ -36,6 +36,7 @@ TMP_PREFIX = "_inprogress-"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 MANIFEST_VERSION = 1
+BAD_ROWS_LISTED = 20  # skipped rows named in the manifest and report (all are counted)
 _PART = re.compile(r"(?P<grouped>\.\d+-files)?\.part-\d{4,}\.parquet$")
 # Config keys that never change an output file's bytes: a rerun that changes only these skips
 # committed units. Every other key (and the output schema) goes into the content hash, so a new
@@ -272,6 +273,7 @@ def manifest_record(
         "compute": compute,
         "pool": asdict(pool) if pool else None,
         "bad_files": summary.bad_files,
+        "bad_row_examples": [e for r in committed for e in r.bad_examples][:BAD_ROWS_LISTED],
         "compact": {
             "embedding_dtype": output["embedding_dtype"],
             "truncate_dim": output["truncate_dim"],

@@ -13,7 +13,7 @@ from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import sample_texts
 from sbertray.modeling import resolve_model_path
 from sbertray.progress import format_duration
-from sbertray.report import REPORT_DIR
+from sbertray.report import REPORT_DIR, plural
 
 # Texts embedded to estimate the rate: enough for a stable figure, a second or two on a CPU.
 SAMPLE_ROWS = 256
@@ -30,8 +30,8 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
         f"[sbertray] dry run: nothing is written to {plan.run_metadata['config']['output']['path']}",
         f"  model: {plan.run_metadata['model']} (hash {plan.model.model_hash[:12]}, "
         f"dim {plan.model.spec.dim}, max_seq_length {plan.model.spec.max_seq_length})",
-        f"  input: {len(inputs.files)} files, {inputs.total_rows:,} rows, "
-        f"{len(inputs.units)} units; {len(done)} already committed, "
+        f"  input: {plural(len(inputs.files), 'file')}, {plural(inputs.total_rows, 'row')}, "
+        f"{plural(len(inputs.units), 'unit')}; {len(done)} already committed, "
         f"{sum(u.num_rows for u in todo):,} rows to embed"
         + (f"; {len(inputs.bad_files)} bad files skipped" if inputs.bad_files else ""),
         f"  output: a file per unit, <input path>.part-NNNN.parquet or, for small files grouped, "

@@ -34,6 +34,7 @@ def _checked_files(config: EmbedConfig) -> tuple[pafs.FileSystem, list[InputFile
         raise EmbedInputError(
             f"reference `{storage.redact(str(ref.path))}`: no Parquet files found"
         )
+    checked_files = []
     for f in files:
         checked, meta, _ = read_footer(fs, f)
         if checked.error:
@@ -45,13 +46,22 @@ def _checked_files(config: EmbedConfig) -> tuple[pafs.FileSystem, list[InputFile
                     f"reference {f.url}: missing column `{column}` (reference.{key}); "
                     f"the file has {schema.names}"
                 )
-    return fs, files
+        checked_files.append(checked)
+    return fs, checked_files
 
 
 def check_reference(config: EmbedConfig) -> None:
     """The reference set's files exist and have the configured columns (planning: footers)."""
-    if config.reference is not None:
-        _checked_files(config)
+    if config.reference is None:
+        return
+    _, files = _checked_files(config)
+    rows, top_k = sum(f.num_rows for f in files), config.reference.top_k
+    if 0 < rows < top_k:
+        print(
+            f"[sbertray] reference.top_k is {top_k} but the reference set has {rows} rows: "
+            f"each row gets all {rows}, best first",
+            flush=True,
+        )
 
 
 def read_reference(config: EmbedConfig) -> tuple[pa.Array, list[str]]:

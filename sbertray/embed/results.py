@@ -17,6 +17,7 @@ class UnitResult:
     rows_out: int = 0
     rows_dropped: int = 0  # rows skipped as bad (+ rows_out + bad files' rows == rows_in)
     bad_rows: dict = field(default_factory=dict)  # reason -> count (a row may have two)
+    bad_examples: list = field(default_factory=list)  # the first skipped rows: file, row, reason
     # Per input file (relative path): rows_out, rows_dropped and bad_rows by reason.
     files: dict = field(default_factory=dict)
     bad_files: dict = field(default_factory=dict)  # unreadable input files -> message

@@ -37,7 +37,7 @@ from sbertray.embed.stage import computed_columns
 from sbertray.embed.summary import EmbedSummary, PhaseClock, peak_rss_mb, units_span
 from sbertray.progress import Progress
 from sbertray.ray_runtime import spans_many_nodes
-from sbertray.report import note_noop_rerun, write_embed_report
+from sbertray.report import note_noop_rerun, plural, write_embed_report
 
 
 def run_embed(
@@ -97,19 +97,28 @@ def _start(
     pool = choose_pool(plan, todo, len(donors) if donors else 0, ray_address)
     encoder = resolve_encoder(plan, pool)
     backends.prepare(encoder, plan.model.path)
-    resumed = f"; {done} units already committed" if done else ""
+    resumed = f"; {plural(done, 'unit')} already committed" if done else ""
     reusing = (
         f"; vectors of {len(donors):,} texts in {donors.files} earlier output files reusable"
         if donors
         else ""
     )
     print(
-        f"[sbertray] {len(plan.inputs.files)} files, {plan.inputs.total_rows:,} rows; embedding "
-        f"{len(todo)} of {len(plan.inputs.units)} units{resumed}{reusing}; pool: "
+        f"[sbertray] {plural(len(plan.inputs.files), 'file')}, "
+        f"{plural(plan.inputs.total_rows, 'row')}; embedding {len(todo)} of "
+        f"{plural(len(plan.inputs.units), 'unit')}{resumed}{reusing}{_id_note(plan)}; pool: "
         f"{pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
         flush=True,
     )
     return pool, encoder
+
+
+def _id_note(plan: EmbedPlan) -> str:
+    """The output's ids are always the `id` column: say so when the input names them otherwise."""
+    column = plan.config.input.id_column
+    if column is None:
+        return "; ids generated as `<file>#<row>` in the output's `id` column"
+    return "" if column == "id" else f"; input ids `{column}` are the output's `id` column"
 
 
 def _check_paths_on_cluster(plan: EmbedPlan, ray_address: str | None) -> None:
@@ -144,8 +153,9 @@ def _execute(
 def _say_nothing_to_do(plan: EmbedPlan) -> None:
     if plan.inputs.units:
         message = (
-            f"nothing to do: all {len(plan.inputs.units)} units of {len(plan.inputs.files)} "
-            "files are already embedded with this model and config"
+            f"nothing to do: all {plural(len(plan.inputs.units), 'unit')} of "
+            f"{plural(len(plan.inputs.files), 'file')} are already embedded with this model and "
+            "config"
         )
     else:
         message = (

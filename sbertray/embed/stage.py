@@ -235,6 +235,7 @@ class EmbedStage:
         if result.error:
             return result
         result.bad_rows = {reason: n for reason, n in bad.counts.items() if n}
+        result.bad_examples = bad.examples
         # A row bad in both pair columns is dropped once: this is what the invariant counts.
         result.rows_dropped = int((~keep).sum())
         result.files = _per_file(slices, bad.starts, keep, bad.by_file)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sbertray import storage
-from sbertray.report import REPORT_DIR, REPORT_MD, format_rate
+from sbertray.report import REPORT_DIR, REPORT_MD, format_rate, plural
 
 
 @dataclass
@@ -39,9 +39,11 @@ class EmbedSummary:
         return self.embedded_rows / self.seconds if self.seconds else 0.0
 
     def closing_line(self) -> str:
-        bad_files = f", {len(self.bad_files)} bad files skipped" if self.bad_files else ""
+        bad_files = f", {plural(len(self.bad_files), 'bad file')} skipped" if self.bad_files else ""
         resumed = (
-            f" ({self.skipped_units} units already committed earlier)" if self.skipped_units else ""
+            f" ({plural(self.skipped_units, 'unit')} already committed earlier)"
+            if self.skipped_units
+            else ""
         )
         copied = self.embedded_rows - self.texts_embedded
         model_runs = (
@@ -53,7 +55,7 @@ class EmbedSummary:
         )
         return (
             f"[sbertray] embedded {format_rate(self.embedded_rows, self.seconds)}{model_runs} from "
-            f"{self.input_files} files; bad rows: {self.bad_rows}{bad_files}; truncated: "
+            f"{plural(self.input_files, 'file')}; bad rows: {self.bad_rows}{bad_files}; truncated: "
             f"{self.truncated}; output: {self.output_url}{resumed}; report: "
             f"{storage.join(self.output_url, REPORT_DIR, REPORT_MD)}"
         )

@@ -21,7 +21,7 @@ from sbertray import output_paths, storage
 from sbertray.config import TrainConfig
 from sbertray.modeling import model_hash, resolve_model_path
 from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
-from sbertray.report import write_train_report
+from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint
 from sbertray.train.data import PairData, load_pairs
@@ -80,7 +80,8 @@ class TrainingPlan:
             else ""
         )
         return (
-            f"training {rows:,} pairs: {self.steps:,} steps of global batch {t.batch_size} on "
+            f"training {plural(rows, 'pair')}: {plural(self.steps, 'step')} of global batch "
+            f"{t.batch_size} on "
             f"{self.config.scaling.num_workers} worker(s){left_out}"
         )
 
