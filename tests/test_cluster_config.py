@@ -20,6 +20,10 @@ def test_cluster_yaml_passes_rays_own_validator():
     assert config["head_node_type"] == "head" and types["head"]["resources"] == {"CPU": 0}
     assert types["gpu_worker"]["min_workers"] == 0 and types["gpu_worker"]["max_workers"] >= 1
     assert any("pip install -e ~/sbertray" in c for c in config["setup_commands"])
+    # Every node reaches S3 through an instance profile, never keys on disk.
+    assert {t["node_config"]["IamInstanceProfile"]["Name"] for t in types.values()} == {
+        "sbertray-s3"
+    }
 
 
 def test_pool_sizing_on_the_cluster_node_types():

@@ -18,6 +18,11 @@ MANIFESTS = {
 }
 
 
+def _gib(quantity: str) -> float:
+    assert quantity.endswith("Gi"), quantity
+    return float(quantity[:-2])
+
+
 def _strict(schema):
     """The CRD's OpenAPI schema with unknown fields refused wherever Kubernetes would prune
     them (objects with declared properties and no x-kubernetes-preserve-unknown-fields)."""
@@ -67,6 +72,13 @@ def test_manifest_matches_its_crd_strictly(validators, manifest):
         (container,) = pod["template"]["spec"]["containers"]
         assert container["envFrom"] == [{"secretRef": {"name": "sbertray-s3"}}]
         assert "env" not in container
+        # A memory-backed /dev/shm that holds Ray's default object store (30% of memory).
+        (mount,) = container["volumeMounts"]
+        assert mount["mountPath"] == "/dev/shm"
+        (volume,) = [v for v in pod["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        memory = _gib(container["resources"]["limits"]["memory"])
+        assert _gib(volume["emptyDir"]["sizeLimit"]) >= 0.3 * memory
     assert "s3://" in spec["entrypoint"] and "runs/" not in spec["entrypoint"]
 
 
