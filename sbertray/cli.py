@@ -73,6 +73,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ),
         label_scale=args.label_scale,
         on_bad_row=args.on_bad_row,
+        empty_text=args.empty_text,
         name=args.name,
     )
     metrics = evaluate(
@@ -207,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--on-bad-row", choices=["fail", "skip"], default="fail", help="skip: drop and count them"
+    )
+    p.add_argument(
+        "--empty-text",
+        choices=["bad_row", "keep"],
+        default="bad_row",
+        help="keep: score pairs with an empty sentence (when the data means it)",
     )
     p.add_argument("--name", default="dev", help="the data set's name in the output")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")

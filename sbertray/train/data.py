@@ -270,7 +270,8 @@ def _bad_row_hint(skipped: Counter, labels: list, spec: PairDataConfig) -> str:
                 f"`sbertray evaluate ... --label-scale {scale}`"
             )
     hint = (
-        "; empty sentences are meant: `empty_text: keep` in a recipe"
+        "; if empty sentences are meant: `empty_text: keep` in a recipe, `--empty-text keep` "
+        "for evaluate"
         if skipped["empty text"]
         else ""
     )
