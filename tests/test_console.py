@@ -54,6 +54,7 @@ def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch, tiny
     assert not [line for line in lines if _NOISE.search(line)], "\n".join(lines)
     progress = re.findall(r"\[sbertray\] (\d+)/(\d+) rows", embed.stdout)
     assert progress and progress[-1] == ("36", "36"), embed.stdout  # real counts, right total
+    assert "input ids `course_id` are the output's `id` column" in embed.stdout
     assert (out / "_report" / "run.log").exists()
 
     verbose = run(
