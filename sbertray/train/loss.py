@@ -12,7 +12,7 @@ from sentence_transformers.sentence_transformer.losses import (
 from torch import Tensor
 
 # A merged forward pads both sides to the wider one: past about 1.25 padded slots per token of
-# two forwards it was measured slower than two forwards in fp32 (the README has the figures).
+# two forwards it was measured slower than two forwards in fp32 (figures: docs/benchmarks.md).
 MAX_MERGED_PADDING = 1.25
 
 
@@ -28,7 +28,7 @@ class CosineSimilarityLoss(_StockCosineSimilarityLoss):
     The stock loss always embeds the first column on its own, as suits short queries against
     long documents. sbertray's pairs are mostly two sentences of a kind, and there one forward
     does the word-embedding gradient, the dropout masks and every kernel call once instead of
-    twice, with matmuls of twice the rows (the README's training-speed section measures it).
+    twice, with matmuls of twice the rows (docs/benchmarks.md measures it).
     Loss and gradients are the same, up to dropout sampling.
 
     It keeps the stock name on purpose: the model card's hub tag (``loss:CosineSimilarityLoss``)

@@ -131,7 +131,7 @@ def _quiet_worker_logs() -> None:
 def use_eager_attention(model) -> None:
     """For bf16 autocast training on CPU. PyTorch's SDPA flash-attention backward in bf16 on CPU
     was measured many times slower than the fp32 one (torch 2.13), which made a bf16 step slower
-    than fp32; eager attention runs its matmuls on AMX like the rest (the README has the
+    than fp32; eager attention runs its matmuls on AMX like the rest (docs/benchmarks.md has the
     figures). Inference keeps SDPA: the saved model does not record the choice."""
     model[0].auto_model.set_attn_implementation("eager")
 

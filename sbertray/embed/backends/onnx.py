@@ -1,6 +1,6 @@
 """ONNX Runtime on the model's ONNX export (CPU): fp32, or int8 by dynamic per-channel
 quantization of the MatMul weights: onnxruntime's default (every op, per tensor) loses far more
-of the vectors' quality (the README's measurements; tests guard the quality).
+of the vectors' quality (docs/benchmarks.md; tests guard the quality).
 """
 
 from __future__ import annotations

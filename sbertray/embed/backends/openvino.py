@@ -1,6 +1,6 @@
 """OpenVINO on the model's ONNX export (CPU): fp32, or bf16 through its inference precision
 hint (tests guard its per-row cosine to fp32). The CPU default where its wheel is installed:
-faster than torch on CPU in both precisions (the README's measurements, machines named).
+faster than torch on CPU in both precisions (docs/benchmarks.md, machines named).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sbertray.modeling import ModelSpec
 class OpenVinoForward(exported.ExportedForward):
     """On N threads, N streams of one thread each, every stream running a batch of its own,
     rather than one stream splitting each batch over every thread: no thread waits on another
-    mid-batch (the README gives the measured gain).
+    mid-batch (docs/benchmarks.md gives the measured gain).
 
     The streams are fed from one Python thread (``run_batches``): N infer requests started
     asynchronously, each waited on in turn. Two Python threads each calling ``infer`` on one
