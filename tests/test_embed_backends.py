@@ -175,14 +175,20 @@ def test_a_new_backend_is_one_record(monkeypatch):
     )
     monkeypatch.setitem(backends.BACKENDS, "fastgpu", fake)
     embed = {"input": {"path": "in/"}, "output": {"path": "out/"}}
-    config = parse_config(EmbedConfig, {**embed, "compute": {"backend": "fastgpu"}})
-    assert parse_config(EmbedConfig, {**embed, "compute": {"precision": "fp8"}})
+
+    def checked(compute: dict) -> EmbedConfig:  # as the embed plan checks it
+        config = parse_config(EmbedConfig, {**embed, "compute": compute})
+        backends.check_config(config.compute)
+        return config
+
+    config = checked({"backend": "fastgpu"})
+    checked({"precision": "fp8"})
     with pytest.raises(
         ConfigError, match="`compute.backend: fastgpu` runs on a GPU in fp8 or bf16"
     ):
-        parse_config(EmbedConfig, {**embed, "compute": {"backend": "fastgpu", "device": "cpu"}})
+        checked({"backend": "fastgpu", "device": "cpu"})
     with pytest.raises(ConfigError, match="`compute.backend: nope` is not a backend"):
-        parse_config(EmbedConfig, {**embed, "compute": {"backend": "nope"}})
+        checked({"backend": "nope"})
     assert plan_pool({"CPU": 8.0, "GPU": 2.0}, config.compute, 10).device == "cuda"
     spec = _spec(ComputeConfig(), "cuda", exportable=False)
     assert (spec.backend, spec.precision) == ("fastgpu", "bf16")

@@ -53,6 +53,13 @@ class PairDataConfig(Strict):
 
 
 class TrainingConfig(Strict):
+    # cosine: MSE of cosine against the label (the seeds' CosineSimilarityLoss); cosent and
+    # angle: rank a batch's pairs by cosine in their labels' order (sentence-transformers'
+    # CoSENTLoss / AnglELoss). All read the pairs' 0..1 labels.
+    loss: Literal["cosine", "cosent", "angle"] = "cosine"
+    # Train the first N dimensions to carry the meaning too (MatryoshkaLoss), e.g. [384, 128, 64]
+    # for `output.truncate_dim: 128` embeddings. Largest first, at most the model's dimension.
+    matryoshka_dims: list[int] | None = None
     batch_size: int = Field(16, gt=0)  # global batch per optimizer step, split across workers
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
@@ -74,6 +81,18 @@ class TrainingConfig(Strict):
     # and checkpoints every epoch). transformers' load_best_model_at_end does the bookkeeping.
     select_best: bool = False
     keep_checkpoints: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _matryoshka_dims_descend(self) -> TrainingConfig:
+        dims = self.matryoshka_dims
+        if dims is not None and (
+            not dims or any(d <= 0 for d in dims) or dims != sorted(set(dims), reverse=True)
+        ):
+            raise ValueError(
+                f"`training.matryoshka_dims` {dims}: positive, distinct, largest first, "
+                "e.g. [384, 256, 128, 64]"
+            )
+        return self
 
 
 class ScalingConfigSpec(Strict):

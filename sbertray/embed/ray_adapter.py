@@ -31,7 +31,12 @@ from sbertray.embed.shards import EmbedInputError, InputFile, WorkUnit
 from sbertray.errors import UserError
 from sbertray.ray_runtime import autoscaling_limits, init_ray
 
-_JSON_FIELDS = ("bad_rows", "bad_examples", "files", "bad_files")  # nested: JSON in Ray Data result rows
+_JSON_FIELDS = (
+    "bad_rows",
+    "bad_examples",
+    "files",
+    "bad_files",
+)  # nested: JSON in Ray Data result rows
 _MAPS_IN_FLIGHT = 8  # id-check maps running at once
 
 

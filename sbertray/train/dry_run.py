@@ -66,7 +66,7 @@ def _step_seconds(plan: TrainingPlan) -> float:
     import torch
 
     from sbertray.modeling import load_model
-    from sbertray.train.loss import CosineSimilarityLoss
+    from sbertray.train.loss import build_loss
 
     config = plan.config
     model = load_model(
@@ -76,7 +76,7 @@ def _step_seconds(plan: TrainingPlan) -> float:
         max_seq_length=config.training.max_seq_length,
         normalize=config.training.normalize,
     )
-    loss = CosineSimilarityLoss(model)
+    loss = build_loss(model, config.training)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
     batch = plan.train.table.slice(0, config.training.batch_size).to_pylist()
     features = [model.preprocess([row[k] for row in batch]) for k in ("sentence_0", "sentence_1")]

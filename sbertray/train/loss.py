@@ -1,15 +1,16 @@
-"""The training loss: sentence-transformers' CosineSimilarityLoss, with both sentences of a pair
-embedded in one forward pass where that is cheaper."""
+"""The training losses a recipe names (``training.loss``), each sentence-transformers' own, with
+both sentences of a pair embedded in one forward pass where that is cheaper, and optionally
+wrapped in ``MatryoshkaLoss`` (``training.matryoshka_dims``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.losses import (
-    CosineSimilarityLoss as _StockCosineSimilarityLoss,
-)
-from torch import Tensor
+from sentence_transformers.sentence_transformer import losses as stock
+from torch import Tensor, nn
+
+from sbertray.config import TrainingConfig
 
 # A merged forward pads both sides to the wider one: past about 1.25 padded slots per token of
 # two forwards it was measured slower than two forwards in fp32 (figures: docs/benchmarks.md).
@@ -21,18 +22,19 @@ def merged_padding(widths: list[int]) -> float:
     return len(widths) * max(widths) / sum(widths)
 
 
-class CosineSimilarityLoss(_StockCosineSimilarityLoss):
-    """sentence-transformers' CosineSimilarityLoss, embedding both sentences of a batch's pairs
-    in one forward of twice the rows when their padded widths are close.
+class _PairInOneForward:
+    """The ``forward`` of a loss computed from the embeddings of a pair's two sides
+    (``compute_loss_from_embeddings``): both sides in one forward of twice the rows when their
+    padded widths are close.
 
-    The stock loss always embeds the first column on its own, as suits short queries against
+    The stock losses always embed the first column on its own, as suits short queries against
     long documents. sbertray's pairs are mostly two sentences of a kind, and there one forward
     does the word-embedding gradient, the dropout masks and every kernel call once instead of
-    twice, with matmuls of twice the rows (docs/benchmarks.md measures it).
-    Loss and gradients are the same, up to dropout sampling.
+    twice, with matmuls of twice the rows (docs/benchmarks.md measures it). Loss and gradients
+    are the same, up to dropout sampling.
 
-    It keeps the stock name on purpose: the model card's hub tag (``loss:CosineSimilarityLoss``)
-    names the loss by class name, and this is that loss.
+    The classes below keep the stock names on purpose: the model card's hub tag
+    (``loss:CosineSimilarityLoss``) names the loss by class name, and each is that loss.
     """
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
@@ -43,3 +45,31 @@ class CosineSimilarityLoss(_StockCosineSimilarityLoss):
         # when the sides' features differ in kind.
         embeddings = embed_columns(self.model, features, separate_first=not merge)
         return self.compute_loss_from_embeddings(embeddings, labels)
+
+
+class CosineSimilarityLoss(_PairInOneForward, stock.CosineSimilarityLoss):
+    """MSE between a pair's cosine and its label (the seed cards' loss)."""
+
+
+class CoSENTLoss(_PairInOneForward, stock.CoSENTLoss):
+    """Ranks the pairs of a batch by cosine in their labels' order."""
+
+
+class AnglELoss(_PairInOneForward, stock.AnglELoss):
+    """CoSENT on the angle difference in complex space (no vanishing gradient near cos = +-1)."""
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "cosine": CosineSimilarityLoss,
+    "cosent": CoSENTLoss,
+    "angle": AnglELoss,
+}
+
+
+def build_loss(model, training: TrainingConfig) -> nn.Module:
+    """The recipe's loss over ``model``; with ``matryoshka_dims``, trained at each of those
+    leading dimensions too (sentence-transformers' ``MatryoshkaLoss``)."""
+    loss = LOSSES[training.loss](model)
+    if training.matryoshka_dims:
+        loss = stock.MatryoshkaLoss(model, loss, matryoshka_dims=training.matryoshka_dims)
+    return loss

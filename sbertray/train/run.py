@@ -1,4 +1,4 @@
-"""Fine-tuning with CosineSimilarityLoss across Ray Train workers.
+"""Fine-tuning on sentence pairs across Ray Train workers (the loss: ``loss.py``).
 
 The driver validates the data and the base model first (so bad input fails before any worker
 starts), then runs a ``TorchTrainer`` whose workers each drive sentence-transformers' own trainer.
@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from sbertray import output_paths, storage
-from sbertray.config import TrainConfig
-from sbertray.modeling import model_hash, resolve_model_path
+from sbertray.config import ConfigError, TrainConfig
+from sbertray.modeling import load_model, model_hash, resolve_model_path
 from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
 from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
@@ -99,6 +99,7 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     Raises:
         DataError: bad training/dev data.
         ModelError: the base model cannot be found.
+        ConfigError: Matryoshka dimensions the base model does not have.
         StorageError: an output location is not writable.
     """
     config = config.model_copy(deep=True)
@@ -110,13 +111,27 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
         config.base_model = storage.absolute(config.base_model)
     train_pairs = load_pairs(config.train, config.storage)
     dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
-    base_model_hash = model_hash(resolve_model_path(config.base_model, config.storage))
+    base_path = resolve_model_path(config.base_model, config.storage)
+    base_model_hash = model_hash(base_path)
+    _check_matryoshka_dims(config, base_path)
     for url in outputs.values():
         storage.check_writable(storage.resolve(url, config.storage))
     fingerprint = run_fingerprint(
         config, [train_pairs.table, dev_pairs.table if dev_pairs else None], base_model_hash
     )
     return TrainingPlan(config, train_pairs, dev_pairs, fingerprint)
+
+
+def _check_matryoshka_dims(config: TrainConfig, base_path: str) -> None:
+    dims = config.training.matryoshka_dims
+    if not dims:
+        return
+    width = load_model(base_path, device="cpu").get_embedding_dimension()
+    if dims[0] > width:
+        raise ConfigError(
+            f"`training.matryoshka_dims` {dims}: the base model's vectors have {width} "
+            "dimensions, so the largest can be at most that"
+        )
 
 
 def train(

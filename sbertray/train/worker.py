@@ -1,6 +1,6 @@
-"""The Ray Train worker loop: each worker drives sentence-transformers' own trainer with
-CosineSimilarityLoss (``loss``: a pair's two sides in one forward); Ray Train owns the process
-group and checkpoint storage."""
+"""The Ray Train worker loop: each worker drives sentence-transformers' own trainer with the
+recipe's loss (``loss``: a pair's two sides in one forward); Ray Train owns the process group
+and checkpoint storage."""
 
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, world, rank
     from sentence_transformers import SentenceTransformerTrainer
     from transformers.trainer_callback import PrinterCallback
 
-    from sbertray.train.loss import CosineSimilarityLoss
+    from sbertray.train.loss import build_loss
 
     trainer = SentenceTransformerTrainer(
         model=model,
@@ -249,7 +249,7 @@ def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, world, rank
             job.config, str(local_root / "hf"), world, dev_name if evaluator is not None else None
         ),
         train_dataset=datasets.Dataset(job.train),
-        loss=CosineSimilarityLoss(model),
+        loss=build_loss(model, job.config.training),
         evaluator=evaluator,
         callbacks=[report_callback(rank, store, evaluator)],
     )
