@@ -177,7 +177,7 @@ def test_resume_after_killing_the_run(tmp_path, monkeypatch, tiny_model_path):
         str(REPO / "jobs/configs/concepts.yaml"),
         f"base_model={tiny_model_path}",
         "training.epochs=8",
-        "training.checkpoint_steps=4",
+        "training.checkpoint_steps=8",
         "training.keep_checkpoints=2",
         "training.logging_steps=2",
         f"output.model={tmp_path / 'model'}",
