@@ -81,12 +81,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         data,
         storage_config=StorageConfig(endpoint_url=args.endpoint_url),
         progress=True,
+        retrieval_threshold=args.retrieval_threshold,
     )
     print(json.dumps(metrics.as_dict(), indent=2))
     print(
         f"[sbertray] {metrics.name}: spearman_cosine={metrics.spearman_cosine:.4f} "
         f"pearson_cosine={metrics.pearson_cosine:.4f} on {metrics.num_pairs} pairs"
     )
+    if (r := metrics.retrieval) is not None:
+        print(
+            f"[sbertray] retrieval of {r.queries} queries among {r.corpus} texts (relevant: "
+            f"label >= {r.threshold:g}): MRR@10={r.mrr_at_10:.4f} NDCG@10={r.ndcg_at_10:.4f} "
+            f"recall@1={r.recall_at_1:.4f} recall@10={r.recall_at_10:.4f}"
+        )
     return 0
 
 
@@ -166,29 +173,7 @@ def _add_config_command(sub, name: str, func, *, help: str, example: str) -> Non
     p.set_defaults(func=func)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sbertray", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    config_commands = (
-        ("train", _cmd_train, "fine-tune a model from a recipe on Ray Train", "stsb.yaml"),
-        (
-            "embed",
-            _cmd_embed,
-            "embed Parquet with Ray Data, write embeddings + scores",
-            "embed_demo.yaml",
-        ),
-        (
-            "nightly",
-            _cmd_nightly,
-            "fine-tune if the data changed, embed new shards",
-            "nightly_demo.yaml",
-        ),
-    )
-    for name, func, help_text, example in config_commands:
-        _add_config_command(sub, name, func, help=help_text, example=f"jobs/configs/{example}")
-
+def _add_evaluate_command(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="Pearson/Spearman of cosine vs gold labels",
@@ -215,9 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="bad_row",
         help="keep: score pairs with an empty sentence (when the data means it)",
     )
+    p.add_argument(
+        "--retrieval-threshold",
+        type=float,
+        help="also score retrieval: each pair's first sentence retrieves its second among all "
+        "second sentences, relevant where the (scaled) label is at least this, e.g. 0.8",
+    )
     p.add_argument("--name", default="dev", help="the data set's name in the output")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sbertray", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config_commands = (
+        ("train", _cmd_train, "fine-tune a model from a recipe on Ray Train", "stsb.yaml"),
+        (
+            "embed",
+            _cmd_embed,
+            "embed Parquet with Ray Data, write embeddings + scores",
+            "embed_demo.yaml",
+        ),
+        (
+            "nightly",
+            _cmd_nightly,
+            "fine-tune if the data changed, embed new shards",
+            "nightly_demo.yaml",
+        ),
+    )
+    for name, func, help_text, example in config_commands:
+        _add_config_command(sub, name, func, help=help_text, example=f"jobs/configs/{example}")
+
+    _add_evaluate_command(sub)
 
     p = sub.add_parser("report", help="summarize the report.json of a training or embedding run")
     p.add_argument("url", help="a trained model directory or an embedding output, local or s3://")

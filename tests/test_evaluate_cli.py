@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from processes import run, sbertray_cmd
 
@@ -27,7 +29,13 @@ def test_evaluate_names_the_flags_and_suggests_the_label_scale(tmp_path, stsb_di
     assert "the labels run up to 5, so they look like a 0..5 scale" in unscaled.stderr
     assert "`sbertray evaluate ... --label-scale 0.2`" in unscaled.stderr
 
-    scored = run([*named, "--label-scale", "0.2"])
+    scored = run([*named, "--label-scale", "0.2", "--retrieval-threshold", "0.8"])
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert "[sbertray] embedding 200 pairs (400 sentences)" in scored.stdout
     assert "spearman_cosine=" in scored.stdout and "on 200 pairs" in scored.stdout
+    printed = json.loads(scored.stdout[scored.stdout.index("{") : scored.stdout.rindex("}") + 1])
+    retrieval = printed["retrieval"]
+    relevant = sum(float(line.split("\t")[2]) * 0.2 >= 0.8 for line in lines[1:201])
+    assert 0 < retrieval["queries"] <= relevant and retrieval["corpus"] <= 200
+    assert 0 < retrieval["recall_at_1"] <= retrieval["recall_at_10"] <= 1
+    assert 0 < retrieval["mrr_at_10"] <= 1 and "MRR@10=" in scored.stdout
