@@ -23,6 +23,13 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
 
     plan = plan_training(config)
     config = plan.config
+    # As `train`: a model this run already wrote is kept before Ray starts.
+    if (finished := finished_result(plan)) is not None:
+        return (
+            f"[sbertray] dry run: nothing to train: {finished.model_url} was trained with this "
+            f"recipe, data and base model ({finished.global_step} steps); a run keeps it "
+            "(--restart trains it again)"
+        )
     rows = plan.train.table.num_rows
     init_ray(ray_address)
     import ray
@@ -36,12 +43,6 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
         raise PoolSizeError(
             f"{config.scaling.num_workers} workers x {cpus:g} CPUs = {needed:g} CPUs, but the "
             f"cluster has {cluster_cpus:g}: lower `scaling.num_workers` or `scaling.cpus_per_worker`"
-        )
-    if (finished := finished_result(plan)) is not None:
-        return (
-            f"[sbertray] dry run: nothing to train: {finished.model_url} was trained with this "
-            f"recipe, data and base model ({finished.global_step} steps); a run keeps it "
-            "(--restart trains it again)"
         )
     ckpt_root = storage.resolve(config.output.checkpoint_root, config.storage)
     resume = CheckpointStore(ckpt_root, run_name(config, plan.fingerprint)).latest_step()
