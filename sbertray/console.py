@@ -14,6 +14,7 @@ import sys
 import time
 
 from sbertray import storage
+from sbertray.ray_runtime import ray_running
 
 # Ray prefixes a worker's lines with "(ActorName pid=123, ip=...)", colored on terminals.
 _RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ?")
@@ -59,8 +60,9 @@ def console_stream():
 
 
 def _shut_down_ray() -> None:
-    ray = sys.modules.get("ray")  # never imported just to ask
-    if ray is not None and ray.is_initialized():
+    if ray_running():
+        import ray
+
         ray.shutdown()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,13 @@ NUM_CPUS_ENV = "SBERTRAY_RAY_NUM_CPUS"
 # Ray's "single machine" switch (named for macOS/Windows laptops): a local Ray then binds and
 # talks over 127.0.0.1 instead of the machine's network address. Read when `ray` is imported.
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_running() -> bool:
+    """Whether this process has started or joined Ray. Ray is not imported to ask: a run
+    without it would pay half a second for a "no"."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def prefer_loopback(address: str | None = None) -> None:

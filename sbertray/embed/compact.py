@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig, EmbedOutputConfig
-from sbertray.embed import backends, commit
+from sbertray.embed import backends
 from sbertray.embed.prepared import PreparedModel
 from sbertray.embed.shards import EmbedInputError, InputPlan
 from sbertray.embed.texts import sample_texts
@@ -94,15 +94,15 @@ def given_ranges(output: EmbedOutputConfig, storage_config, dim: int) -> list[li
 
 
 def resolve_int8_ranges(
-    config: EmbedConfig, out: storage.Location, model: PreparedModel, inputs: InputPlan
+    config: EmbedConfig, last_manifest: dict | None, model: PreparedModel, inputs: InputPlan
 ) -> list[list[float]]:
-    """The given ranges, else those an earlier run into this output calibrated for the same
-    model and width (so vectors of different nights compare), else calibrated now on a sample
-    of the input, on this machine's CPU."""
+    """The given ranges, else those an earlier run into this output (``last_manifest``)
+    calibrated for the same model and width (so vectors of different nights compare), else
+    calibrated now on a sample of the input, on this machine's CPU."""
     output = config.output
     if output.int8_ranges:
         return given_ranges(output, config.storage, model.spec.dim)
-    previous = commit.read_manifest(out) or {}
+    previous = last_manifest or {}
     if previous.get("model", {}).get("model_hash") == model.model_hash:
         earlier = previous.get("compact") or {}
         if earlier.get("int8_ranges") and earlier.get("truncate_dim") == output.truncate_dim:

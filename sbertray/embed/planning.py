@@ -4,7 +4,6 @@ earlier output that can donate vectors, and where the units run."""
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from sbertray.embed.prepared import PreparedModel, prepare_job_model
 from sbertray.embed.results import UnitResult
 from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit
 from sbertray.embed.stage import check_output_columns, output_schema
-from sbertray.ray_runtime import cpus_per_gpu
+from sbertray.ray_runtime import cpus_per_gpu, ray_running
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class EmbedPlan:
     model: PreparedModel
     inputs: InputPlan
     run_metadata: dict  # in every output file's schema metadata (`sbertray` key) and the manifest
+    last_manifest: dict | None  # the output's, as planning found it (None: nothing committed)
 
     @property
     def run_id(self) -> str:
@@ -77,8 +77,9 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     inputs = plan_input(config)
     reference.check_reference(config)
     storage.check_writable(out)
+    last = commit.read_manifest(out)
     ranges = (
-        compact.resolve_int8_ranges(config, out, model, inputs)
+        compact.resolve_int8_ranges(config, last, model, inputs)
         if config.output.embedding_dtype == "int8"
         else None
     )
@@ -97,9 +98,8 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     }
     if ranges is not None:
         run_metadata["int8_ranges"] = ranges
-    last = commit.read_manifest(out) if storage.exists(out) else None
     replacing.check_unchanged(last, run_metadata, storage.redact(out.url))
-    return EmbedPlan(config, out, model, inputs, run_metadata)
+    return EmbedPlan(config, out, model, inputs, run_metadata, last)
 
 
 def plan_input(config: EmbedConfig) -> InputPlan:
@@ -145,7 +145,7 @@ def check_input_ids(plan: EmbedPlan) -> None:
     """Null and repeated ids are refused before any work (``checks.check_ids``: on Ray tasks
     when this process has joined a cluster). Skipped when the last committed run read these
     very files (same names, sizes and mtimes) with the same input settings: it checked them."""
-    last = commit.read_manifest(plan.out) if storage.exists(plan.out) else None
+    last = plan.last_manifest
     if last is not None:
         checked = [(f["rel"], f["size"], f["mtime"]) for f in last.get("files", [])]
         current = [(f.rel, f.size, f.mtime) for f in plan.inputs.files]
@@ -153,17 +153,11 @@ def check_input_ids(plan: EmbedPlan) -> None:
         if same_input and checked == current and not last.get("bad_files"):
             return
     map_reduce = None
-    if _ray_running():
+    if ray_running():
         from sbertray.embed import ray_adapter
 
         map_reduce = ray_adapter.repeated_id_hashes
     check_ids(plan.config, plan.inputs.files, plan.inputs.id_hashes, map_reduce)
-
-
-def _ray_running() -> bool:
-    # Not imported to ask: a run without Ray would pay half a second for a "no".
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:

@@ -9,7 +9,6 @@ for actors that can never start, so that is an error here, before any work.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from sbertray.config import ComputeConfig
 from sbertray.embed import backends
 from sbertray.errors import UserError
 from sbertray.hardware import usable_cpus
-from sbertray.ray_runtime import NUM_CPUS_ENV
+from sbertray.ray_runtime import NUM_CPUS_ENV, ray_running
 
 # A GPU actor reads, tokenizes and writes Parquet on its CPUs: a MiniLM-size model leaves a GPU
 # idle behind one actor. Actors in processes of their own scale with CPUs far better than one
@@ -168,10 +167,9 @@ def runs_in_process(compute: ComputeConfig, address: str | None, rows_to_embed: 
     this machine, where starting a local Ray and its actors would cost more than the work."""
     if compute.executor != "auto":
         return compute.executor == "local"
-    ray = sys.modules.get("ray")
     return (
         not (address or os.environ.get("RAY_ADDRESS"))
-        and not (ray is not None and ray.is_initialized())
+        and not ray_running()
         and not (compute.device == "cuda" or _gpu_visible())
         and rows_to_embed <= compute.local_max_rows
     )
