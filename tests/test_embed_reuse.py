@@ -5,6 +5,8 @@ run's."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import numpy as np
@@ -13,21 +15,24 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_model import tiny_model_path
 
+from sbertray import storage
 from sbertray.config import ComputeConfig, EmbedConfig, parse_config
+from sbertray.embed import donor_join, reuse
+from sbertray.embed.planning import plan_input
 from sbertray.embed.pool import runs_in_process
 from sbertray.embed.run import run_embed
 
 pytestmark = pytest.mark.slow
 
 
-def _config(inp, out, executor: str, **output) -> EmbedConfig:
+def _config(inp, out, executor: str, compute: dict | None = None, **output) -> EmbedConfig:
     return parse_config(
         EmbedConfig,
         {
             "model": tiny_model_path(),
             "input": {"path": str(inp), "id_column": "id", "passthrough": ["n"]},
             "output": {"path": str(out), "rows_per_file": 20, **output},
-            "compute": {"precision": "fp32", "executor": executor},
+            "compute": {"precision": "fp32", "executor": executor, **(compute or {})},
         },
     )
 
@@ -55,6 +60,7 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     first = run_embed(_config(inp, out, "local"))
     assert (first.texts_embedded, first.reused_rows) == (120, 0)
     before = _read(out)
+    shutil.copytree(out, tmp_path / "out-joined")
 
     # The next snapshot: 5 texts edited, 3 rows deleted, 4 rows new, every row shuffled and
     # the 3 files compacted into 2 with new names.
@@ -86,6 +92,17 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     # Throughput once the actors run: from the first unit's start to the last commit.
     assert 0 < manifest["timings"]["units_span_s"] <= manifest["timings"]["seconds"]
 
+    # The donors joined to each unit on Ray (as for donors too large for one index): the same
+    # rows copied, the same output.
+    joined = run_embed(
+        _config(inp, tmp_path / "out-joined", "ray", compute={"reuse_index_max_mb": 0})
+    )
+    assert (joined.texts_embedded, joined.reused_rows) == (9, 112)
+    by_join = _read(tmp_path / "out-joined")
+    assert sorted(by_join) == sorted(after)
+    for i in rows:
+        assert by_join[i][0] == after[i][0] and np.array_equal(by_join[i][1], after[i][1])
+
     # The same rows embedded from scratch, in this process: the same keys and vectors.
     full = run_embed(_config(inp, tmp_path / "full", "local"))
     assert (full.texts_embedded, full.reused_rows) == (121, 0)
@@ -114,3 +131,66 @@ def test_small_work_without_a_cluster_runs_in_this_process(monkeypatch):
     assert runs_in_process(ComputeConfig(executor="local"), "ray://head:10001", 10**9)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert not runs_in_process(auto, None, rows_to_embed=10)
+
+
+def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path, monkeypatch):
+    """The join's steps as the Ray tasks run them, here in one process: 3 buckets, 2 groups of
+    units, a text repeated inside and across donor files, units with and without donors."""
+    texts = [f"sentence number {i}" for i in range(90)]
+    inp = tmp_path / "in"
+    # Units of 10 rows: texts 0..59 again (shuffled, one repeated), 60..89 never seen, a null.
+    order = np.random.default_rng(1).permutation(60).tolist() + list(range(60, 90))
+    new = [texts[i] for i in order] + [texts[5], None]
+    _write(inp, "a.parquet", list(range(len(new))), dict(enumerate(new)))
+    config = _config(inp, tmp_path / "out", "ray", rows_per_file=10)
+    config.bad_input.on_null_text = "skip"
+    units = plan_input(config).units
+    assert len(units) == 10
+    monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
+    plan = donor_join.plan_join(units, [], min_buckets=3)
+    assert (plan.buckets, [len(g) for g in plan.groups]) == (3, [4, 4, 2])
+
+    # Donors: texts 0..59 over two files, 20..29 in both, 7 twice in one file; vector = [i, i].
+    content_hash = "h" * 64
+    out = storage.resolve(tmp_path / "donors")
+    os.makedirs(out.path)
+    for name, ids in [("d0.parquet", [*range(30), 7]), ("d1.parquet", range(20, 60))]:
+        table = pa.table(
+            {
+                reuse.KEY_COLUMN: reuse.key_array(
+                    reuse.row_keys(content_hash, [texts[i] for i in ids])
+                ),
+                "embedding": pa.array(
+                    [[float(i), float(i)] for i in ids], pa.list_(pa.float32(), 2)
+                ),
+            }
+        )
+        pq.write_table(table, f"{out.path}/{name}")
+    mapped = [
+        donor_join.unit_key_pieces(config, content_hash, [units[i] for i in g], g, plan.buckets)
+        for g in plan.groups
+    ]
+    mapped += [
+        donor_join.donor_pieces(out, f"{out.path}/{n}", ["embedding"], plan.buckets)
+        for n in ("d0.parquet", "d1.parquet")
+    ]
+    joined, matched = [], 0
+    for b in range(plan.buckets):
+        pieces, rows = donor_join.join_bucket(
+            [m[b] for m in mapped[:3]], [m[b] for m in mapped[3:]], plan.group_of_unit()
+        )
+        joined.append(pieces)
+        matched += rows
+    assert matched == 61  # texts 0..59 and the repeated text 5
+    per_unit = [
+        index
+        for g, group in enumerate(plan.groups)
+        for index in donor_join.gather_group([j[g] for j in joined], group)
+    ]
+    assert [len(i) if i is not None else 0 for i in per_unit] == [10] * 6 + [0, 0, 0, 1]
+    for unit, index in zip(units[:6], per_unit, strict=False):
+        wanted = order[unit.slices[0].first_row : unit.slices[0].first_row + 10]
+        keys = reuse.row_keys(content_hash, [texts[i] for i in wanted])
+        found = index.lookup(keys)
+        vectors = index.columns.column("embedding").to_pylist()
+        assert [vectors[f][0] for f in found] == wanted

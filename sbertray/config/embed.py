@@ -112,6 +112,10 @@ class ComputeConfig(Strict):
     # else, and with `ray`, on a Ray Data actor pool. `local`: always in this process, on CPU.
     executor: Literal["auto", "ray", "local"] = "auto"
     local_max_rows: int = Field(20_000, ge=0)
+    # Row-level reuse: the earlier output's vectors (keys and computed columns, uncompressed) up
+    # to this size are read into one index that every actor shares; above it, they are joined
+    # to the units by key on Ray (`embed/donor_join.py`), so no process holds them all.
+    reuse_index_max_mb: int = Field(256, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ComputeConfig:

@@ -59,6 +59,7 @@ NOT_IN_CONTENT = {
         "executor",
         "local_max_rows",
         "unit_rows",
+        "reuse_index_max_mb",
     },
     "storage": None,
 }

@@ -40,7 +40,7 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     ]
     if not todo:
         return "\n".join([*lines, "  nothing to embed"])
-    reusable = sum(rows for _, rows in planning.donor_files(plan, existing, done))
+    reusable = sum(d.rows for d in planning.donor_files(plan, existing, done))
     pool = planning.choose_pool(plan, todo, reusable, ray_address)
     encoder = planning.resolve_encoder(plan, pool)
     rate, sampled = _sample_rate(plan, todo[0], encoder)

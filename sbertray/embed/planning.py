@@ -171,12 +171,15 @@ def find_committed(plan: EmbedPlan) -> tuple[set[str], dict[str, UnitResult]]:
 
 def donor_files(
     plan: EmbedPlan, existing: set[str], done: dict[str, UnitResult]
-) -> list[tuple[str, int]]:
+) -> list[reuse.DonorFile]:
     """The output parts this run replaces or removes that were written with this run's content
-    hash, with their row counts: their rows' vectors are copied, not recomputed."""
+    hash: their rows' vectors are copied, not recomputed."""
+    from sbertray.embed.stage import computed_columns
+
     kept = {plan.out.child(r.output).path for r in done.values() if r.output}
     candidates = sorted(p for p in commit.output_parts(existing) if p not in kept)
-    return reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"])
+    columns = computed_columns(plan.config)
+    return reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"], columns)
 
 
 def choose_pool(

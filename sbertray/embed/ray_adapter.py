@@ -22,11 +22,12 @@ import ray
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
+from sbertray.embed import donor_join
 from sbertray.embed.checks import map_hashes, repeated_hashes
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.results import UnitResult
-from sbertray.embed.reuse import DonorIndex
+from sbertray.embed.reuse import DonorFile, DonorIndex
 from sbertray.embed.shards import EmbedInputError, InputFile, WorkUnit
 from sbertray.errors import UserError
 from sbertray.ray_runtime import autoscaling_limits, init_ray
@@ -38,6 +39,9 @@ _JSON_FIELDS = (
     "bad_files",
 )  # nested: JSON in Ray Data result rows
 _MAPS_IN_FLIGHT = 8  # id-check maps running at once
+# Earlier output rows for the units: one index all units share, or each unit's own index as an
+# object reference (``join_donors``; None where a unit has none), in the units' order.
+Donors = DonorIndex | list[ray.ObjectRef] | None
 
 
 def _to_row(result: UnitResult) -> dict:
@@ -69,7 +73,10 @@ class _EmbedActor:
         from sbertray.embed.stage import EmbedStage
 
         self.units, reference, donors = ray.get(shared)
-        self.stage = EmbedStage(config, encoder, run_metadata, reference, donors)
+        # One index every unit shares, or each unit's own (``join_donors``), fetched per unit.
+        self.unit_donors = donors if isinstance(donors, list) else None
+        shared_index = None if self.unit_donors is not None else donors
+        self.stage = EmbedStage(config, encoder, run_metadata, reference, shared_index)
 
     def __del__(self) -> None:
         # Ray Data drops the actor's instance when the pool winds down, before the process ends.
@@ -84,7 +91,8 @@ class _EmbedActor:
         """The unit's result row; an exception travels back in it (``raised``) so the driver
         re-raises it as it is, while a unit lost with its actor or node has no row at all."""
         try:
-            return {**_to_row(self.stage.process(self.units[index])), "raised": None}
+            donors = ray.get(self.unit_donors[index]) if self.unit_donors is not None else None
+            return {**_to_row(self.stage.process(self.units[index], donors)), "raised": None}
         except Exception as exc:
             return {
                 **_to_row(UnitResult(self.units[index].unit_id, 0)),
@@ -111,11 +119,12 @@ def _shared(
     units: list[WorkUnit],
     pool: PoolPlan,
     encoder: EncoderSpec,
-    donors: DonorIndex | None,
+    donors: Donors,
 ) -> list:
     """Object refs of what every actor reads: the units, the embedded reference set (a task
     sized like an actor) and the donor index. They go through the object store once (each node
-    maps them, zero-copy), not into every actor's constructor arguments."""
+    maps them, zero-copy), not into every actor's constructor arguments. Per-unit donors stay
+    where the join left them: only their references are shared."""
     reference = ray.put(None)
     if config.reference is not None:
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(
@@ -143,7 +152,7 @@ def run_units(
     pool: PoolPlan,
     encoder: EncoderSpec,
     run_metadata: dict,
-    donors: DonorIndex | None = None,
+    donors: Donors = None,
     on_result: Callable[[UnitResult], None] | None = None,
 ) -> list[UnitResult]:
     """Embeds ``units`` on a pool of up to ``pool.num_actors`` actors; returns each unit's
@@ -273,3 +282,62 @@ def repeated_id_hashes(
             raise exc.cause from None
         raise
     return np.concatenate(parts)
+
+
+def _returns(values: list, count: int):
+    """A task's ``count`` returns: Ray takes a single return as the value itself."""
+    return values[0] if count == 1 else values
+
+
+def _refs(refs, count: int) -> list:
+    return [refs] if count == 1 else list(refs)
+
+
+def _keys_task(config, content_hash, units, indexes, buckets):
+    pieces = donor_join.unit_key_pieces(config, content_hash, units, indexes, buckets)
+    return _returns(pieces, buckets)
+
+
+def _donor_task(out, path, columns, buckets):
+    return _returns(donor_join.donor_pieces(out, path, columns, buckets), buckets)
+
+
+def _join_task(group_of_unit, units, *pieces):
+    pieces, matched = donor_join.join_bucket(pieces[:units], pieces[units:], group_of_unit)
+    return [*pieces, matched]
+
+
+def _gather_task(units, *pieces):
+    return _returns(donor_join.gather_group(list(pieces), units), len(units))
+
+
+def join_donors(
+    config: EmbedConfig,
+    units: list[WorkUnit],
+    out: storage.Location,
+    donors: list[DonorFile],
+    columns: list[str],
+    content_hash: str,
+) -> tuple[list[ray.ObjectRef], int]:
+    """Each unit's donor rows (``donor_join``) as an object reference, in ``units``' order,
+    and how many of the units' rows they cover. This process holds references and counts."""
+    plan = donor_join.plan_join(units, donors, int(ray.cluster_resources().get("CPU", 0)))
+    buckets, groups = plan.buckets, len(plan.groups)
+    keys_task = ray.remote(num_cpus=1, num_returns=buckets)(_keys_task)
+    donor_task = ray.remote(num_cpus=1, num_returns=buckets)(_donor_task)
+    mapped = [
+        keys_task.remote(config, content_hash, [units[i] for i in group], group, buckets)
+        for group in plan.groups
+    ]
+    mapped += [donor_task.remote(out, d.path, columns, buckets) for d in donors]
+    mapped = [_refs(m, buckets) for m in mapped]
+    group_of_unit = ray.put(plan.group_of_unit())
+    join_task = ray.remote(num_cpus=1, num_returns=groups + 1)(_join_task)
+    joined = [
+        join_task.remote(group_of_unit, groups, *[m[b] for m in mapped]) for b in range(buckets)
+    ]
+    per_unit: list[ray.ObjectRef] = []
+    for g, group in enumerate(plan.groups):
+        gather = ray.remote(num_cpus=1, num_returns=len(group))(_gather_task)
+        per_unit += _refs(gather.remote(group, *[j[g] for j in joined]), len(group))
+    return per_unit, sum(ray.get([j[groups] for j in joined]))

@@ -47,7 +47,7 @@ def key_array(keys: np.ndarray) -> pa.Array:
     )
 
 
-def _key_numpy(column: pa.ChunkedArray) -> np.ndarray:
+def key_numpy(column: pa.ChunkedArray) -> np.ndarray:
     arr = column.combine_chunks()
     data = arr.buffers()[1]
     return np.frombuffer(data, dtype=f"S{KEY_BYTES}", count=len(arr), offset=arr.offset * KEY_BYTES)
@@ -72,13 +72,24 @@ class DonorIndex:
         return np.where(self.keys[pos] == keys, pos, -1)
 
 
-def donor_files(
-    out: storage.Location, candidates: list[str], content_hash: str
-) -> list[tuple[str, int]]:
-    """The ``candidates`` (paths in ``out.fs``) written with ``content_hash`` and carrying keys,
-    with their row counts (footers only, read in parallel)."""
+@dataclass(frozen=True)
+class DonorFile:
+    """An earlier output part whose rows can donate their computed columns."""
 
-    def check(path: str) -> tuple[str, int] | None:
+    path: str  # in the output's filesystem
+    rows: int
+    bytes: int  # the keys' and computed columns' uncompressed size (footer)
+
+
+def donor_files(
+    out: storage.Location, candidates: list[str], content_hash: str, columns: list[str]
+) -> list[DonorFile]:
+    """The ``candidates`` (paths in ``out.fs``) written with ``content_hash`` and carrying keys,
+    with their rows and the size of their ``columns`` and keys (footers only, read in
+    parallel)."""
+    wanted = {KEY_COLUMN, *columns}
+
+    def check(path: str) -> DonorFile | None:
         try:
             with out.fs.open_input_file(path) as handle:
                 meta = pq.read_metadata(handle)
@@ -86,24 +97,39 @@ def donor_files(
             return None  # unreadable: not a donor, the run rewrites or removes it
         info = json.loads((meta.metadata or {}).get(b"sbertray", b"{}"))
         names = meta.schema.to_arrow_schema().names
-        if info.get("content_hash") == content_hash and KEY_COLUMN in names:
-            return path, meta.num_rows
-        return None
+        if info.get("content_hash") != content_hash or KEY_COLUMN not in names:
+            return None
+        size = sum(
+            group.column(c).total_uncompressed_size
+            for group in (meta.row_group(g) for g in range(meta.num_row_groups))
+            for c in range(group.num_columns)
+            if group.column(c).path_in_schema.split(".")[0] in wanted
+        )
+        return DonorFile(path, meta.num_rows, size)
 
     return [d for d in storage.map_parallel(check, candidates) if d is not None]
 
 
+def read_donor(out: storage.Location, path: str, columns: list[str]) -> pa.Table:
+    """A donor file's keys and ``columns``."""
+    with out.fs.open_input_file(path) as handle:
+        return pq.read_table(handle, columns=[KEY_COLUMN, *columns])
+
+
+def index_of(table: pa.Table, files: int = 0) -> DonorIndex:
+    """A ``DonorIndex`` of ``table`` (keys and computed columns): repeated keys kept once."""
+    if not table.num_rows:
+        return DonorIndex(
+            np.empty(0, dtype=f"S{KEY_BYTES}"), table.drop_columns([KEY_COLUMN]), files
+        )
+    keys = key_numpy(table.column(KEY_COLUMN))
+    unique, first = np.unique(keys, return_index=True)  # sorted; repeated texts kept once
+    return DonorIndex(unique, table.drop_columns([KEY_COLUMN]).take(first), files)
+
+
 def build_index(out: storage.Location, files: list[str], columns: list[str]) -> DonorIndex:
     """Reads ``columns`` (the stage's computed columns) and the keys of ``files``."""
-
-    def read(path: str) -> pa.Table:
-        with out.fs.open_input_file(path) as handle:
-            return pq.read_table(handle, columns=[KEY_COLUMN, *columns])
-
-    tables = storage.map_parallel(read, files)
+    tables = storage.map_parallel(lambda path: read_donor(out, path, columns), files)
     if not tables:
         return DonorIndex(np.empty(0, dtype=f"S{KEY_BYTES}"), pa.table({}), 0)
-    table = pa.concat_tables(tables)
-    keys = _key_numpy(table.column(KEY_COLUMN))
-    unique, first = np.unique(keys, return_index=True)  # sorted; repeated texts kept once
-    return DonorIndex(unique, table.drop_columns([KEY_COLUMN]).take(first), len(files))
+    return index_of(pa.concat_tables(tables), len(files))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig
@@ -61,7 +62,7 @@ def run_embed(
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
         results, pool, encoder = list(done.values()), None, None
         if todo:
-            donors = _donor_index(plan, existing, done)
+            donors = _donors(plan, existing, done, todo, ray_address)
             clock.mark("plan")
             pool, encoder = _start(plan, todo, len(done), donors, ray_address)
             progress = Progress(sum(u.num_rows for u in todo))
@@ -75,39 +76,66 @@ def run_embed(
         return _commit(plan, results, set(done), existing, pool, encoder, clock)
 
 
-def _donor_index(
-    plan: EmbedPlan, existing: set[str], done: dict[str, UnitResult]
-) -> reuse.DonorIndex | None:
-    """The computed columns of the earlier output parts this run replaces, by content key."""
+@dataclass(frozen=True)
+class _Donors:
+    """The earlier output rows this run copies from, as the executor takes them."""
+
+    # One shared index, or each unit's own as an object reference (joined on Ray).
+    rows: reuse.DonorIndex | list | None = None
+    reusable_rows: int = 0  # rows of the units to embed they can serve
+    note: str = ""  # for the run's opening line
+
+
+def _donors(
+    plan: EmbedPlan,
+    existing: set[str],
+    done: dict[str, UnitResult],
+    todo: list[WorkUnit],
+    ray_address: str | None,
+) -> _Donors:
+    """The computed columns of the earlier output parts this run replaces, by content key: one
+    index where they are small (or the run stays in this process), else joined to each unit on
+    Ray. A shared index's reusable rows are an estimate (its rows, as a rewrite keeps most)."""
     files = donor_files(plan, existing, done)
     if not files:
-        return None
-    columns = computed_columns(plan.config)
-    return reuse.build_index(plan.out, [path for path, _ in files], columns)
+        return _Donors()
+    columns, compute = computed_columns(plan.config), plan.config.compute
+    todo_rows = sum(u.num_rows for u in todo)
+    where = plural(len(files), "earlier output file")
+    if sum(f.bytes for f in files) <= compute.reuse_index_max_mb << 20 or (
+        compute.executor == "local"
+    ):
+        index = reuse.build_index(plan.out, [f.path for f in files], columns)
+        reusable = min(todo_rows, sum(f.rows for f in files))
+        return _Donors(index, reusable, f"; vectors of {len(index):,} texts in {where} reusable")
+    from sbertray.embed import ray_adapter
+
+    ray_adapter.cluster_resources(ray_address)  # joins (or starts) Ray
+    content_hash = plan.run_metadata["content_hash"]
+    per_unit, matched = ray_adapter.join_donors(
+        plan.config, todo, plan.out, files, columns, content_hash
+    )
+    note = f"; vectors for {matched:,} of {todo_rows:,} rows found in {where} (joined on Ray)"
+    return _Donors(per_unit, matched, note)
 
 
 def _start(
     plan: EmbedPlan,
     todo: list[WorkUnit],
     done: int,
-    donors: reuse.DonorIndex | None,
+    donors: _Donors,
     ray_address: str | None,
 ) -> tuple[PoolPlan, EncoderSpec]:
     """Decides where the units run and what they run."""
-    pool = choose_pool(plan, todo, len(donors) if donors else 0, ray_address)
+    pool = choose_pool(plan, todo, donors.reusable_rows, ray_address)
     encoder = resolve_encoder(plan, pool)
     backends.prepare(encoder, plan.model.path)
     resumed = f"; {plural(done, 'unit')} already committed" if done else ""
-    reusing = (
-        f"; vectors of {len(donors):,} texts in {donors.files} earlier output files reusable"
-        if donors
-        else ""
-    )
     print(
         f"[sbertray] {plural(len(plan.inputs.files), 'file')}, "
         f"{plural(plan.inputs.total_rows, 'row')}; embedding {len(todo)} of "
-        f"{plural(len(plan.inputs.units), 'unit')}{resumed}{reusing}{_id_note(plan)}; pool: "
-        f"{pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
+        f"{plural(len(plan.inputs.units), 'unit')}{resumed}{donors.note}{_id_note(plan)}; "
+        f"pool: {pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
         flush=True,
     )
     return pool, encoder
@@ -134,19 +162,19 @@ def _execute(
     todo: list[WorkUnit],
     pool: PoolPlan,
     encoder: EncoderSpec,
-    donors: reuse.DonorIndex | None,
+    donors: _Donors,
     on_result: Callable[[UnitResult], None],
 ) -> list[UnitResult]:
-    if pool.in_process:
+    if pool.in_process:  # never with per-unit donors: joining them started Ray
         from sbertray.embed import in_process
 
         return in_process.run_units(
-            plan.config, todo, encoder, plan.run_metadata, donors, on_result
+            plan.config, todo, encoder, plan.run_metadata, donors.rows, on_result
         )
     from sbertray.embed import ray_adapter
 
     return ray_adapter.run_units(
-        plan.config, todo, pool, encoder, plan.run_metadata, donors, on_result
+        plan.config, todo, pool, encoder, plan.run_metadata, donors.rows, on_result
     )
 
 

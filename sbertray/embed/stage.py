@@ -24,11 +24,9 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import ConfigError, EmbedConfig
@@ -39,10 +37,9 @@ from sbertray.embed.reference import ReferenceSet
 from sbertray.embed.results import UnitResult
 from sbertray.embed.shards import FileSlice, WorkUnit
 from sbertray.embed.similarity import pair_cosine, top_k
-from sbertray.embed.texts import BadRows, column_texts
+from sbertray.embed.texts import embeddable_texts
+from sbertray.embed.unit_reader import UnitReader
 from sbertray.modeling import resolve_model_path
-
-_SLICE_READERS = 8  # small input files of one unit read at once
 
 
 def output_schema(
@@ -163,74 +160,21 @@ class EmbedStage:
                 if f.name in names
             ]
         )
-        self.input_fs = None
-
-    def _read(self, piece: FileSlice) -> pa.Table:
-        inp = self.config.input
-        columns = [
-            c
-            for c in dict.fromkeys(
-                [inp.id_column, inp.text_column, inp.pair_column, *inp.passthrough]
-            )
-            if c
-        ]
-        partition_keys = dict(piece.file.partitions)
-        columns = [c for c in columns if c not in partition_keys]
-        if self.input_fs is None:
-            self.input_fs = storage.resolve(piece.file.url, self.config.storage).fs
-        with self.input_fs.open_input_file(piece.file.path) as handle:
-            table = pq.ParquetFile(handle).read_row_groups(list(piece.row_groups), columns=columns)
-        if table.num_rows != piece.num_rows:
-            raise OSError(f"footer says {piece.num_rows} rows, read {table.num_rows}")
-        return table
-
-    def _read_unit(self, unit: WorkUnit) -> tuple[list[FileSlice], pa.Table | None, dict]:
-        """The unit's readable slices and their rows as one table, and the files that could
-        not be read (relative path -> message). Many small files are read a few at once:
-        object-storage latency, not bandwidth, bounds them."""
-
-        def read(piece: FileSlice) -> pa.Table | str:
-            try:
-                return self._read(piece)
-            except (OSError, pa.ArrowException) as exc:
-                groups = list(piece.row_groups)
-                return f"{piece.file.url}: cannot read row groups {groups}: {exc}"
-
-        if len(unit.slices) == 1:
-            tables = [read(unit.slices[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=_SLICE_READERS) as pool:
-                tables = list(pool.map(read, unit.slices))
-        good = [(p, t) for p, t in zip(unit.slices, tables, strict=True) if not isinstance(t, str)]
-        bad_files = {
-            p.file.rel: t for p, t in zip(unit.slices, tables, strict=True) if isinstance(t, str)
-        }
-        if not good:
-            return [], None, bad_files
-        # Files of one folder may differ in string widths or nullability: the widest wins.
-        table = pa.concat_tables([t for _, t in good], promote_options="permissive")
-        return [p for p, _ in good], table, bad_files
+        self.reader = UnitReader(config)
 
     def close(self) -> None:
         self.encoder.close()
 
-    def process(self, unit: WorkUnit) -> UnitResult:
+    def process(self, unit: WorkUnit, donors: reuse.DonorIndex | None = None) -> UnitResult:
+        """Embeds ``unit`` and writes its output file. ``donors``: this unit's own donor rows
+        (from the distributed join) instead of the stage's shared index."""
         started = time.time()
         result = UnitResult(unit_id=unit.unit_id, rows_in=unit.num_rows)
-        slices, table, result.bad_files = self._read_unit(unit)
+        slices, table, result.bad_files = self.reader.read(unit)
         if result.bad_files and (table is None or self.config.bad_input.on_bad_file == "fail"):
             return result  # the driver fails or skips them (`bad_input.on_bad_file`)
 
-        inp, bad = self.config.input, BadRows(slices)
-        texts = column_texts(table, inp.text_column, self.config, bad)
-        pairs = column_texts(table, inp.pair_column, self.config, bad) if inp.pair_column else None
-        keep = np.array(
-            [
-                t is not None and (pairs is None or pairs[i] is not None)
-                for i, t in enumerate(texts)
-            ],
-            dtype=bool,
-        )
+        texts, pairs, keep, bad = embeddable_texts(self.config, slices, table)
         result.error = bad.failure(self.config)
         if result.error:
             return result
@@ -245,7 +189,7 @@ class EmbedStage:
         pairs = [pairs[i] for i in kept_idx] if pairs is not None else None
         keys = reuse.row_keys(self.run_metadata["content_hash"], texts, pairs)
         computed, result.rows_reused, result.rows_embedded, result.truncated = self._computed(
-            keys, texts, pairs
+            keys, texts, pairs, self.donors if donors is None else donors
         )
         columns = self._passthrough(slices, bad.starts, table, kept_idx)
         columns.update({name: computed.column(name) for name in computed.column_names})
@@ -266,12 +210,16 @@ class EmbedStage:
         return result
 
     def _computed(
-        self, keys: np.ndarray, texts: list[str], pairs: list[str] | None
+        self,
+        keys: np.ndarray,
+        texts: list[str],
+        pairs: list[str] | None,
+        donors: reuse.DonorIndex | None,
     ) -> tuple[pa.Table, int, int, int]:
         """The computed columns of every kept row, in row order: copied from the donors where
         the key is known, else computed once per distinct key. Returns them with the rows
         reused, the texts embedded, and how many of those were truncated."""
-        found = self.donors.lookup(keys) if self.donors is not None else np.full(len(keys), -1)
+        found = donors.lookup(keys) if donors is not None else np.full(len(keys), -1)
         missing = np.flatnonzero(found < 0)
         # Repeated texts (same key) are embedded once and their columns copied to each row.
         _, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
@@ -286,7 +234,7 @@ class EmbedStage:
         order[missing] = inverse.reshape(-1)
         order[reused] = len(todo) + np.arange(len(reused))
         if len(reused):
-            donated = self.donors.columns.take(pa.array(found[reused]))
+            donated = donors.columns.take(pa.array(found[reused]))
             fresh = pa.concat_tables([fresh, donated.cast(fresh.schema)])
         if not np.array_equal(order, np.arange(len(keys))):
             fresh = fresh.take(pa.array(order))

@@ -7,6 +7,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from sbertray.config import EmbedConfig
@@ -124,3 +125,18 @@ def sample_texts(config: EmbedConfig, units: list[WorkUnit], rows: int) -> list[
         if len(texts) >= rows:
             break
     return texts
+
+
+def embeddable_texts(
+    config: EmbedConfig, slices: Sequence[FileSlice], table: pa.Table
+) -> tuple[list, list | None, np.ndarray, BadRows]:
+    """A unit's texts and pair texts (None where bad), which rows are kept (both embeddable),
+    and the bad rows found."""
+    inp, bad = config.input, BadRows(slices)
+    texts = column_texts(table, inp.text_column, config, bad)
+    pairs = column_texts(table, inp.pair_column, config, bad) if inp.pair_column else None
+    keep = np.array(
+        [t is not None and (pairs is None or pairs[i] is not None) for i, t in enumerate(texts)],
+        dtype=bool,
+    )
+    return texts, pairs, keep, bad

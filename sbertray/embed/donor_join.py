@@ -1,0 +1,158 @@
+"""Row-level reuse at any size: donor rows reach their units by a hash join, so no process
+holds them all. No Ray in here: ``ray_adapter.join_donors`` runs these steps as Ray tasks.
+
+A rewritten snapshot shuffles its rows across files, so one unit's donors lie in every donor
+file's row groups: reading "only the rows a unit copies" would read nearly every donor file once
+per unit. Instead the computed columns move once, hash-partitioned by content key:
+
+1. **map**: each group of units hashes its texts into (key, unit, rows) per distinct key of a
+   unit; each donor file gives its keys and computed columns, a repeated key once. Both are
+   split into ``buckets`` by key.
+2. **join**, one task per bucket: the bucket's donor keys once (``np.unique``), each unit key
+   looked up; the matched columns, tagged with their unit, split by group of units.
+3. **gather**, one task per group: each unit's donor rows as its own ``DonorIndex``, which the
+   actor embedding that unit fetches by reference.
+
+A task holds one bucket's donor columns (about ``BUCKET_BYTES``) or one group's matches (about
+``GROUP_ROWS`` rows); the driver holds object references and counts only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from sbertray import storage
+from sbertray.config import EmbedConfig
+from sbertray.embed.reuse import (
+    KEY_COLUMN,
+    DonorFile,
+    DonorIndex,
+    index_of,
+    key_array,
+    key_numpy,
+    read_donor,
+    row_keys,
+)
+from sbertray.embed.shards import WorkUnit
+from sbertray.embed.texts import embeddable_texts
+from sbertray.embed.unit_reader import UnitReader
+
+BUCKET_BYTES = 128 << 20  # donor columns a join task holds
+GROUP_ROWS = 65_536  # unit rows whose matches one gather task sorts out
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    buckets: int
+    groups: list[list[int]]  # indexes into the units to embed, consecutive, per group
+
+    def group_of_unit(self) -> np.ndarray:
+        """For each unit index, its group."""
+        return np.concatenate(
+            [np.full(len(g), n, dtype=np.int32) for n, g in enumerate(self.groups)]
+        )
+
+
+def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) -> JoinPlan:
+    """Buckets from the donors' size (at least ``min_buckets``: one per CPU keeps them all
+    busy), groups of consecutive units of about ``GROUP_ROWS`` rows."""
+    size = sum(d.bytes for d in donors)
+    buckets = max(2, min_buckets, -(-size // BUCKET_BYTES))
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for index, unit in enumerate(units):
+        if rows >= GROUP_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(index)
+        rows += unit.num_rows
+    return JoinPlan(buckets, groups)
+
+
+def _split(table: pa.Table, keys: np.ndarray, buckets: int) -> list[pa.Table]:
+    """``table`` split by its keys' bucket. Keys are uniform hashes: their first 8 bytes modulo
+    ``buckets`` spread them evenly. Each piece is taken, not sliced, so it serializes alone."""
+    which = np.ascontiguousarray(keys).view("<u8")[::2] % buckets
+    return [table.take(pa.array(np.flatnonzero(which == b))) for b in range(buckets)]
+
+
+def _unit_keys(reader: UnitReader, content_hash: str, unit: WorkUnit, index: int) -> pa.Table:
+    """The distinct keys of one unit's embeddable rows, with how many rows carry each."""
+    config = reader.config
+    columns = [c for c in (config.input.text_column, config.input.pair_column) if c]
+    slices, table, _ = reader.read(unit, columns)
+    if table is None:  # unreadable: the stage reports it
+        keys, counts = np.empty(0, dtype="S16"), np.empty(0, dtype=np.int32)
+    else:
+        texts, pairs, keep, _ = embeddable_texts(config, slices, table)
+        kept = np.flatnonzero(keep)
+        pair_texts = [pairs[i] for i in kept] if pairs is not None else None
+        found = row_keys(content_hash, [texts[i] for i in kept], pair_texts)
+        keys, counts = np.unique(found, return_counts=True)
+    return pa.table(
+        {
+            KEY_COLUMN: key_array(keys),
+            "unit": pa.array(np.full(len(keys), index, dtype=np.int32)),
+            "rows": pa.array(counts.astype(np.int32)),
+        }
+    )
+
+
+def unit_key_pieces(
+    config: EmbedConfig,
+    content_hash: str,
+    units: list[WorkUnit],
+    indexes: list[int],
+    buckets: int,
+) -> list[pa.Table]:
+    """Map: the keys of ``units`` (numbered ``indexes``), split into ``buckets``."""
+    reader = UnitReader(config)
+    tables = [_unit_keys(reader, content_hash, u, i) for u, i in zip(units, indexes, strict=True)]
+    table = pa.concat_tables(tables)
+    return _split(table, key_numpy(table.column(KEY_COLUMN)), buckets)
+
+
+def donor_pieces(
+    out: storage.Location, path: str, columns: list[str], buckets: int
+) -> list[pa.Table]:
+    """Map: one donor file's keys and computed ``columns``, a repeated key once, split into
+    ``buckets``."""
+    table = read_donor(out, path, columns)
+    keys, first = np.unique(key_numpy(table.column(KEY_COLUMN)), return_index=True)
+    return _split(table.take(pa.array(first)), keys, buckets)
+
+
+def join_bucket(
+    unit_pieces: list[pa.Table], donor_pieces: list[pa.Table], group_of_unit: np.ndarray
+) -> tuple[list[pa.Table], int]:
+    """Join, one bucket: the donor columns each unit key finds (with ``unit``), split by the
+    unit's group; and how many unit rows they cover."""
+    donors = index_of(pa.concat_tables(donor_pieces, promote_options="permissive"))
+    wanted = pa.concat_tables(unit_pieces)
+    found = donors.lookup(key_numpy(wanted.column(KEY_COLUMN)))
+    hit = np.flatnonzero(found >= 0)
+    units = wanted.column("unit").to_numpy()[hit]
+    matched = donors.columns.take(pa.array(found[hit]))
+    matched = matched.append_column(KEY_COLUMN, wanted.column(KEY_COLUMN).take(pa.array(hit)))
+    matched = matched.append_column("unit", pa.array(units, pa.int32()))
+    group = group_of_unit[units]
+    groups = int(group_of_unit.max()) + 1 if len(group_of_unit) else 0
+    pieces = [matched.take(pa.array(np.flatnonzero(group == g))) for g in range(groups)]
+    return pieces, int(wanted.column("rows").to_numpy()[hit].sum())
+
+
+def gather_group(pieces: list[pa.Table], units: list[int]) -> list[DonorIndex | None]:
+    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows)."""
+    table = pa.concat_tables(pieces, promote_options="permissive")
+    unit_of_row = table.column("unit").to_numpy()
+    order = np.argsort(unit_of_row, kind="stable")
+    bounds = np.searchsorted(unit_of_row[order], [*units, max(units) + 1])
+    table = table.drop_columns(["unit"])
+    indexes: list[DonorIndex | None] = []
+    for n in range(len(units)):
+        rows = order[bounds[n] : bounds[n + 1]]
+        indexes.append(index_of(table.take(pa.array(rows))) if len(rows) else None)
+    return indexes
