@@ -12,9 +12,11 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
 3. The same run into a folder declared shared (`storage.shared_paths`; on one machine every
    "node" sees it): one worker node is removed mid-run, and the run still completes. Each
    worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
-4. A node joins again; fine-tuning with `scaling.max_failures: 1` loses the node its worker
+4. A node joins again; the next night, rows shuffled and a few texts edited, copies the other
+   vectors through the donor join's Ray tasks on both nodes.
+5. Fine-tuning with `scaling.max_failures: 1` loses the node its worker
    runs on after the first checkpoint, and goes on from that checkpoint on the other node.
-5. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans two GPU actors of 1 CPU
+6. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans two GPU actors of 1 CPU
    sharing the GPU, and Ray places both at once on it.
 """
 
@@ -193,6 +195,7 @@ def main(work: Path, model: str) -> None:
         ]
         nodes = [n for n in nodes if n is not lost]
         nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
+        seen["rerun"] = _rerun_by_join(work, out, model, texts)
         seen["train"] = _train_losing_a_node(cluster, work, model)
         # A GPU node joins (Ray takes its GPU as declared): an actor per CPU shares its GPU.
         cluster.add_node(num_cpus=2, num_gpus=1)
@@ -205,6 +208,20 @@ def main(work: Path, model: str) -> None:
         ray.shutdown()
         cluster.shutdown()
     print(json.dumps(seen))
+
+
+def _rerun_by_join(work: Path, out: Path, model: str, texts: list[str]) -> list[int]:
+    """The next night on two nodes: the input rewritten with rows shuffled and 60 texts edited,
+    the donors joined to the units by Ray tasks on both nodes. Texts embedded, rows copied."""
+    order = list(reversed(range(len(texts))))
+    edited = [t + " (edited)" if i % 20 == 0 else t for i, t in enumerate(texts)]
+    pq.write_table(
+        pa.table({"id": order, "text": [edited[i] for i in order]}),
+        work / "in" / "data.parquet",
+        row_group_size=ROWS,
+    )
+    summary = run_embed(_config(work, out, model, reuse_index_max_mb=0))
+    return [summary.texts_embedded, summary.reused_rows, summary.output_rows]
 
 
 def _place_gpu_actors(plan) -> list[list[str]]:

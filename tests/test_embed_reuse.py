@@ -149,6 +149,13 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
     monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
     plan = donor_join.plan_join(units, [], min_buckets=3)
     assert (plan.buckets, [len(g) for g in plan.groups]) == (3, [4, 4, 2])
+    # Past MAX_PIECES, buckets and groups grow alike (by sqrt(30 / 12)): groups of 15 rows,
+    # buckets held at one per CPU.
+    monkeypatch.setattr(donor_join, "GROUP_ROWS", 10)
+    monkeypatch.setattr(donor_join, "MAX_PIECES", 12)
+    many = donor_join.plan_join(units, [], min_buckets=3)
+    assert (many.buckets, [len(g) for g in many.groups]) == (3, [2, 2, 2, 2, 2])
+    monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
 
     # Donors: texts 0..59 over two files, 20..29 in both, 7 twice in one file; vector = [i, i].
     content_hash = "h" * 64

@@ -48,6 +48,8 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     # The model in object storage: each node downloaded its own copy, with the run's hash.
     for node in seen["node_models"]:
         assert [content for _, content in node] == [seen["model_hash"]]
+    # The next night, donors joined on both nodes: only the 60 edited texts are embedded.
+    assert seen["rerun"] == [60, 1140, 1200]
     # Fine-tuning loses its worker's node after a checkpoint: it goes on from there elsewhere.
     train = seen["train"]
     assert train["error"] is None and train["checkpoints_before_loss"] >= 1

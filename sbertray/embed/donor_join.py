@@ -19,6 +19,7 @@ A task holds one bucket's donor columns (about ``BUCKET_BYTES``) or one group's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,6 @@ from sbertray.embed.reuse import (
     KEY_COLUMN,
     DonorFile,
     DonorIndex,
-    index_of,
     key_array,
     key_numpy,
     read_donor,
@@ -42,6 +42,10 @@ from sbertray.embed.unit_reader import UnitReader
 
 BUCKET_BYTES = 128 << 20  # donor columns a join task holds
 GROUP_ROWS = 65_536  # unit rows whose matches one gather task sorts out
+# Pieces (buckets x groups) grow with the square of the rows; past this many, buckets and
+# groups grow instead (by the square root of the excess each), so the driver's references stay
+# bounded. Reached at about 75M rows of 384 float32 dimensions.
+MAX_PIECES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,17 @@ class JoinPlan:
 def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) -> JoinPlan:
     """Buckets from the donors' size (at least ``min_buckets``: one per CPU keeps them all
     busy), groups of consecutive units of about ``GROUP_ROWS`` rows."""
-    size = sum(d.bytes for d in donors)
-    buckets = max(2, min_buckets, -(-size // BUCKET_BYTES))
+    buckets = max(2, min_buckets, -(-sum(d.bytes for d in donors) // BUCKET_BYTES))
+    group_rows = GROUP_ROWS
+    rows = sum(u.num_rows for u in units)
+    excess = buckets * -(-rows // group_rows) / MAX_PIECES
+    if excess > 1:
+        buckets = max(2, min_buckets, int(buckets / math.sqrt(excess)))
+        group_rows = int(group_rows * math.sqrt(excess))
     groups: list[list[int]] = [[]]
     rows = 0
     for index, unit in enumerate(units):
-        if rows >= GROUP_ROWS:
+        if rows >= group_rows:
             groups.append([])
             rows = 0
         groups[-1].append(index)
@@ -72,11 +81,15 @@ def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) 
     return JoinPlan(buckets, groups)
 
 
-def _split(table: pa.Table, keys: np.ndarray, buckets: int) -> list[pa.Table]:
-    """``table`` split by its keys' bucket. Keys are uniform hashes: their first 8 bytes modulo
-    ``buckets`` spread them evenly. Each piece is taken, not sliced, so it serializes alone."""
-    which = np.ascontiguousarray(keys).view("<u8")[::2] % buckets
-    return [table.take(pa.array(np.flatnonzero(which == b))) for b in range(buckets)]
+def _split(
+    table: pa.Table, keys: np.ndarray, buckets: int, rows: np.ndarray | None = None
+) -> list[pa.Table]:
+    """``table``'s ``rows`` (default: all) split by their keys' bucket. Keys are uniform hashes:
+    their first 8 bytes modulo ``buckets`` spread them evenly. Each piece is taken, not sliced,
+    so it serializes alone."""
+    rows = np.arange(len(keys)) if rows is None else rows
+    which = np.ascontiguousarray(keys[rows]).view("<u8")[::2] % buckets
+    return [table.take(pa.array(rows[which == b])) for b in range(buckets)]
 
 
 def _unit_keys(reader: UnitReader, content_hash: str, unit: WorkUnit, index: int) -> pa.Table:
@@ -121,38 +134,44 @@ def donor_pieces(
     """Map: one donor file's keys and computed ``columns``, a repeated key once, split into
     ``buckets``."""
     table = read_donor(out, path, columns)
-    keys, first = np.unique(key_numpy(table.column(KEY_COLUMN)), return_index=True)
-    return _split(table.take(pa.array(first)), keys, buckets)
+    keys = key_numpy(table.column(KEY_COLUMN))
+    _, first = np.unique(keys, return_index=True)
+    return _split(table, keys, buckets, first)
 
 
 def join_bucket(
     unit_pieces: list[pa.Table], donor_pieces: list[pa.Table], group_of_unit: np.ndarray
 ) -> tuple[list[pa.Table], int]:
-    """Join, one bucket: the donor columns each unit key finds (with ``unit``), split by the
-    unit's group; and how many unit rows they cover."""
-    donors = index_of(pa.concat_tables(donor_pieces, promote_options="permissive"))
+    """Join, one bucket: the donor rows (keys and columns) each unit key finds, with its
+    ``unit``, split by the unit's group; and how many unit rows they cover. The donor columns
+    are copied once, into the pieces (concatenating tables only chains their chunks)."""
+    donors = pa.concat_tables(donor_pieces, promote_options="permissive")
+    keys, first = np.unique(key_numpy(donors.column(KEY_COLUMN)), return_index=True)
     wanted = pa.concat_tables(unit_pieces)
-    found = donors.lookup(key_numpy(wanted.column(KEY_COLUMN)))
+    found = DonorIndex(keys, donors, 0).lookup(key_numpy(wanted.column(KEY_COLUMN)))
     hit = np.flatnonzero(found >= 0)
-    units = wanted.column("unit").to_numpy()[hit]
-    matched = donors.columns.take(pa.array(found[hit]))
-    matched = matched.append_column(KEY_COLUMN, wanted.column(KEY_COLUMN).take(pa.array(hit)))
-    matched = matched.append_column("unit", pa.array(units, pa.int32()))
-    group = group_of_unit[units]
-    groups = int(group_of_unit.max()) + 1 if len(group_of_unit) else 0
-    pieces = [matched.take(pa.array(np.flatnonzero(group == g))) for g in range(groups)]
+    units = wanted.column("unit").to_numpy()
+    group = group_of_unit[units[hit]]
+    pieces = []
+    for g in range(int(group_of_unit.max()) + 1 if len(group_of_unit) else 0):
+        mine = hit[group == g]
+        piece = donors.take(pa.array(first[found[mine]]))
+        pieces.append(piece.append_column("unit", pa.array(units[mine], pa.int32())))
     return pieces, int(wanted.column("rows").to_numpy()[hit].sum())
 
 
 def gather_group(pieces: list[pa.Table], units: list[int]) -> list[DonorIndex | None]:
-    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows)."""
+    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows).
+    A unit's keys are already distinct (each of its keys matched once): sorting is enough."""
     table = pa.concat_tables(pieces, promote_options="permissive")
+    keys = key_numpy(table.column(KEY_COLUMN))
     unit_of_row = table.column("unit").to_numpy()
-    order = np.argsort(unit_of_row, kind="stable")
+    order = np.argsort(keys, kind="stable")
+    order = order[np.argsort(unit_of_row[order], kind="stable")]  # by unit, then key
     bounds = np.searchsorted(unit_of_row[order], [*units, max(units) + 1])
-    table = table.drop_columns(["unit"])
+    table = table.drop_columns([KEY_COLUMN, "unit"])
     indexes: list[DonorIndex | None] = []
     for n in range(len(units)):
         rows = order[bounds[n] : bounds[n + 1]]
-        indexes.append(index_of(table.take(pa.array(rows))) if len(rows) else None)
+        indexes.append(DonorIndex(keys[rows], table.take(pa.array(rows)), 0) if len(rows) else None)
     return indexes

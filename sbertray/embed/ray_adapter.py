@@ -252,9 +252,8 @@ def _resources_now() -> str:
 
 
 def _map_hashes_task(config: EmbedConfig, files: list[InputFile], buckets: int):
-    """``checks.map_hashes`` as a Ray task of ``buckets`` returns (one return is the value)."""
-    parts = map_hashes(config, files, buckets)
-    return parts[0] if buckets == 1 else parts
+    """``checks.map_hashes`` as a Ray task of ``buckets`` returns."""
+    return _returns(map_hashes(config, files, buckets), buckets)
 
 
 def repeated_id_hashes(
@@ -272,7 +271,7 @@ def repeated_id_hashes(
             map_task.remote(config, files, buckets)
             for files in chunks[wave : wave + _MAPS_IN_FLIGHT]
         ]
-        refs = [r if buckets > 1 else [r] for r in refs]
+        refs = [_refs(r, buckets) for r in refs]
         ray.wait([r[0] for r in refs], num_returns=len(refs))
         mapped += refs
     try:
@@ -325,19 +324,27 @@ def join_donors(
     buckets, groups = plan.buckets, len(plan.groups)
     keys_task = ray.remote(num_cpus=1, num_returns=buckets)(_keys_task)
     donor_task = ray.remote(num_cpus=1, num_returns=buckets)(_donor_task)
+    # No reference to a step's inputs is kept here: Ray frees a bucket's map outputs once its
+    # join ran, a group's join outputs once its gather ran; the store holds ~1 donor copy.
     mapped = [
         keys_task.remote(config, content_hash, [units[i] for i in group], group, buckets)
         for group in plan.groups
     ]
     mapped += [donor_task.remote(out, d.path, columns, buckets) for d in donors]
     mapped = [_refs(m, buckets) for m in mapped]
-    group_of_unit = ray.put(plan.group_of_unit())
     join_task = ray.remote(num_cpus=1, num_returns=groups + 1)(_join_task)
+    group_of_unit = ray.put(plan.group_of_unit())
     joined = [
         join_task.remote(group_of_unit, groups, *[m[b] for m in mapped]) for b in range(buckets)
     ]
+    del mapped
+    counts = [j.pop() for j in joined]
     per_unit: list[ray.ObjectRef] = []
     for g, group in enumerate(plan.groups):
         gather = ray.remote(num_cpus=1, num_returns=len(group))(_gather_task)
         per_unit += _refs(gather.remote(group, *[j[g] for j in joined]), len(group))
-    return per_unit, sum(ray.get([j[groups] for j in joined]))
+    del joined
+    matched = sum(ray.get(counts))
+    # Done before the pool starts: its actors may take every CPU the gathers wait for.
+    ray.wait(per_unit, num_returns=len(per_unit), fetch_local=False)
+    return per_unit, matched
