@@ -17,7 +17,7 @@ largest Ray worker's (actors and tasks) RSS and private memory, and the shared m
 largest N within 1.2x of the smallest N's.
 
     .venv/bin/python benchmarks/reuse_scale.py                # 100k and 1M rows
-    .venv/bin/python benchmarks/reuse_scale.py --rows 100000,1000000,4000000
+    .venv/bin/python benchmarks/reuse_scale.py --rows 100000,4000000 --ways join
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def config(work: Path, name: str, model: str, index_max_mb: int) -> Path:
     return path
 
 
-def night_two(work: Path, rows: int, model: str) -> dict:
+def night_two(work: Path, rows: int, model: str, ways: list[str]) -> dict:
     rng = np.random.default_rng(0)
     texts = [tiny_text(i) for i in range(rows)]
     write_snapshot(work / "in", np.arange(rows), texts)
@@ -145,6 +145,8 @@ def night_two(work: Path, rows: int, model: str) -> dict:
     write_snapshot(work / "in", rng.permutation(rows), texts)
     result = {"first": first}
     for way, bound in (("index", 1 << 30), ("join", 0)):
+        if way not in ways:
+            continue
         shutil.copytree(work / "first", work / way)
         result[way] = embed(config(work, way, model, bound))
         print(f"  {rows:,} rows, rerun by {way}: {result[way]}")
@@ -156,7 +158,9 @@ def night_two(work: Path, rows: int, model: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="100000,1000000", help="table sizes, comma-separated")
+    parser.add_argument("--ways", default="index,join", help="index: needs ~6.4 KB a row of RAM")
     args = parser.parse_args()
+    ways = args.ways.split(",")
     sizes = [int(n) for n in args.rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="sbertray-reuse-scale-") as tmp:
         os.environ["SBERTRAY_CACHE"] = tmp
@@ -166,9 +170,9 @@ def main() -> None:
 
         model = tiny_model_path()
         prepare_model(model, export=True)  # once, as for any model
-        results = {str(n): night_two(Path(tmp) / str(n), n, model) for n in sizes}
+        results = {str(n): night_two(Path(tmp) / str(n), n, model, ways) for n in sizes}
     small, large = results[str(sizes[0])], results[str(sizes[-1])]
-    for way in ("index", "join"):
+    for way in ways:
         for key in (
             "driver_peak_mb",
             "largest_worker_mb",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -52,7 +51,9 @@ def _read(out) -> dict[int, tuple[bytes, np.ndarray, int]]:
     return {i: (k, v, n) for i, k, v, n in zip(ids, keys, vectors, ns, strict=True)}
 
 
-def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path, stsb_dev):
+def test_a_rewritten_input_embeds_only_new_and_changed_texts(
+    ray_2cpu, tmp_path, stsb_dev, s3_prefix
+):
     texts = dict(enumerate(list(dict.fromkeys(stsb_dev[0] + stsb_dev[1]))[:120]))
     inp, out = tmp_path / "in", tmp_path / "out"
     for f in range(3):
@@ -60,7 +61,8 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     first = run_embed(_config(inp, out, "local"))
     assert (first.texts_embedded, first.reused_rows) == (120, 0)
     before = _read(out)
-    shutil.copytree(out, tmp_path / "out-joined")
+    joined_out = f"{s3_prefix}/out-joined"
+    storage.upload_dir(out, storage.resolve(joined_out))
 
     # The next snapshot: 5 texts edited, 3 rows deleted, 4 rows new, every row shuffled and
     # the 3 files compacted into 2 with new names.
@@ -92,13 +94,11 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(ray_2cpu, tmp_path,
     # Throughput once the actors run: from the first unit's start to the last commit.
     assert 0 < manifest["timings"]["units_span_s"] <= manifest["timings"]["seconds"]
 
-    # The donors joined to each unit on Ray (as for donors too large for one index): the same
-    # rows copied, the same output.
-    joined = run_embed(
-        _config(inp, tmp_path / "out-joined", "ray", compute={"reuse_index_max_mb": 0})
-    )
+    # The donors (on S3) joined to each unit on Ray, as for donors too large for one index:
+    # the same rows copied, the same output.
+    joined = run_embed(_config(inp, joined_out, "ray", compute={"reuse_index_max_mb": 0}))
     assert (joined.texts_embedded, joined.reused_rows) == (9, 112)
-    by_join = _read(tmp_path / "out-joined")
+    by_join = _read(storage.download_dir(storage.resolve(joined_out), tmp_path / "joined"))
     assert sorted(by_join) == sorted(after)
     for i in rows:
         assert by_join[i][0] == after[i][0] and np.array_equal(by_join[i][1], after[i][1])
