@@ -97,11 +97,26 @@ def write_unit(out: storage.Location, rel: str, table: pa.Table, compression: st
             tmp.path,
             filesystem=out.fs,
             compression=None if compression == "none" else compression,
+            use_dictionary=_dictionary_columns(table.schema),
         )
     except OSError as exc:
         storage.delete(tmp)
         raise storage.StorageError(f"could not write {storage.redact(final.url)}: {exc}") from exc
     storage.move(tmp, final)
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding: ids, passthrough columns, top-k ids. Vectors, scores
+    and content keys hardly repeat, and trying a dictionary on them made writing a unit of
+    384-float vectors 1.8x slower, for files no smaller."""
+
+    def dense(kind: pa.DataType) -> bool:
+        if pa.types.is_fixed_size_list(kind):  # vectors, scores; not top-k ids
+            kind = kind.value_type
+            return pa.types.is_floating(kind) or kind in (pa.int8(), pa.uint8())
+        return pa.types.is_fixed_size_binary(kind) or pa.types.is_floating(kind)
+
+    return [f.name for f in schema if not dense(f.type)]
 
 
 def committed_units(

@@ -40,17 +40,24 @@ def dry_run(config: EmbedConfig, *, ray_address: str | None = None) -> str:
     ]
     if not todo:
         return "\n".join([*lines, "  nothing to embed"])
-    reusable = sum(d.rows for d in planning.donor_files(plan, existing, done))
+    donors = planning.donor_files(plan, existing, done)
+    todo_rows = sum(u.num_rows for u in todo)
+    reusable = min(todo_rows, sum(d.rows for d in donors))
     pool = planning.choose_pool(plan, todo, reusable, ray_address)
     encoder = planning.resolve_encoder(plan, pool)
     rate, sampled = _sample_rate(plan, todo[0], encoder)
-    seconds = sum(u.num_rows for u in todo) / (rate * pool.num_actors)
+    seconds = (todo_rows - reusable) / (rate * pool.num_actors)
+    way = (
+        "joined to the units on Ray" if planning.joins_donors(plan.config, donors) else "one index"
+    )
+    size = sum(d.bytes for d in donors) / (1 << 20)
     lines += [
         f"  pool: {pool.describe()}; backend {encoder.backend}, precision {encoder.precision}",
         f"  estimate: {rate:,.0f} rows/s per actor on {sampled} sample rows here, so about "
         f"{format_duration(seconds)} of embedding for {pool.num_actors} actor(s), plus start-up"
         + (
-            f"; up to {reusable:,} rows' vectors may be copied from earlier output"
+            f"; up to {reusable:,} rows' vectors may be copied from earlier output "
+            f"({size:,.0f} MB, {way})"
             if reusable
             else ""
         ),

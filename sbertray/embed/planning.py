@@ -182,6 +182,15 @@ def donor_files(
     return reuse.donor_files(plan.out, candidates, plan.run_metadata["content_hash"], columns)
 
 
+def joins_donors(config: EmbedConfig, donors: list[reuse.DonorFile]) -> bool:
+    """Whether the donors reach the units by the join on Ray (``donor_join``) rather than one
+    index every unit shares: when they are larger than ``compute.reuse_index_max_mb`` and the
+    run may use Ray."""
+    compute = config.compute
+    too_large = sum(d.bytes for d in donors) > compute.reuse_index_max_mb << 20
+    return too_large and compute.executor != "local"
+
+
 def choose_pool(
     plan: EmbedPlan, todo: list[WorkUnit], reusable_rows: int, ray_address: str | None
 ) -> PoolPlan:

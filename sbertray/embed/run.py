@@ -27,6 +27,7 @@ from sbertray.embed.planning import (
     choose_pool,
     donor_files,
     find_committed,
+    joins_donors,
     plan_embed,
     resolve_encoder,
 )
@@ -99,12 +100,10 @@ def _donors(
     files = donor_files(plan, existing, done)
     if not files:
         return _Donors()
-    columns, compute = computed_columns(plan.config), plan.config.compute
+    columns = computed_columns(plan.config)
     todo_rows = sum(u.num_rows for u in todo)
     where = plural(len(files), "earlier output file")
-    if sum(f.bytes for f in files) <= compute.reuse_index_max_mb << 20 or (
-        compute.executor == "local"
-    ):
+    if not joins_donors(plan.config, files):
         index = reuse.build_index(plan.out, [f.path for f in files], columns)
         reusable = min(todo_rows, sum(f.rows for f in files))
         return _Donors(index, reusable, f"; vectors of {len(index):,} texts in {where} reusable")
