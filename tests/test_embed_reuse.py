@@ -146,16 +146,17 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
     config.bad_input.on_null_text = "skip"
     units = plan_input(config).units
     assert len(units) == 10
+    # At scale: buckets and pieces as the square root of the donors' size (4 GiB: 128 of each).
+    huge = [reuse.DonorFile(f"d{i}", 1_000_000, 1 << 30) for i in range(4)]
+    at_scale = donor_join.plan_join(units, huge, min_buckets=3)
+    assert at_scale.buckets == 128 and [len(m) for m in at_scale.donor_maps] == [1, 1, 1, 1]
+    # Small pieces here (at real sizes they stay above Ray's inline limit).
     monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
+    monkeypatch.setattr(donor_join, "KEY_PIECE_ROWS", 10)
+    monkeypatch.setattr(donor_join, "PIECE_BYTES", 10)
     plan = donor_join.plan_join(units, [], min_buckets=3)
-    assert (plan.buckets, [len(g) for g in plan.groups]) == (3, [4, 4, 2])
-    # Past MAX_PIECES, buckets and groups grow alike (by sqrt(30 / 12)): groups of 15 rows,
-    # buckets held at one per CPU.
-    monkeypatch.setattr(donor_join, "GROUP_ROWS", 10)
-    monkeypatch.setattr(donor_join, "MAX_PIECES", 12)
-    many = donor_join.plan_join(units, [], min_buckets=3)
-    assert (many.buckets, [len(g) for g in many.groups]) == (3, [2, 2, 2, 2, 2])
-    monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
+    assert plan.buckets == 3 and [len(g) for g in plan.groups] == [4, 4, 2]
+    assert [len(m) for m in plan.key_maps] == [4, 4, 2]
 
     # Donors: texts 0..59 over two files, 20..29 in both, 7 twice in one file; vector = [i, i].
     content_hash = "h" * 64
@@ -175,11 +176,11 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
         pq.write_table(table, f"{out.path}/{name}")
     mapped = [
         donor_join.unit_key_pieces(config, content_hash, [units[i] for i in g], g, plan.buckets)
-        for g in plan.groups
+        for g in plan.key_maps
     ]
     mapped += [
-        donor_join.donor_pieces(out, f"{out.path}/{n}", ["embedding"], plan.buckets)
-        for n in ("d0.parquet", "d1.parquet")
+        donor_join.donor_pieces(out, [f"{out.path}/{n}" for n in names], ["embedding"], 3)
+        for names in (["d0.parquet"], ["d1.parquet"])
     ]
     joined, matched = [], 0
     for b in range(plan.buckets):

@@ -10,11 +10,10 @@ per unit. Instead the computed columns move once, hash-partitioned by content ke
    split into ``buckets`` by key.
 2. **join**, one task per bucket: the bucket's donor keys once (``np.unique``), each unit key
    looked up; the matched columns, tagged with their unit, split by group of units.
-3. **gather**, one task per group: each unit's donor rows as its own ``DonorIndex``, which the
-   actor embedding that unit fetches by reference.
+3. **gather**, one task per group: each unit's donor rows as its own ``DonorIndex``, in one
+   object the actors embedding the group's units fetch by reference (zero-copy on a node).
 
-A task holds one bucket's donor columns (about ``BUCKET_BYTES``) or one group's matches (about
-``GROUP_ROWS`` rows); the driver holds object references and counts only.
+The driver holds object references and counts only (``PIECE_BYTES`` says how it stays so).
 """
 
 from __future__ import annotations
@@ -40,18 +39,22 @@ from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import embeddable_texts
 from sbertray.embed.unit_reader import UnitReader
 
-BUCKET_BYTES = 128 << 20  # donor columns a join task holds
-GROUP_ROWS = 65_536  # unit rows whose matches one gather task sorts out
-# Pieces (buckets x groups) grow with the square of the rows; past this many, buckets and
-# groups grow instead (by the square root of the excess each), so the driver's references stay
-# bounded. Reached at about 75M rows of 384 float32 dimensions.
-MAX_PIECES = 1_000_000
+# Ray keeps a task's return under 100 KB in the caller's own memory: every piece here must be
+# larger, or this process would hold the keys and vectors after all. Pieces of about
+# PIECE_BYTES (key pieces: KEY_PIECE_ROWS rows) make buckets and groups grow as the square root
+# of the donors' size (1 GB of donors: 64 buckets of 16 MB); a task holds a bucket, a group, or
+# a map's buckets x one piece.
+PIECE_BYTES = 256 << 10
+KEY_PIECE_ROWS = 8192  # 24 bytes a row: about 200 KB
+GROUP_ROWS = 65_536  # unit rows at least whose matches one gather task sorts out
 
 
 @dataclass(frozen=True)
 class JoinPlan:
     buckets: int
-    groups: list[list[int]]  # indexes into the units to embed, consecutive, per group
+    key_maps: list[list[int]]  # indexes into the units, consecutive, per key map
+    donor_maps: list[list[int]]  # indexes into the donor files, per donor map
+    groups: list[list[int]]  # indexes into the units, consecutive, per gather
 
     def group_of_unit(self) -> np.ndarray:
         """For each unit index, its group."""
@@ -60,25 +63,32 @@ class JoinPlan:
         )
 
 
+def _chunks(sizes: list[int], at_least: float) -> list[list[int]]:
+    """Consecutive indexes of ``sizes``, cut where a chunk reaches ``at_least``."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for index, size in enumerate(sizes):
+        if total >= at_least:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += size
+    return chunks
+
+
 def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) -> JoinPlan:
     """Buckets from the donors' size (at least ``min_buckets``: one per CPU keeps them all
-    busy), groups of consecutive units of about ``GROUP_ROWS`` rows."""
-    buckets = max(2, min_buckets, -(-sum(d.bytes for d in donors) // BUCKET_BYTES))
-    group_rows = GROUP_ROWS
-    rows = sum(u.num_rows for u in units)
-    excess = buckets * -(-rows // group_rows) / MAX_PIECES
-    if excess > 1:
-        buckets = max(2, min_buckets, int(buckets / math.sqrt(excess)))
-        group_rows = int(group_rows * math.sqrt(excess))
-    groups: list[list[int]] = [[]]
-    rows = 0
-    for index, unit in enumerate(units):
-        if rows >= group_rows:
-            groups.append([])
-            rows = 0
-        groups[-1].append(index)
-        rows += unit.num_rows
-    return JoinPlan(buckets, groups)
+    busy); maps and groups large enough that each piece they return is about ``PIECE_BYTES``."""
+    size = sum(d.bytes for d in donors)
+    row_bytes = max(1.0, size / max(1, sum(d.rows for d in donors)))
+    buckets = max(2, min_buckets, math.ceil(math.sqrt(size / PIECE_BYTES)))
+    rows = [u.num_rows for u in units]
+    return JoinPlan(
+        buckets,
+        key_maps=_chunks(rows, max(GROUP_ROWS, buckets * KEY_PIECE_ROWS)),
+        donor_maps=_chunks([d.bytes for d in donors], buckets * PIECE_BYTES),
+        groups=_chunks(rows, max(GROUP_ROWS, buckets * PIECE_BYTES / row_bytes)),
+    )
 
 
 def _split(
@@ -129,11 +139,12 @@ def unit_key_pieces(
 
 
 def donor_pieces(
-    out: storage.Location, path: str, columns: list[str], buckets: int
+    out: storage.Location, paths: list[str], columns: list[str], buckets: int
 ) -> list[pa.Table]:
-    """Map: one donor file's keys and computed ``columns``, a repeated key once, split into
+    """Map: donor files' keys and computed ``columns``, a repeated key once, split into
     ``buckets``."""
-    table = read_donor(out, path, columns)
+    tables = [read_donor(out, path, columns) for path in paths]
+    table = pa.concat_tables(tables, promote_options="permissive")
     keys = key_numpy(table.column(KEY_COLUMN))
     _, first = np.unique(keys, return_index=True)
     return _split(table, keys, buckets, first)
@@ -161,8 +172,9 @@ def join_bucket(
 
 
 def gather_group(pieces: list[pa.Table], units: list[int]) -> list[DonorIndex | None]:
-    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows).
-    A unit's keys are already distinct (each of its keys matched once): sorting is enough."""
+    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows),
+    returned as one object. A unit's keys are already distinct (each matched once): sorting
+    is enough."""
     table = pa.concat_tables(pieces, promote_options="permissive")
     keys = key_numpy(table.column(KEY_COLUMN))
     unit_of_row = table.column("unit").to_numpy()

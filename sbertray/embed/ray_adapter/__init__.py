@@ -1,10 +1,10 @@
-"""Ray wiring for the embed driver; the only module in ``embed/`` that imports Ray.
+"""Ray wiring for the embed driver; this package is the only place in ``embed/`` that imports
+Ray (the plan phase's tasks are in ``tasks``).
 
 Work units are the items of a Ray Data dataset; an actor pool of ``EmbedStage`` actors (fixed,
 or autoscaling between the bounds ``pool.py`` plans) takes one unit per call. Reads and writes
-happen inside the actors, so no separate read/write tasks wait for a CPU. The id check's
-map/reduce (``checks``) runs here as Ray tasks on a cluster, and unit results travel back as
-Ray Data rows (``_to_row`` / ``_from_row``).
+happen inside the actors, so no separate read/write tasks wait for a CPU. Unit results travel
+back as Ray Data rows (``_to_row`` / ``_from_row``).
 """
 
 from __future__ import annotations
@@ -17,18 +17,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-import numpy as np
 import ray
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
-from sbertray.embed import donor_join
-from sbertray.embed.checks import map_hashes, repeated_hashes
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.results import UnitResult
-from sbertray.embed.reuse import DonorFile, DonorIndex
-from sbertray.embed.shards import EmbedInputError, InputFile, WorkUnit
+from sbertray.embed.reuse import DonorIndex
+from sbertray.embed.shards import WorkUnit
 from sbertray.errors import UserError
 from sbertray.ray_runtime import autoscaling_limits, init_ray
 
@@ -38,10 +35,9 @@ _JSON_FIELDS = (
     "files",
     "bad_files",
 )  # nested: JSON in Ray Data result rows
-_MAPS_IN_FLIGHT = 8  # id-check maps running at once
-# Earlier output rows for the units: one index all units share, or each unit's own index as an
-# object reference (``join_donors``; None where a unit has none), in the units' order.
-Donors = DonorIndex | list[ray.ObjectRef] | None
+# Earlier output rows for the units: one index all units share, or where each unit's own is
+# (``join_donors``: its group's object and its place there; None where it has none).
+Donors = DonorIndex | list[tuple[ray.ObjectRef, int]] | None
 
 
 def _to_row(result: UnitResult) -> dict:
@@ -91,7 +87,10 @@ class _EmbedActor:
         """The unit's result row; an exception travels back in it (``raised``) so the driver
         re-raises it as it is, while a unit lost with its actor or node has no row at all."""
         try:
-            donors = ray.get(self.unit_donors[index]) if self.unit_donors is not None else None
+            donors = None
+            if self.unit_donors is not None:  # the unit's group's indexes, zero-copy on a node
+                group, place = self.unit_donors[index]
+                donors = ray.get(group)[place]
             return {**_to_row(self.stage.process(self.units[index], donors)), "raised": None}
         except Exception as exc:
             return {
@@ -251,100 +250,6 @@ def _resources_now() -> str:
     return ", ".join(f"{now.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
 
-def _map_hashes_task(config: EmbedConfig, files: list[InputFile], buckets: int):
-    """``checks.map_hashes`` as a Ray task of ``buckets`` returns."""
-    return _returns(map_hashes(config, files, buckets), buckets)
+from sbertray.embed.ray_adapter.tasks import join_donors, repeated_id_hashes  # noqa: E402
 
-
-def repeated_id_hashes(
-    config: EmbedConfig, chunks: list[list[InputFile]], buckets: int, planned: list[np.ndarray]
-) -> np.ndarray:
-    """The id check's map/reduce (``checks.check_ids``) as Ray tasks: this process holds object
-    refs only."""
-    # No CPU asked: reading ids is I/O, short, and runs before any actor, so it must not wait
-    # for a node to be added (the pool's own wait is bounded by `compute.placement_timeout_s`).
-    map_task = ray.remote(num_cpus=0, num_returns=buckets)(_map_hashes_task)
-    reduce_task = ray.remote(num_cpus=0)(repeated_hashes)
-    mapped = [[ray.put(part) for part in planned]]
-    for wave in range(0, len(chunks), _MAPS_IN_FLIGHT):
-        refs = [
-            map_task.remote(config, files, buckets)
-            for files in chunks[wave : wave + _MAPS_IN_FLIGHT]
-        ]
-        refs = [_refs(r, buckets) for r in refs]
-        ray.wait([r[0] for r in refs], num_returns=len(refs))
-        mapped += refs
-    try:
-        parts = ray.get([reduce_task.remote(*[m[b] for m in mapped]) for b in range(buckets)])
-    except ray.exceptions.RayTaskError as exc:  # a map's null id or unreadable column
-        if isinstance(exc.cause, EmbedInputError):
-            raise exc.cause from None
-        raise
-    return np.concatenate(parts)
-
-
-def _returns(values: list, count: int):
-    """A task's ``count`` returns: Ray takes a single return as the value itself."""
-    return values[0] if count == 1 else values
-
-
-def _refs(refs, count: int) -> list:
-    return [refs] if count == 1 else list(refs)
-
-
-def _keys_task(config, content_hash, units, indexes, buckets):
-    pieces = donor_join.unit_key_pieces(config, content_hash, units, indexes, buckets)
-    return _returns(pieces, buckets)
-
-
-def _donor_task(out, path, columns, buckets):
-    return _returns(donor_join.donor_pieces(out, path, columns, buckets), buckets)
-
-
-def _join_task(group_of_unit, units, *pieces):
-    pieces, matched = donor_join.join_bucket(pieces[:units], pieces[units:], group_of_unit)
-    return [*pieces, matched]
-
-
-def _gather_task(units, *pieces):
-    return _returns(donor_join.gather_group(list(pieces), units), len(units))
-
-
-def join_donors(
-    config: EmbedConfig,
-    units: list[WorkUnit],
-    out: storage.Location,
-    donors: list[DonorFile],
-    columns: list[str],
-    content_hash: str,
-) -> tuple[list[ray.ObjectRef], int]:
-    """Each unit's donor rows (``donor_join``) as an object reference, in ``units``' order,
-    and how many of the units' rows they cover. This process holds references and counts."""
-    plan = donor_join.plan_join(units, donors, int(ray.cluster_resources().get("CPU", 0)))
-    buckets, groups = plan.buckets, len(plan.groups)
-    keys_task = ray.remote(num_cpus=1, num_returns=buckets)(_keys_task)
-    donor_task = ray.remote(num_cpus=1, num_returns=buckets)(_donor_task)
-    # No reference to a step's inputs is kept here: Ray frees a bucket's map outputs once its
-    # join ran, a group's join outputs once its gather ran; the store holds ~1 donor copy.
-    mapped = [
-        keys_task.remote(config, content_hash, [units[i] for i in group], group, buckets)
-        for group in plan.groups
-    ]
-    mapped += [donor_task.remote(out, d.path, columns, buckets) for d in donors]
-    mapped = [_refs(m, buckets) for m in mapped]
-    join_task = ray.remote(num_cpus=1, num_returns=groups + 1)(_join_task)
-    group_of_unit = ray.put(plan.group_of_unit())
-    joined = [
-        join_task.remote(group_of_unit, groups, *[m[b] for m in mapped]) for b in range(buckets)
-    ]
-    del mapped
-    counts = [j.pop() for j in joined]
-    per_unit: list[ray.ObjectRef] = []
-    for g, group in enumerate(plan.groups):
-        gather = ray.remote(num_cpus=1, num_returns=len(group))(_gather_task)
-        per_unit += _refs(gather.remote(group, *[j[g] for j in joined]), len(group))
-    del joined
-    matched = sum(ray.get(counts))
-    # Done before the pool starts: its actors may take every CPU the gathers wait for.
-    ray.wait(per_unit, num_returns=len(per_unit), fetch_local=False)
-    return per_unit, matched
+__all__ = ["cluster_resources", "join_donors", "repeated_id_hashes", "run_units"]
