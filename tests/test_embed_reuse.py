@@ -146,10 +146,13 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
     config.bad_input.on_null_text = "skip"
     units = plan_input(config).units
     assert len(units) == 10
-    # At scale: buckets and pieces as the square root of the donors' size (4 GiB: 128 of each).
+    # At scale: 128 MB buckets (4 GiB: 32), then the square root of the donors' size (1 TiB:
+    # 2,048, not 8,192).
     huge = [reuse.DonorFile(f"d{i}", 1_000_000, 1 << 30) for i in range(4)]
     at_scale = donor_join.plan_join(units, huge, min_buckets=3)
-    assert at_scale.buckets == 128 and [len(m) for m in at_scale.donor_maps] == [1, 1, 1, 1]
+    assert at_scale.buckets == 32 and [len(m) for m in at_scale.donor_maps] == [1, 1, 1, 1]
+    tera = [reuse.DonorFile("d", 10**9, 1 << 40)]
+    assert donor_join.plan_join(units, tera, min_buckets=3).buckets == 2048
     # Small pieces here (at real sizes they stay above Ray's inline limit).
     monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
     monkeypatch.setattr(donor_join, "KEY_PIECE_ROWS", 10)

@@ -39,11 +39,12 @@ from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import embeddable_texts
 from sbertray.embed.unit_reader import UnitReader
 
+BUCKET_BYTES = 128 << 20  # donor columns a join task holds, up to ~64 GB of donors (below)
 # Ray keeps a task's return under 100 KB in the caller's own memory: every piece here must be
-# larger, or this process would hold the keys and vectors after all. Pieces of about
-# PIECE_BYTES (key pieces: KEY_PIECE_ROWS rows) make buckets and groups grow as the square root
-# of the donors' size (1 GB of donors: 64 buckets of 16 MB); a task holds a bucket, a group, or
-# a map's buckets x one piece.
+# larger, or this process would hold the keys and vectors after all. So maps and groups are
+# large enough to give each bucket a piece of about PIECE_BYTES (key pieces: KEY_PIECE_ROWS
+# rows); past ~64 GB of donors, buckets grow as the square root of the donors' size instead, so
+# the maps do not grow with them.
 PIECE_BYTES = 256 << 10
 KEY_PIECE_ROWS = 8192  # 24 bytes a row: about 200 KB
 GROUP_ROWS = 65_536  # unit rows at least whose matches one gather task sorts out
@@ -81,7 +82,8 @@ def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) 
     busy); maps and groups large enough that each piece they return is about ``PIECE_BYTES``."""
     size = sum(d.bytes for d in donors)
     row_bytes = max(1.0, size / max(1, sum(d.rows for d in donors)))
-    buckets = max(2, min_buckets, math.ceil(math.sqrt(size / PIECE_BYTES)))
+    by_size = min(math.ceil(size / BUCKET_BYTES), math.ceil(math.sqrt(size / PIECE_BYTES)))
+    buckets = max(2, min_buckets, by_size)
     rows = [u.num_rows for u in units]
     return JoinPlan(
         buckets,
