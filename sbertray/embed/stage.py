@@ -1,5 +1,5 @@
 """The embedding stage: one work unit in, one committed Parquet file out. No Ray in here; the
-Ray Data adapter (``ray_adapter.py``) runs one ``EmbedStage`` per actor.
+Ray Data adapter (``ray_adapter``) runs one ``EmbedStage`` per actor.
 
 Contract per unit (a large input file's row-group range, or small files of one folder), declared
 by ``output_schema``:
