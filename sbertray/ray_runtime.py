@@ -43,6 +43,9 @@ def init_ray(address: str | None = None) -> None:
         return
     num_cpus = os.environ.get(NUM_CPUS_ENV)
     ray.init(
+        # A Ray of its own: without an address, Ray would join any cluster `ray start` left on
+        # this machine (and refuse `num_cpus` there); a cluster is named with --address.
+        address="local",
         num_cpus=int(num_cpus) if num_cpus else None,
         include_dashboard=False,
         # Ray's start-up banners and notices only with `--verbose`: sbertray says what it does.

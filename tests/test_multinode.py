@@ -5,6 +5,8 @@ process beside the session's Ray)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +24,23 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     # and with the tiny model they were sometimes all done by then (0 units retried).
     model = f"{s3_prefix}/base"
     storage.upload_dir(bundled_model_path, storage.resolve(model))
-    proc = subprocess.run(
+    # Its own process group: on a timeout the cluster's processes go with the script, not on
+    # into the next tests.
+    proc = subprocess.Popen(
         [sys.executable, str(HERE / "multinode.py"), str(tmp_path / "work"), model],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    seen = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(seen))  # what each scenario did, for `pytest -s`
 
     # A cold cluster no node is added to: a clear error after the bounded wait, not a hang.
