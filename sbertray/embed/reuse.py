@@ -116,20 +116,12 @@ def read_donor(out: storage.Location, path: str, columns: list[str]) -> pa.Table
         return pq.read_table(handle, columns=[KEY_COLUMN, *columns])
 
 
-def index_of(table: pa.Table, files: int = 0) -> DonorIndex:
-    """A ``DonorIndex`` of ``table`` (keys and computed columns): repeated keys kept once."""
-    if not table.num_rows:
-        return DonorIndex(
-            np.empty(0, dtype=f"S{KEY_BYTES}"), table.drop_columns([KEY_COLUMN]), files
-        )
-    keys = key_numpy(table.column(KEY_COLUMN))
-    unique, first = np.unique(keys, return_index=True)  # sorted; repeated texts kept once
-    return DonorIndex(unique, table.drop_columns([KEY_COLUMN]).take(first), files)
-
-
 def build_index(out: storage.Location, files: list[str], columns: list[str]) -> DonorIndex:
     """Reads ``columns`` (the stage's computed columns) and the keys of ``files``."""
     tables = storage.map_parallel(lambda path: read_donor(out, path, columns), files)
     if not tables:
         return DonorIndex(np.empty(0, dtype=f"S{KEY_BYTES}"), pa.table({}), 0)
-    return index_of(pa.concat_tables(tables), len(files))
+    table = pa.concat_tables(tables)
+    keys = key_numpy(table.column(KEY_COLUMN))
+    unique, first = np.unique(keys, return_index=True)  # sorted; repeated texts kept once
+    return DonorIndex(unique, table.drop_columns([KEY_COLUMN]).take(first), len(files))

@@ -81,7 +81,8 @@ def run_embed(
 class _Donors:
     """The earlier output rows this run copies from, as the executor takes them."""
 
-    # One shared index, or each unit's own as an object reference (joined on Ray).
+    # One shared index, or where each unit's own is: its group's object and its place there
+    # (joined on Ray, ``ray_adapter.join_donors``).
     rows: reuse.DonorIndex | list | None = None
     reusable_rows: int = 0  # rows of the units to embed they can serve
     note: str = ""  # for the run's opening line
