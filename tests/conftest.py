@@ -57,6 +57,7 @@ def ray_2cpu(s3_server):
 
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(
+        address="local",  # not a cluster some `ray start` left on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=True,
