@@ -14,8 +14,9 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
    worker node has its own model cache (`SBERTRAY_CACHE`): each downloads the model itself.
 4. A node joins again; the next night, rows shuffled and a few texts edited, copies the other
    vectors through the donor join's Ray tasks on both nodes.
-5. Fine-tuning with `scaling.max_failures: 1` loses the node its worker
-   runs on after the first checkpoint, and goes on from that checkpoint on the other node.
+5. Fine-tuning on pairs in object storage with `scaling.max_failures: 1` loses the node its
+   worker runs on after the first checkpoint, and goes on from that checkpoint on the other
+   node, streaming the shards the driver prepared in the shared folder.
 6. A node with 2 CPUs and 1 (declared) GPU joins: the pool plans two GPU actors of 1 CPU
    sharing the GPU, and Ray places both at once on it.
 """
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
+from sbertray import storage
 from sbertray.config import ComputeConfig, EmbedConfig, parse_config
 from sbertray.embed.pool import plan_pool
 from sbertray.embed.run import run_embed
@@ -71,11 +73,14 @@ def _train_losing_a_node(cluster: Cluster, work: Path, model: str) -> dict:
     from sbertray.train import checkpoints
     from sbertray.train.run import train
 
+    # The pairs in object storage, beside the model: read by the driver's prepare step, which
+    # writes the shards the worker streams under the shared checkpoint root.
     pairs = [line.split("\t") for line in STSB_TRAIN.read_text().splitlines()[1:321]]
-    pq.write_table(
-        pa.table({k: [p[i] for p in pairs] for k, i in (("a", 0), ("b", 1), ("score", 2))}),
-        work / "pairs.parquet",
-    )
+    pairs_url = f"{model.rsplit('/', 1)[0]}/pairs.parquet"
+    table = pa.table({k: [p[i] for p in pairs] for k, i in (("a", 0), ("b", 1), ("score", 2))})
+    loc = storage.resolve(pairs_url)
+    with loc.fs.open_output_stream(loc.path) as f:
+        pq.write_table(table, f)
     out = work / "shared" / "model"
     config = parse_config(
         TrainConfig,
@@ -83,7 +88,7 @@ def _train_losing_a_node(cluster: Cluster, work: Path, model: str) -> dict:
             "name": "node-loss",
             "base_model": model,
             "train": {
-                "path": str(work / "pairs.parquet"),
+                "path": pairs_url,
                 "columns": {"sentence_0": "a", "sentence_1": "b", "label": "score"},
                 "label_scale": 0.2,
             },

@@ -40,18 +40,14 @@ def dir_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
 
-def run_fingerprint(
-    config: TrainConfig, tables: list[pa.Table | None], base_model_hash: str
-) -> str:
-    """The hash of the recipe's training-relevant keys, the validated pairs and the base model."""
+def run_fingerprint(config: TrainConfig, data: list[str | None], base_model_hash: str) -> str:
+    """The hash of the recipe's training-relevant keys, the validated pairs (their digests: the
+    training set's from ``prepare``, the dev set's ``table_hash``) and the base model."""
     settings = dump_without(config, _NOT_IN_FINGERPRINT)
-    data = [_table_hash(t) for t in tables]
     return stable_hash({"config": settings, "data": data, "base_model": base_model_hash})
 
 
-def _table_hash(table: pa.Table | None) -> str | None:
-    if table is None:
-        return None
+def table_hash(table: pa.Table) -> str:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -21,7 +21,7 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
     """The plan as lines of text. Raises what ``train`` raises before a worker starts."""
     from sbertray.ray_runtime import init_ray
 
-    plan = plan_training(config)
+    plan = plan_training(config, ray_address=ray_address, write_data=False)
     config = plan.config
     # As `train`: a model this run already wrote is kept before Ray starts.
     if (finished := finished_result(plan)) is not None:
@@ -30,7 +30,7 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
             f"recipe, data and base model ({finished.global_step} steps); a run keeps it "
             "(--restart trains it again)"
         )
-    rows = plan.train.table.num_rows
+    rows = plan.train.rows
     init_ray(ray_address)
     import ray
 
@@ -79,7 +79,7 @@ def _step_seconds(plan: TrainingPlan) -> float:
     )
     loss = build_loss(model, config.training)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
-    batch = plan.train.table.slice(0, config.training.batch_size).to_pylist()
+    batch = plan.train.sample.slice(0, config.training.batch_size).to_pylist()
     features = [model.preprocess([row[k] for row in batch]) for k in ("sentence_0", "sentence_1")]
     labels = torch.tensor([row["label"] for row in batch], dtype=torch.float32)
     for i in range(_TIMED_STEPS + 1):

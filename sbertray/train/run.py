@@ -1,7 +1,9 @@
 """Fine-tuning on sentence pairs across Ray Train workers (the loss: ``loss.py``).
 
 The driver validates the data and the base model first (so bad input fails before any worker
-starts), then runs a ``TorchTrainer`` whose workers each drive sentence-transformers' own trainer.
+starts; the training set is written as shards on the way, ``prepare.py``), then runs a
+``TorchTrainer`` whose workers each drive sentence-transformers' own trainer over their stream
+of the shards (``stream.py``).
 Ray Train owns the process group and checkpoint storage; sentence-transformers/transformers own
 the optimizer, schedule, sharded sampling and the model card.
 
@@ -23,9 +25,18 @@ from sbertray.modeling import load_model, model_hash, resolve_model_path
 from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
 from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
-from sbertray.train.checkpoints import run_fingerprint
+from sbertray.train.checkpoints import run_fingerprint, table_hash
 from sbertray.train.data import PairData, load_pairs
-from sbertray.train.worker import LOOP_RESULT_FILE, LoopResult, WorkerJob, run_name, train_worker
+from sbertray.train.prepare import IN_PROCESS_MAX_BYTES, PreparedPairs, prepare_pairs
+from sbertray.train.sources import list_sources
+from sbertray.train.worker import (
+    LOOP_RESULT_FILE,
+    LoopResult,
+    WorkerJob,
+    run_base,
+    run_name,
+    train_worker,
+)
 
 RESULT_FILE = "train_result.json"
 
@@ -66,12 +77,12 @@ class TrainingPlan:
     """A recipe checked before any worker starts."""
 
     config: TrainConfig  # local paths made absolute (workers run in other directories)
-    train: PairData
+    train: PreparedPairs  # shards under ``prepared_url`` (none in a dry run)
     dev: PairData | None
     fingerprint: str  # ``checkpoints.run_fingerprint``: which checkpoints are this run's
 
     def describe(self) -> str:
-        t, rows = self.config.training, self.train.table.num_rows
+        t, rows = self.config.training, self.train.rows
         dropped = rows % t.batch_size
         left_out = (
             f"; the last {dropped} rows of each epoch's shuffle fill no whole batch and are "
@@ -90,11 +101,21 @@ class TrainingPlan:
         """Optimizer steps: DDP drops the incomplete last batch, so an epoch is
         floor(rows / global batch) steps on any number of workers."""
         t = self.config.training
-        return t.max_steps or int(t.epochs * (self.train.table.num_rows // t.batch_size))
+        return t.max_steps or int(t.epochs * (self.train.rows // t.batch_size))
 
 
-def plan_training(config: TrainConfig) -> TrainingPlan:
-    """Validates the data, resolves the base model and checks that the outputs are writable.
+def prepared_url(config: TrainConfig) -> str:
+    """Where the run's validated training shards go: beside the checkpoints (shared storage on
+    a cluster), named for the run but not its fingerprint, which is known only after them."""
+    return storage.join(config.output.checkpoint_root, "_prepared", run_base(config))
+
+
+def plan_training(
+    config: TrainConfig, *, ray_address: str | None = None, write_data: bool = True
+) -> TrainingPlan:
+    """Validates the data (writing the training shards unless ``write_data`` is false),
+    resolves the base model and checks that the outputs are writable. Starts Ray first when
+    the training set is large enough to be validated by Ray tasks.
 
     Raises:
         DataError: bad training/dev data.
@@ -109,16 +130,25 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     output_paths.check_lasting(outputs)
     if os.path.exists(config.base_model):
         config.base_model = storage.absolute(config.base_model)
-    train_pairs = load_pairs(config.train, config.storage)
     dev_pairs = load_pairs(config.dev, config.storage) if config.dev else None
     base_path = resolve_model_path(config.base_model, config.storage)
     base_model_hash = model_hash(base_path)
     _check_matryoshka_dims(config, base_path)
     for url in outputs.values():
         storage.check_writable(storage.resolve(url, config.storage))
-    fingerprint = run_fingerprint(
-        config, [train_pairs.table, dev_pairs.table if dev_pairs else None], base_model_hash
+    sources = list_sources(config.train, config.storage)
+    use_ray = config.train.limit is None and sum(s.size for s in sources) > IN_PROCESS_MAX_BYTES
+    if use_ray:
+        _connect(config, ray_address)
+    train_pairs = prepare_pairs(
+        config.train,
+        config.storage,
+        prepared_url(config) if write_data else None,
+        sample_rows=max(config.training.batch_size, 1000),
+        use_ray=use_ray,
     )
+    data = [train_pairs.digest, table_hash(dev_pairs.table) if dev_pairs else None]
+    fingerprint = run_fingerprint(config, data, base_model_hash)
     return TrainingPlan(config, train_pairs, dev_pairs, fingerprint)
 
 
@@ -149,9 +179,10 @@ def train(
     Raises what ``plan_training`` raises, before any worker starts.
     """
     started = time.time()
-    plan = plan_training(config)
+    plan = plan_training(config, ray_address=ray_address)
     config = plan.config
     if not restart and (finished := finished_result(plan)) is not None:
+        _delete_prepared(config)
         print(
             f"[sbertray] {finished.model_url} was trained with this recipe, data and base model "
             f"({finished.global_step} steps): keeping it (--restart trains it again)",
@@ -163,6 +194,22 @@ def train(
         _report_skips("dev", plan.dev)
     print(f"[sbertray] {plan.describe()}", flush=True)
 
+    many_nodes = _connect(config, ray_address)
+    ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
+    if restart:
+        storage.delete(ckpt_loc.child(run_name(config, plan.fingerprint)))
+    with ray_train_settings(many_nodes):
+        _trainer(plan, ckpt_loc).fit()
+    result = _finish(plan, started)
+    _delete_prepared(config)
+    if not config.output.keep_checkpoints:
+        _delete_run_checkpoints(ckpt_loc, run_name(config, plan.fingerprint))
+    return result
+
+
+def _connect(config: TrainConfig, ray_address: str | None) -> bool:
+    """Starts (or joins) Ray; on many nodes, checks that the outputs are on shared storage
+    (every worker reads the prepared shards beside the checkpoints). True on many nodes."""
     init_ray(ray_address)
     many_nodes = spans_many_nodes()
     if many_nodes:
@@ -171,15 +218,17 @@ def train(
             "output.checkpoints": config.output.checkpoint_root,
         }
         output_paths.check_shared(outputs, config.storage)
-    ckpt_loc = storage.resolve(config.output.checkpoint_root, config.storage)
-    if restart:
-        storage.delete(ckpt_loc.child(run_name(config, plan.fingerprint)))
-    with ray_train_settings(many_nodes):
-        _trainer(plan, ckpt_loc).fit()
-    result = _finish(plan, started)
-    if not config.output.keep_checkpoints:
-        _delete_run_checkpoints(ckpt_loc, run_name(config, plan.fingerprint))
-    return result
+    return many_nodes
+
+
+def _delete_prepared(config: TrainConfig) -> None:
+    """The run's training shards, then the ``_prepared`` folder if that left it empty."""
+    storage.delete(storage.resolve(prepared_url(config), config.storage))
+    parent = storage.resolve(
+        storage.join(config.output.checkpoint_root, "_prepared"), config.storage
+    )
+    if parent.is_local and os.path.isdir(parent.path) and not os.listdir(parent.path):
+        os.rmdir(parent.path)
 
 
 def finished_result(plan: TrainingPlan) -> TrainResult | None:
@@ -203,7 +252,7 @@ def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location):
     cpus = worker_cpus(config)
     job = WorkerJob(
         config=config,
-        train=plan.train.table,
+        train=plan.train,
         dev=plan.dev.table if plan.dev is not None else None,
         cpus_per_worker=cpus,
         fingerprint=plan.fingerprint,
@@ -260,7 +309,7 @@ def _delete_run_checkpoints(root: storage.Location, name: str) -> None:
         os.rmdir(root.path)
 
 
-def _report_skips(kind: str, pairs: PairData) -> None:
+def _report_skips(kind: str, pairs: PairData | PreparedPairs) -> None:
     if pairs.num_skipped:
         reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
         print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)

@@ -1,6 +1,6 @@
 """The Ray Train worker loop: each worker drives sentence-transformers' own trainer with the
-recipe's loss (``loss``: a pair's two sides in one forward); Ray Train owns the process group
-and checkpoint storage."""
+recipe's loss (``loss``: a pair's two sides in one forward) over its stream of the prepared
+pairs (``stream``); Ray Train owns the process group and checkpoint storage."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sbertray.train.callback import report_callback
 from sbertray.train.card import card_base_model
 from sbertray.train.checkpoints import CheckpointStore
 from sbertray.train.data import PairData
+from sbertray.train.prepare import PreparedPairs
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -31,8 +32,8 @@ class WorkerJob:
     """What every Ray Train worker gets: the validated recipe and data, as typed objects."""
 
     config: TrainConfig  # local paths made absolute by the driver's plan
-    train: pa.Table  # validated pairs: sentence_0, sentence_1, label
-    dev: pa.Table | None
+    train: PreparedPairs  # the shards' addresses and counts, not the rows
+    dev: pa.Table | None  # validated pairs: sentence_0, sentence_1, label
     cpus_per_worker: float
     fingerprint: str  # ``checkpoints.run_fingerprint``: which checkpoints are this run's
     verbose: bool
@@ -52,16 +53,19 @@ class LoopResult:
     eval_log: list[dict]  # dev metrics after each epoch
 
 
-def run_name(config: TrainConfig, fingerprint: str) -> str:
-    """Ray Train's run name: the output's (or ``output.run_name``) plus the run fingerprint, so a
-    rerun of the same recipe finds its own checkpoints and a changed one starts a run of its
-    own instead of resuming (or evicting) another's."""
+def run_base(config: TrainConfig) -> str:
+    """``output.run_name``, else the recipe's name and a hash of its output."""
     if config.output.run_name:
-        base = config.output.run_name
-    else:
-        digest = hashlib.sha256(storage.redact(config.output.model).encode()).hexdigest()[:8]
-        base = f"{config.name}-{digest}"
-    return f"{base}-{fingerprint[:8]}"
+        return config.output.run_name
+    digest = hashlib.sha256(storage.redact(config.output.model).encode()).hexdigest()[:8]
+    return f"{config.name}-{digest}"
+
+
+def run_name(config: TrainConfig, fingerprint: str) -> str:
+    """Ray Train's run name: ``run_base`` plus the run fingerprint, so a rerun of the same
+    recipe finds its own checkpoints and a changed one starts a run of its own instead of
+    resuming (or evicting) another's."""
+    return f"{run_base(config)}-{fingerprint[:8]}"
 
 
 def _training_arguments(
@@ -84,9 +88,9 @@ def _training_arguments(
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
-        # The incomplete last batch is dropped, as DDP must: floor(rows / batch) steps an epoch
-        # on any number of workers, one included (which trains without DDP).
-        dataloader_drop_last=True,
+        # The stream starts a resumed run at its step (reading nothing before it); the
+        # trainer's own skipping would read and tokenize every batch before it.
+        ignore_data_skip=True,
         fp16=t.precision == "fp16",
         bf16=t.precision == "bf16",
         logging_steps=t.logging_steps,
@@ -160,12 +164,14 @@ def train_worker(loop_config: dict) -> None:
         # even a single process, whose gradients then go through gloo for nothing (5-10% of a
         # step on a 2-core machine). One worker trains as the plain trainer does.
         os.environ.pop("LOCAL_RANK", None)
-    trainer = _trainer(job, model, evaluator, dev_name, local_root, world, rank, store)
+    stream = _stream(job, world, rank, resumed_from)
+    trainer = _trainer(job, model, evaluator, dev_name, local_root, stream, rank, store)
     trainer.train(resume_from_checkpoint=resume_path)
     dev_rows = job.dev.num_rows if job.dev is not None else 0
     dev_metrics = _final_dev_score(model, trainer, evaluator, dev_name, dev_rows)
     if rank == 0:
-        outcome = _loop_result(trainer, resumed_from, len(job.train), dev_metrics)
+        _card_counts_every_row(model.model_card_data, job.train.rows)
+        outcome = _loop_result(trainer, resumed_from, stream, dev_metrics)
         _save_model(job.config, model, outcome, local_root / "model")
     ray.train.report({"global_step": trainer.state.global_step})
     # Done: every checkpoint and the model are in storage; a failed run keeps its scratch.
@@ -235,20 +241,40 @@ def _restore(store: CheckpointStore, resume_dir: Path, rank: int) -> tuple[str |
     return resume_path, resumed_from
 
 
-def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, world, rank, store):
-    """sentence-transformers' trainer over the job's pairs, reporting to Ray Train."""
+def _stream(job: WorkerJob, world: int, rank: int, resumed_from: int):
+    from sbertray.train.stream import PairStream
+
+    return PairStream(
+        job.train.shards,
+        job.config.storage,
+        global_batch=job.config.training.batch_size,
+        world=world,
+        rank=rank,
+        seed=job.config.training.seed,
+        start_step=resumed_from,
+    )
+
+
+def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, stream, rank, store):
+    """sentence-transformers' trainer over this worker's stream, reporting to Ray Train. Its
+    ``train_dataset`` is the sample: what the model card describes (sizes are set to the whole
+    set's after training); the batches come from the stream."""
     import datasets
-    from sentence_transformers import SentenceTransformerTrainer
     from transformers.trainer_callback import PrinterCallback
 
     from sbertray.train.loss import build_loss
+    from sbertray.train.stream import StreamingTrainer
 
-    trainer = SentenceTransformerTrainer(
+    trainer = StreamingTrainer(
+        stream,
         model=model,
         args=_training_arguments(
-            job.config, str(local_root / "hf"), world, dev_name if evaluator is not None else None
+            job.config,
+            str(local_root / "hf"),
+            stream.world,
+            dev_name if evaluator is not None else None,
         ),
-        train_dataset=datasets.Dataset(job.train),
+        train_dataset=datasets.Dataset(job.train.sample),
         loss=build_loss(model, job.config.training),
         evaluator=evaluator,
         callbacks=[report_callback(rank, store, evaluator)],
@@ -271,13 +297,26 @@ def _final_dev_score(model, trainer, evaluator, dev_name: str, dev_rows: int) ->
     return SimilarityMetrics.from_results(results, dev_name, dev_rows).as_dict()
 
 
-def _loop_result(trainer, resumed_from: int, train_rows: int, dev_metrics) -> LoopResult:
+def _card_counts_every_row(card, rows: int) -> None:
+    """The card's dataset statistics come from the sample the trainer was given; its size and
+    size tag are the whole training set's."""
+    for dataset in card.train_datasets:
+        if "size" in dataset:
+            dataset["size"] = rows
+    card.tags = [t for t in card.tags or [] if not t.startswith("dataset_size:")]
+    card.add_tags(f"dataset_size:{rows}")
+
+
+def _loop_result(trainer, resumed_from: int, stream, dev_metrics) -> LoopResult:
     history = trainer.state.log_history
+    step = trainer.state.global_step
     return LoopResult(
-        global_step=trainer.state.global_step,
+        global_step=step,
         resumed_from_step=resumed_from,
-        epochs=float(trainer.state.epoch or 0.0),
-        train_rows=train_rows,
+        # From the step, not the trainer's state: a resumed epoch's count starts at its first
+        # batch there, since the stream (not the trainer) skips the steps already trained.
+        epochs=round(step / stream.steps_per_epoch, 4),
+        train_rows=sum(s.rows for s in stream.shards),
         dev_metrics=dev_metrics,
         loss_log=[
             {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]}
