@@ -18,6 +18,7 @@ largest N within 1.2x of the smallest N's.
 
     .venv/bin/python benchmarks/reuse_scale.py                # 100k and 1M rows
     .venv/bin/python benchmarks/reuse_scale.py --rows 100000,4000000 --ways join
+    .venv/bin/python benchmarks/reuse_scale.py --ways join --where s3     # on the tests' S3 server
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pyarrow import fs as pafs
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from _common import ROOT, record  # noqa: E402
 from scale import tiny_text  # noqa: E402
+
+from sbertray import storage  # noqa: E402
 
 FILES = 16
 
@@ -77,20 +81,28 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def embed(config: Path) -> dict:
-    """One `sbertray embed` process, sampled; its wall time, peaks and manifest totals."""
+def start_sampled(args: list[str], tree: Path = ROOT, stderr=subprocess.PIPE):
+    """``python -m sbertray ARGS`` run from ``tree``'s code (its own Ray, not $RAY_ADDRESS's),
+    with a started ``Sampler``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    start = time.perf_counter()
+    env["PYTHONPATH"] = str(tree)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sbertray", "embed", str(config)],
-        cwd=ROOT,
+        [sys.executable, "-m", "sbertray", *args],
+        cwd=tree,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
     sampler = Sampler(proc.pid)
     sampler.start()
+    return proc, sampler
+
+
+def embed(config: Path) -> dict:
+    """One `sbertray embed` process, sampled; its wall time, peaks and manifest totals."""
+    start = time.perf_counter()
+    proc, sampler = start_sampled(["embed", str(config)])
     out, err = proc.communicate()
     sampler.stop.set()
     sampler.join()
@@ -98,7 +110,8 @@ def embed(config: Path) -> dict:
         sys.exit(out[-2000:] + err[-3000:])
     print("    " + "\n    ".join(line for line in out.splitlines() if "embedding" in line))
     path = yaml.safe_load(config.read_text())["output"]["path"]
-    timings = json.loads((Path(path) / "_manifest.json").read_text())["timings"]
+    manifest = storage.read_bytes(storage.resolve(storage.join(path, "_manifest.json")))
+    timings = json.loads(manifest)["timings"]
     phases = re.search(r"time by phase: plan ([\d.]+) s, embed ([\d.]+) s", out)
     mb = 1 << 20
     return {
@@ -114,44 +127,52 @@ def embed(config: Path) -> dict:
     }
 
 
-def write_snapshot(root: Path, ids: np.ndarray, texts: list[str]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+def write_snapshot(root: str, ids: np.ndarray, texts: list[str]) -> None:
+    loc = storage.resolve(root)
+    loc.fs.create_dir(loc.path, recursive=True)
     for n, part in enumerate(np.array_split(ids, FILES)):
         table = pa.table({"id": part, "text": [texts[i] for i in part]})
-        pq.write_table(table, root / f"snapshot-{n:02d}.parquet", row_group_size=16_384)
+        with loc.fs.open_output_stream(f"{loc.path}/snapshot-{n:02d}.parquet") as f:
+            pq.write_table(table, f, row_group_size=16_384)
 
 
-def config(work: Path, name: str, model: str, index_max_mb: int) -> Path:
+def config(work: Path, base: str, name: str, model: str, index_max_mb: int) -> Path:
     path = work / f"{name}.yaml"
     settings = {
         "model": model,
-        "input": {"path": str(work / "in"), "id_column": "id"},
+        "input": {"path": f"{base}/in", "id_column": "id"},
         # Units of the same size at every N: an actor's memory follows its unit's rows.
-        "output": {"path": str(work / name), "rows_per_file": 16_384},
+        "output": {"path": f"{base}/{name}", "rows_per_file": 16_384},
         "compute": {"executor": "ray", "reuse_index_max_mb": index_max_mb},
     }
     path.write_text(yaml.safe_dump(settings))
     return path
 
 
-def night_two(work: Path, rows: int, model: str, ways: list[str]) -> dict:
+def copy(src: str, dst: str) -> None:
+    a, b = storage.resolve(src), storage.resolve(dst)
+    pafs.copy_files(a.path, b.path, source_filesystem=a.fs, destination_filesystem=b.fs)
+
+
+def night_two(work: Path, base: str, rows: int, model: str, ways: list[str]) -> dict:
+    """``base``: where the input and outputs go, a local folder or an s3:// prefix."""
     rng = np.random.default_rng(0)
     texts = [tiny_text(i) for i in range(rows)]
-    write_snapshot(work / "in", np.arange(rows), texts)
-    first = embed(config(work, "first", model, 0))
-    print(f"  {rows:,} rows, first night: {first}")
+    write_snapshot(f"{base}/in", np.arange(rows), texts)
+    first = embed(config(work, base, "first", model, 0))
+    print(f"  {rows:,} rows, first night: {first}", flush=True)
     for i in rng.choice(rows, rows // 20, replace=False):
         texts[i] += " (edited)"
-    write_snapshot(work / "in", rng.permutation(rows), texts)
+    write_snapshot(f"{base}/in", rng.permutation(rows), texts)
     result = {"first": first}
     for way, bound in (("index", 1 << 30), ("join", 0)):
         if way not in ways:
             continue
-        shutil.copytree(work / "first", work / way)
-        result[way] = embed(config(work, way, model, bound))
-        print(f"  {rows:,} rows, rerun by {way}: {result[way]}")
-        shutil.rmtree(work / way)
-    shutil.rmtree(work / "first")
+        copy(f"{base}/first", f"{base}/{way}")
+        result[way] = embed(config(work, base, way, model, bound))
+        print(f"  {rows:,} rows, rerun by {way}: {result[way]}", flush=True)
+        storage.delete(storage.resolve(f"{base}/{way}"))
+    storage.delete(storage.resolve(base))
     return result
 
 
@@ -159,10 +180,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="100000,1000000", help="table sizes, comma-separated")
     parser.add_argument("--ways", default="index,join", help="index: needs ~6.4 KB a row of RAM")
+    parser.add_argument("--where", default="local", help="local, s3 (the tests' S3 server) or both")
     args = parser.parse_args()
     ways = args.ways.split(",")
     sizes = [int(n) for n in args.rows.split(",")]
-    with tempfile.TemporaryDirectory(prefix="sbertray-reuse-scale-") as tmp:
+    from local_s3 import LocalS3
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="sbertray-reuse-scale-") as tmp, LocalS3() as s3:
+        os.environ.update(s3.env())
+        s3.create_bucket("bench")
         os.environ["SBERTRAY_CACHE"] = tmp
         from tiny_model import tiny_model_path
 
@@ -170,19 +197,27 @@ def main() -> None:
 
         model = tiny_model_path()
         prepare_model(model, export=True)  # once, as for any model
-        results = {str(n): night_two(Path(tmp) / str(n), n, model, ways) for n in sizes}
-    small, large = results[str(sizes[0])], results[str(sizes[-1])]
-    for way in ways:
-        for key in (
-            "driver_peak_mb",
-            "largest_worker_mb",
-            "largest_worker_private_mb",
-            "shm_peak_mb",
-        ):
-            ratio = large[way][key] / max(1, small[way][key])
-            results[f"{way}_{key}_ratio"] = round(ratio, 2)
-            print(f"  {way}: {key} {sizes[-1]:,} / {sizes[0]:,} rows = {ratio:.2f}x")
+        for where in args.where.split(","):
+            for n in sizes:
+                base = f"s3://bench/{n}" if where == "s3" else f"{tmp}/{n}"
+                results[_key(where, n)] = night_two(Path(tmp), base, n, model, ways)
+            small, large = results[_key(where, sizes[0])], results[_key(where, sizes[-1])]
+            for way in ways:
+                for measure in (
+                    "driver_peak_mb",
+                    "largest_worker_mb",
+                    "largest_worker_private_mb",
+                    "shm_peak_mb",
+                ):
+                    ratio = large[way][measure] / max(1, small[way][measure])
+                    prefix = "" if where == "local" else "s3_"
+                    results[f"{prefix}{way}_{measure}_ratio"] = round(ratio, 2)
+                    print(f"  {where} {way}: {measure} {sizes[-1]:,} / {sizes[0]:,} = {ratio:.2f}x")
     record("reuse_scale", results)
+
+
+def _key(where: str, rows: int) -> str:
+    return str(rows) if where == "local" else f"s3-{rows}"
 
 
 if __name__ == "__main__":

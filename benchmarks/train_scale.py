@@ -14,12 +14,16 @@ RSS and private memory (RSS less shared pages).
   into every worker. Run up to ``--baseline-max`` pairs (at 10M its driver needs ~10 GB).
 
 Time to the first step is from the process's start to its "step 1/" line; steps/s is measured
-from that line to the last. Goals: at 10M pairs the driver's and the worker's peak within 1.2x
+from that line to the last. A short run's steps/s drifts by 10-20% on this shared machine, so
+the data path's own cost is also measured in one process, side by side: milliseconds per batch
+of 32 pairs, tokenized, from each path's dataloader (sentence-transformers' trainer over an
+in-memory ``datasets.Dataset``, and the stream over the prepared shards) at 200k pairs. Goals: at 10M pairs the driver's and the worker's peak within 1.2x
 of 100k's; the first step within 60 s plus the time to read the first block; steps/s no lower
 than the in-memory path's.
 
     .venv/bin/python benchmarks/train_scale.py                        # 100k, 1M, 10M
     .venv/bin/python benchmarks/train_scale.py --pairs 100000,1000000 --where local
+    .venv/bin/python benchmarks/train_scale.py --loader-only
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pyarrow import fs as pafs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, record, stsb_rows  # noqa: E402
-from reuse_scale import Sampler  # noqa: E402
+from reuse_scale import start_sampled  # noqa: E402
 
 FILES = 8
 BATCH = 32
@@ -92,19 +96,8 @@ def recipe(work: Path, name: str, data: str, model: str, steps: int) -> Path:
 
 def train(tree: Path, config: Path) -> dict:
     """One ``sbertray train`` process from ``tree``'s code, sampled."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(tree)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sbertray", "train", str(config)],
-        cwd=tree,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    sampler = Sampler(proc.pid)
-    sampler.start()
+    proc, sampler = start_sampled(["train", str(config)], tree, stderr=subprocess.STDOUT)
     steps, planned, lines = [], None, []
     for line in proc.stdout:
         lines.append(line)
@@ -131,6 +124,55 @@ def train(tree: Path, config: Path) -> dict:
     }
 
 
+def loader_ms(work: Path, pairs: int = 200_000, batches: int = 400, rounds: int = 3) -> dict:
+    """Milliseconds per tokenized batch from each path's dataloader, best of ``rounds``."""
+    import datasets
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from tiny_model import tiny_model_path
+
+    from sbertray.config import PairDataConfig
+    from sbertray.train.prepare import prepare_pairs
+    from sbertray.train.stream import PairStream, StreamLoader
+
+    write_pairs(pafs.LocalFileSystem(), str(work / "loader-in"), pairs)
+    spec = PairDataConfig(path=str(work / "loader-in"))
+    prepared = prepare_pairs(spec, None, str(work / "loader-prep"), sample_rows=1000)
+    table = pa.concat_tables(pq.read_table(s.url) for s in prepared.shards)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=BATCH,
+        dataloader_drop_last=True,
+        report_to="none",
+        use_cpu=True,
+    )
+    model = SentenceTransformer(tiny_model_path(), device="cpu")
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset(table)
+    )
+
+    def per_batch(loader) -> float:
+        it = iter(loader)
+        next(it)  # the stream reads its first window here
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return (time.perf_counter() - start) / batches * 1000
+
+    times: dict[str, list[float]] = {"in-memory": [], "streamed": []}
+    for _ in range(rounds):
+        times["in-memory"].append(per_batch(trainer.get_train_dataloader()))
+        stream = PairStream(prepared.shards, None, global_batch=BATCH, world=1, rank=0, seed=42)
+        times["streamed"].append(per_batch(StreamLoader(stream, trainer.data_collator)))
+    best = {way: round(min(t), 2) for way, t in times.items()}
+    best["ratio"] = round(best["streamed"] / best["in-memory"], 2)
+    print(f"  ms per batch of {BATCH} at {pairs:,} pairs: {best}", flush=True)
+    return best
+
+
 def baseline_tree(work: Path, revision: str) -> Path:
     tree = work / "baseline"
     subprocess.run(
@@ -149,7 +191,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--baseline", default="ac97b6a", help="the in-memory path's revision")
     parser.add_argument("--baseline-max", type=int, default=1_000_000)
+    parser.add_argument("--loader-only", action="store_true", help="only the ms per batch")
     args = parser.parse_args()
+    if args.loader_only:
+        with tempfile.TemporaryDirectory(prefix="sbertray-train-scale-") as tmp:
+            os.environ.setdefault("SBERTRAY_CACHE", str(Path(tmp) / "cache"))
+            record("train_scale_loader", loader_ms(Path(tmp)))
+        return
     from local_s3 import LocalS3
     from tiny_model import tiny_model_path
 
