@@ -187,7 +187,10 @@ def main() -> None:
     from local_s3 import LocalS3
 
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="sbertray-reuse-scale-") as tmp, LocalS3() as s3:
+    with (
+        tempfile.TemporaryDirectory(prefix="sbertray-reuse-scale-") as tmp,
+        LocalS3(volumes=600) as s3,
+    ):
         os.environ.update(s3.env())
         s3.create_bucket("bench")
         os.environ["SBERTRAY_CACHE"] = tmp

@@ -203,7 +203,10 @@ def main() -> None:
 
     sizes = [int(n) for n in args.pairs.split(",")]
     results: dict = {"steps": args.steps, "batch": BATCH, "baseline": args.baseline}
-    with tempfile.TemporaryDirectory(prefix="sbertray-train-scale-") as tmp, LocalS3() as s3:
+    with (
+        tempfile.TemporaryDirectory(prefix="sbertray-train-scale-") as tmp,
+        LocalS3(volumes=600) as s3,
+    ):
         work = Path(tmp)
         os.environ.update(s3.env())
         os.environ["SBERTRAY_CACHE"] = str(work / "cache")

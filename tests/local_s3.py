@@ -48,8 +48,11 @@ def weed_binary() -> str:
 class LocalS3:
     """Starts ``weed server -s3`` bound to 127.0.0.1 with its own data dir and credentials."""
 
-    def __init__(self, data_dir: str | None = None):
+    def __init__(self, data_dir: str | None = None, volumes: int = 50):
+        """``volumes``: of 64 MB each, the most the server holds (deleted objects keep their
+        space until SeaweedFS vacuums); past it, writes fail with INTERNAL_FAILURE."""
         self._own_dir = data_dir is None
+        self.volumes = volumes
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="sbertray-s3-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.ports = {name: _free_port() for name in _PORTS}
@@ -105,7 +108,7 @@ class LocalS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=50",
+            f"-volume.max={self.volumes}",
         ]
         log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self.process = subprocess.Popen(
