@@ -28,6 +28,11 @@ from sbertray.embed.shards import EmbedInputError, InputPlan, WorkUnit
 from sbertray.embed.stage import check_output_columns, output_schema
 from sbertray.ray_runtime import cpus_per_gpu, ray_running
 
+# Ids of small files read whole while planning whose hashes are kept for the id check, at most:
+# 8 MB. Past it the check's maps read the other files' ids again (one request a small file):
+# holding every small file's hashes put 8 bytes an input row in the driver for the whole run.
+_KEPT_ID_HASHES = 1_000_000
+
 
 @dataclass(frozen=True)
 class EmbedPlan:
@@ -117,7 +122,7 @@ def plan_input(config: EmbedConfig) -> InputPlan:
     footers = storage.map_parallel(
         lambda f: shards.read_footer(fs, f, config.input.id_column), found
     )
-    id_hashes = {}
+    id_hashes, kept = {}, 0
     for checked, meta, ids in footers:
         if checked.error:
             if config.bad_input.on_bad_file == "fail":
@@ -132,8 +137,9 @@ def plan_input(config: EmbedConfig) -> InputPlan:
         schemas.append(schema)
         if needs_text_read(config, meta, schema):
             texts_to_read.append(checked)
-        if ids is not None:
+        if ids is not None and kept + len(ids) <= _KEPT_ID_HASHES:
             id_hashes[checked.rel] = hash_ids(config, checked, ids)
+            kept += len(ids)
     check_id_types(config, good, schemas)
     check_texts(config, fs, texts_to_read)
     size = shards.choose_unit_rows(config, sum(f.num_rows for f in good))

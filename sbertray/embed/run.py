@@ -58,6 +58,7 @@ def run_embed(
     if not runs_in_process(plan.config.compute, ray_address, rows_to_embed=0):
         _check_paths_on_cluster(plan, ray_address)  # before the lock creates anything
     check_input_ids(plan)
+    plan.inputs.id_hashes.clear()  # checked: the run needs them no more
     with OutputLock(plan.out, plan.run_id, stale_after_s=plan.config.output.lock_stale_after_s):
         existing, done = find_committed(plan)
         todo = [u for u in plan.inputs.units if u.unit_id not in done]
