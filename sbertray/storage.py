@@ -76,9 +76,13 @@ REDACTED = "***"
 
 def scratch_root() -> Path:
     """This machine's folder for a run's local files (run logs; a training worker's
-    checkpoints and model before upload): ``$SBERTRAY_SCRATCH``, else ``<system temp>/sbertray``.
-    A completed run removes its own part."""
-    return Path(os.environ.get("SBERTRAY_SCRATCH") or Path(tempfile.gettempdir()) / "sbertray")
+    checkpoints and model before upload): ``$SBERTRAY_SCRATCH``, else
+    ``<system temp>/sbertray-scratch``. A completed run removes its own part. Not
+    ``<temp>/sbertray``: Python imports a folder of the package's name from the current
+    directory as a namespace package, so ``import sbertray`` in a script run from /tmp got
+    the logs folder instead of the installed package."""
+    default = Path(tempfile.gettempdir()) / "sbertray-scratch"
+    return Path(os.environ.get("SBERTRAY_SCRATCH") or default)
 
 
 def redact(text: str) -> str:
