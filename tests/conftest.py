@@ -71,12 +71,9 @@ def ray_2cpu(s3_server):
 def s3_server():
     """A real S3 endpoint (SeaweedFS) on free loopback ports; credentials exported to the env
     so pyarrow, s3fs and Ray workers find them like they would on a cluster."""
-    from local_s3 import LocalS3
-
-    server = LocalS3().start()
+    server = _started_s3("sbertray-test")
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
-    server.create_bucket("sbertray-test")
     yield server
     for key, value in saved.items():
         if value is None:
@@ -84,6 +81,24 @@ def s3_server():
         else:
             os.environ[key] = value
     server.stop()
+
+
+def _started_s3(bucket: str, attempts: int = 3):
+    """A started server with ``bucket``. Once in a fresh CI run the S3 gateway answered and then
+    refused every connection for a minute (weed gone; its log went with its folder), failing
+    every S3 test: a server that cannot create the bucket is replaced, on new free ports."""
+    from local_s3 import LocalS3
+
+    for attempt in range(attempts):
+        server = LocalS3()
+        try:
+            server.start()
+            server.create_bucket(bucket)
+            return server
+        except (OSError, RuntimeError):  # RuntimeError: weed exited or never answered
+            server.stop()
+            if attempt == attempts - 1:
+                raise
 
 
 @pytest.fixture
