@@ -58,6 +58,14 @@ def _config(work: Path, out: Path, model: str, **compute) -> EmbedConfig:
     )
 
 
+def _wait_until_dead(node_id: str, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(
+        n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()
+    ):
+        time.sleep(0.5)
+
+
 def _error(call) -> str | None:
     try:
         call()
@@ -199,6 +207,10 @@ def main(work: Path, model: str) -> None:
             for i in range(2)
         ]
         nodes = [n for n in nodes if n is not lost]
+        # The next night starts once Ray knows the node is gone, as a real one would: its health
+        # check takes ~20 s, and a run planned before that sized a fixed pool for the dead
+        # node's CPU too, then waited `placement_timeout_s` for an actor nowhere to place.
+        _wait_until_dead(lost.node_id)
         nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
         seen["rerun"] = _rerun_by_join(work, out, model, texts)
         seen["train"] = _train_losing_a_node(cluster, work, model)
