@@ -31,12 +31,10 @@ _HEADER_LINES = {"csv": 1, "tsv": 1}
 _MAX_ERRORS_SHOWN = 5
 
 
-@dataclass
-class PairData:
-    """Validated pairs plus what was dropped on the way."""
+@dataclass(kw_only=True)
+class RowCounts:
+    """What validation dropped (``skipped``) and what a policy kept (``kept``), by reason."""
 
-    table: pa.Table  # PAIR_SCHEMA
-    files: list[str]
     skipped: Counter = field(default_factory=Counter)  # reason -> rows dropped
     kept: Counter = field(default_factory=Counter)  # reason -> odd rows a policy keeps
 
@@ -45,14 +43,20 @@ class PairData:
         return sum(self.skipped.values())
 
 
+@dataclass(kw_only=True)
+class PairData(RowCounts):
+    """Validated pairs plus what was dropped on the way."""
+
+    table: pa.Table  # PAIR_SCHEMA
+    files: list[str]
+
+
 @dataclass
-class FileCheck:
+class FileCheck(RowCounts):
     """What validating one file's batches found so far."""
 
     name: str
     rows: int = 0  # rows read, good or bad
-    skipped: Counter = field(default_factory=Counter)
-    kept: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)  # the first few, with file, row and field
     label_range: tuple[float, float] | None = None  # of the numeric labels seen, for the hint
 
@@ -60,7 +64,7 @@ class FileCheck:
         """The ``on_bad_row: fail`` error for this file, or None when it had no bad row."""
         if not self.errors or spec.on_bad_row != "fail":
             return None
-        total = sum(self.skipped.values())
+        total = self.num_skipped
         more = f"\n  ... and {total - len(self.errors)} more" if total > len(self.errors) else ""
         return DataError(
             f"{total} bad row(s); {_bad_row_hint(self, spec)}:\n  "

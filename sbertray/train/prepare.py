@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sbertray import storage
 from sbertray.config import PairDataConfig, StorageConfig
-from sbertray.train.data import PAIR_SCHEMA, DataError, FileCheck, check_file, no_rows_error
+from sbertray.train.data import (
+    PAIR_SCHEMA,
+    DataError,
+    FileCheck,
+    RowCounts,
+    check_file,
+    no_rows_error,
+)
 from sbertray.train.sources import Source, list_sources
 
 SHARD_ROWS = 16_384  # the unit of the per-epoch shuffle of shards: ~2 MB of short pairs
@@ -41,24 +47,18 @@ class Shard:
     rows: int
 
 
-@dataclass
-class PreparedPairs:
+@dataclass(kw_only=True)
+class PreparedPairs(RowCounts):
     """A validated training set: where its shards are, and what validation dropped."""
 
     shards: list[Shard]  # in input order: file by file, rows in file order
     files: list[str]
     digest: str  # of the validated rows in order: the run fingerprint's data part
     sample: pa.Table  # the first rows (PAIR_SCHEMA), for the card and the dry run's timing
-    skipped: Counter = field(default_factory=Counter)
-    kept: Counter = field(default_factory=Counter)
 
     @property
     def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
+        return _rows(self.shards)
 
 
 @dataclass
@@ -138,19 +138,22 @@ def prepare_pairs(
     out_url: str | None,
     *,
     sample_rows: int,
+    sources: list[Source] | None = None,
     use_ray: bool | None = None,
     shard_rows: int = SHARD_ROWS,
 ) -> PreparedPairs:
     """Validates the training set and writes its shards under ``out_url`` (one folder per input
-    file), or only validates when ``out_url`` is None. ``use_ray`` defaults to the input's size
-    against ``IN_PROCESS_MAX_BYTES``; Ray must be initialized when it is true.
+    file), or only validates when ``out_url`` is None. ``sources``: ``list_sources(spec)``
+    where the caller has it. ``use_ray`` defaults to ``validates_on_ray``; Ray must be
+    initialized when it is true.
 
     Raises:
         DataError: as ``load_pairs``, for the first file (in order) with a problem.
     """
-    sources = list_sources(spec, storage_config)
+    if sources is None:
+        sources = list_sources(spec, storage_config)
     if use_ray is None:
-        use_ray = spec.limit is None and sum(s.size for s in sources) > IN_PROCESS_MAX_BYTES
+        use_ray = validates_on_ray(spec, sources)
     if out_url:
         storage.delete(storage.resolve(out_url, storage_config))  # a failed run's shards
     outs = [
@@ -168,6 +171,12 @@ def prepare_pairs(
             if budget is not None and (budget := budget - _rows(part.shards)) <= 0:
                 break
     return _combine(spec, parts, sources)
+
+
+def validates_on_ray(spec: PairDataConfig, sources: list[Source]) -> bool:
+    """Whether Ray tasks validate these sources: above ``IN_PROCESS_MAX_BYTES`` of input, and
+    never with ``limit`` (the first N rows, read in order)."""
+    return spec.limit is None and sum(s.size for s in sources) > IN_PROCESS_MAX_BYTES
 
 
 def _prepare_on_ray(

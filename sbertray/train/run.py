@@ -26,8 +26,8 @@ from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, s
 from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint, table_hash
-from sbertray.train.data import PairData, load_pairs
-from sbertray.train.prepare import IN_PROCESS_MAX_BYTES, PreparedPairs, prepare_pairs
+from sbertray.train.data import PairData, RowCounts, load_pairs
+from sbertray.train.prepare import PreparedPairs, prepare_pairs, validates_on_ray
 from sbertray.train.sources import list_sources
 from sbertray.train.worker import (
     LOOP_RESULT_FILE,
@@ -137,7 +137,7 @@ def plan_training(
     for url in outputs.values():
         storage.check_writable(storage.resolve(url, config.storage))
     sources = list_sources(config.train, config.storage)
-    use_ray = config.train.limit is None and sum(s.size for s in sources) > IN_PROCESS_MAX_BYTES
+    use_ray = validates_on_ray(config.train, sources)
     if use_ray:
         _connect(config, ray_address)
     train_pairs = prepare_pairs(
@@ -145,6 +145,7 @@ def plan_training(
         config.storage,
         prepared_url(config) if write_data else None,
         sample_rows=max(config.training.batch_size, 1000),
+        sources=sources,
         use_ray=use_ray,
     )
     data = [train_pairs.digest, table_hash(dev_pairs.table) if dev_pairs else None]
@@ -203,7 +204,7 @@ def train(
     result = _finish(plan, started)
     _delete_prepared(config)
     if not config.output.keep_checkpoints:
-        _delete_run_checkpoints(ckpt_loc, run_name(config, plan.fingerprint))
+        _delete_and_prune(ckpt_loc, run_name(config, plan.fingerprint))
     return result
 
 
@@ -223,12 +224,8 @@ def _connect(config: TrainConfig, ray_address: str | None) -> bool:
 
 def _delete_prepared(config: TrainConfig) -> None:
     """The run's training shards, then the ``_prepared`` folder if that left it empty."""
-    storage.delete(storage.resolve(prepared_url(config), config.storage))
-    parent = storage.resolve(
-        storage.join(config.output.checkpoint_root, "_prepared"), config.storage
-    )
-    if parent.is_local and os.path.isdir(parent.path) and not os.listdir(parent.path):
-        os.rmdir(parent.path)
+    parent = storage.join(config.output.checkpoint_root, "_prepared")
+    _delete_and_prune(storage.resolve(parent, config.storage), run_base(config))
 
 
 def finished_result(plan: TrainingPlan) -> TrainResult | None:
@@ -301,15 +298,15 @@ def _finish(plan: TrainingPlan, started: float) -> TrainResult:
     return result
 
 
-def _delete_run_checkpoints(root: storage.Location, name: str) -> None:
-    """Deletes run ``name``'s folder under the checkpoint root, then the root if that left it
-    empty (other runs' checkpoints stay)."""
+def _delete_and_prune(root: storage.Location, name: str) -> None:
+    """Deletes ``name`` under ``root`` (a run's checkpoints, its prepared shards), then
+    ``root`` if that left it empty (other runs' folders stay)."""
     storage.delete(root.child(name))
     if root.is_local and os.path.isdir(root.path) and not os.listdir(root.path):
         os.rmdir(root.path)
 
 
-def _report_skips(kind: str, pairs: PairData | PreparedPairs) -> None:
+def _report_skips(kind: str, pairs: RowCounts) -> None:
     if pairs.num_skipped:
         reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
         print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)

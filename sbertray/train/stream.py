@@ -73,7 +73,8 @@ class PairStream(IterableDataset):
         self.shards, self.storage_config = shards, storage_config
         self.global_batch, self.world, self.rank = global_batch, world, rank
         self.seed, self.start_step, self.window_rows = seed, start_step, window_rows
-        self.steps_per_epoch = sum(s.rows for s in shards) // global_batch
+        self.rows = sum(s.rows for s in shards)
+        self.steps_per_epoch = self.rows // global_batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

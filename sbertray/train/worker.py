@@ -316,7 +316,7 @@ def _loop_result(trainer, resumed_from: int, stream, dev_metrics) -> LoopResult:
         # From the step, not the trainer's state: a resumed epoch's count starts at its first
         # batch there, since the stream (not the trainer) skips the steps already trained.
         epochs=round(step / stream.steps_per_epoch, 4),
-        train_rows=sum(s.rows for s in stream.shards),
+        train_rows=stream.rows,
         dev_metrics=dev_metrics,
         loss_log=[
             {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]}
