@@ -84,7 +84,7 @@ def plain(
     from sbertray.train.worker import use_eager_attention
 
     pairs = load_pairs(config.train)
-    evaluator = build_evaluator(load_pairs(config.dev), "dev")
+    evaluator = build_evaluator(load_pairs(config.dev), "dev").evaluator
     model = load_model(config.base_model, device="cpu", max_seq_length=256, normalize=True)
     if bf16:
         use_eager_attention(model)  # as sbertray's workers do for CPU bf16

@@ -130,3 +130,16 @@ def test_env_references(tmp_path, monkeypatch):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config(TrainConfig, "nope.yaml")
+
+
+def test_losses_and_the_data_they_need():
+    unlabelled = {"path": "a.csv", "columns": {"label": None}}
+    with pytest.raises(ConfigError, match=r"`training.loss: cosine` learns from labelled pairs"):
+        parse_config(TrainConfig, _minimal(train=unlabelled))
+    with pytest.raises(ConfigError, match=r"set `train.min_label` \(e.g. 0.8\)"):
+        parse_config(TrainConfig, _minimal(training={"loss": "mnrl"}))
+    for train in (unlabelled, {"path": "a.csv", "min_label": 0.8}):
+        config = parse_config(TrainConfig, _minimal(train=train, training={"loss": "cached_mnrl"}))
+        assert config.training.loss == "cached_mnrl"
+    with pytest.raises(ConfigError, match=r"`training.select_metric: mrr@10` is a retrieval"):
+        parse_config(TrainConfig, _minimal(training={"select_metric": "mrr@10"}))

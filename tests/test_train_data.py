@@ -112,7 +112,7 @@ def test_empty_data_set(tmp_path):
 
 def test_all_rows_bad_in_skip_mode_is_empty(tmp_path):
     path = _write_csv(tmp_path / "p.csv", ["a,b,9"])
-    with pytest.raises(DataError, match=r"no usable rows \(1 bad rows skipped\)"):
+    with pytest.raises(DataError, match=r"no usable rows \(skipped 1 rows \(1 label outside 0..1"):
         load_pairs(_spec(path, on_bad_row="skip"))
 
 
@@ -181,3 +181,48 @@ def test_outputs_inside_a_ray_jobs_temporary_package_are_refused(tmp_path):
     with pytest.raises(StorageError, match="`output.model: .*deleted with the job"):
         plan_training(config)
     assert not package.exists()
+
+
+def test_triplets_and_unlabelled_pairs_for_in_batch_negatives(tmp_path):
+    path = _write_csv(
+        tmp_path / "t.csv",
+        ["how to sort a list,use sorted(),open a file", "boil an egg,ten minutes in water,"],
+        header=("query", "answer", "wrong"),
+    )
+    columns = PairColumns(sentence_0="query", sentence_1="answer", label=None, negative="wrong")
+    with pytest.raises(DataError, match=r"t\.csv: row 1 \(line 3\): field `wrong`: empty text"):
+        load_pairs(_spec(path, columns=columns))
+    pairs = load_pairs(_spec(path, columns=columns, on_bad_row="skip"))
+    assert pairs.table.column_names == ["sentence_0", "sentence_1", "sentence_2", "label"]
+    assert pairs.table.to_pylist() == [
+        {
+            "sentence_0": "how to sort a list",
+            "sentence_1": "use sorted()",
+            "sentence_2": "open a file",
+            "label": 1.0,  # no label column: every pair is a positive
+        }
+    ]
+    plain = load_pairs(
+        _spec(path, columns=PairColumns(sentence_0="query", sentence_1="answer", label=None))
+    )
+    assert plain.table.column_names == ["sentence_0", "sentence_1", "label"]
+    assert plain.table.num_rows == 2
+
+
+def test_min_label_keeps_the_positives_and_counts_the_rest(stsb_dir, tmp_path):
+    spec = PairDataConfig(
+        path=str(stsb_dir / "train.tsv"),
+        columns=PairColumns(sentence_0="sentence1", sentence_1="sentence2", label="score"),
+        label_scale=0.2,
+        min_label=0.8,
+    )
+    pairs = load_pairs(spec)
+    labels = pairs.table.column("label").to_pylist()
+    assert min(labels) >= 0.8 and 1000 < len(labels) < 5749
+    assert pairs.skipped == {"label below min_label": 5749 - len(labels)}
+    # A filtered row is not a bad one: it never fails a run, and the error counts bad rows only.
+    path = _write_csv(tmp_path / "p.csv", ["a,b,0.1", "c,d,0.9", "e,f,7"])
+    with pytest.raises(DataError, match=r"^1 bad row\(s\)"):
+        load_pairs(_spec(path, min_label=0.5))
+    with pytest.raises(DataError, match=r"no usable rows \(skipped 1 rows \(1 label below"):
+        load_pairs(_spec(_write_csv(tmp_path / "q.csv", ["a,b,0.1"]), min_label=0.5))

@@ -107,9 +107,9 @@ def test_the_fast_check_agrees_with_the_row_by_row_one(stsb_dir):
         label_scale=0.2,
     )
     columns = next(read_batches(Source(spec.path, "tsv", 0), None))
-    picked = [columns[c] for c in ("sentence1", "sentence2", "score")]
-    fast = _all_good(*picked, spec, FileCheck("train.tsv"))
-    slow = _check_rows(*picked, spec, FileCheck("train.tsv"), "tsv")
+    texts, labels = [columns["sentence1"], columns["sentence2"]], columns["score"]
+    fast = _all_good(texts, labels, spec, FileCheck("train.tsv"))
+    slow = _check_rows(texts, labels, spec, FileCheck("train.tsv"), "tsv")
     assert fast is not None and fast.num_rows == 5749
     assert fast.equals(slow)
 

@@ -13,9 +13,12 @@ from sbertray.hardware import cpu_has_native_bf16
 class PairColumns(Strict):
     """Names of the columns in the input file that hold each part of a training pair."""
 
-    sentence_0: str = "sentence_0"
-    sentence_1: str = "sentence_1"
-    label: str = "label"
+    sentence_0: str = "sentence_0"  # the anchor (query) for `mnrl`
+    sentence_1: str = "sentence_1"  # its positive for `mnrl`
+    # null: the file has no labels, every pair is a positive (`mnrl` / `cached_mnrl` only).
+    label: str | None = "label"
+    # A hard negative for sentence_0 (triplets; `mnrl` / `cached_mnrl` only).
+    negative: str | None = None
 
 
 class PairDataConfig(Strict):
@@ -41,6 +44,9 @@ class PairDataConfig(Strict):
     # are sometimes empty): `keep` trains on it and reports how many.
     empty_text: Literal["bad_row", "keep"] = "bad_row"
     limit: int | None = Field(default=None, gt=0)  # first N rows only (quick runs)
+    # Keep only the pairs labelled at least this (after label_scale): the positives that
+    # `mnrl` trains on, e.g. 0.8 for STS-B. The others are dropped and counted.
+    min_label: float | None = Field(default=None, ge=0, le=1)
     name: str | None = None  # data set name shown in evaluator metrics and the model card
 
     @model_validator(mode="after")
@@ -52,11 +58,19 @@ class PairDataConfig(Strict):
         return self
 
 
+LABELLED_LOSSES = ("cosine", "cosent", "angle")
+RETRIEVAL_METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10")
+
+
 class TrainingConfig(Strict):
     # cosine: MSE of cosine against the label (the seeds' CosineSimilarityLoss); cosent and
     # angle: rank a batch's pairs by cosine in their labels' order (sentence-transformers'
-    # CoSENTLoss / AnglELoss). All read the pairs' 0..1 labels.
-    loss: Literal["cosine", "cosent", "angle"] = "cosine"
+    # CoSENTLoss / AnglELoss). All read the pairs' 0..1 labels. mnrl: each anchor against every
+    # positive (and negative) of the global batch, gathered across workers
+    # (MultipleNegativesRankingLoss); cached_mnrl: the same in `mini_batch_size` pieces
+    # (GradCache), so a large batch fits in bounded memory. Both treat every pair as a positive.
+    loss: Literal["cosine", "cosent", "angle", "mnrl", "cached_mnrl"] = "cosine"
+    mini_batch_size: int = Field(32, gt=0)  # cached_mnrl's forward size per worker
     # Train the first N dimensions to carry the meaning too (MatryoshkaLoss), e.g. [384, 128, 64]
     # for `output.truncate_dim: 128` embeddings. Largest first, at most the model's dimension.
     matryoshka_dims: list[int] | None = None
@@ -81,6 +95,13 @@ class TrainingConfig(Strict):
     # and checkpoints every epoch). transformers' load_best_model_at_end does the bookkeeping.
     select_best: bool = False
     keep_checkpoints: int = Field(2, gt=0)
+    # Also score retrieval on `dev`: each first sentence searches every second sentence, and
+    # those it is paired with at a label of at least this are relevant (MRR@10, NDCG@10, ...).
+    retrieval_threshold: float | None = Field(default=None, ge=0, le=1)
+    # The dev metric that `select_best` maximizes (a retrieval one needs retrieval_threshold).
+    select_metric: Literal["spearman_cosine", "mrr@10", "ndcg@10", "recall@1", "recall@10"] = (
+        "spearman_cosine"
+    )
 
     @model_validator(mode="after")
     def _matryoshka_dims_descend(self) -> TrainingConfig:
@@ -148,6 +169,14 @@ class TrainConfig(Strict):
             raise ValueError(
                 "`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`"
             )
+        self._check_losses_data()
+        if self.training.select_metric in RETRIEVAL_METRICS and (
+            self.dev is None or self.training.retrieval_threshold is None
+        ):
+            raise ValueError(
+                f"`training.select_metric: {self.training.select_metric}` is a retrieval metric: "
+                "it needs a `dev` set and `training.retrieval_threshold` (e.g. 0.8)"
+            )
         precision = self.training.precision
         if precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("`training.precision: fp16` needs `scaling.use_gpu: true`")
@@ -158,3 +187,21 @@ class TrainConfig(Strict):
                 "native bf16 (AVX512-BF16 or AMX); this CPU has neither: use fp32"
             )
         return self
+
+    def _check_losses_data(self) -> None:
+        loss, cols = self.training.loss, self.train.columns
+        if loss in LABELLED_LOSSES and (cols.label is None or cols.negative is not None):
+            raise ValueError(
+                f"`training.loss: {loss}` learns from labelled pairs: `train.columns.label` must "
+                "name the label column and `train.columns.negative` stay unset (triplets and "
+                "unlabelled pairs train with `mnrl` or `cached_mnrl`)"
+            )
+        if loss not in LABELLED_LOSSES and cols.label is not None and self.train.min_label is None:
+            raise ValueError(
+                f"`training.loss: {loss}` takes every training pair as a positive, but "
+                f"`train.columns.label` ({cols.label}) says the pairs are scored: set "
+                "`train.min_label` (e.g. 0.8) to train on the positives only, or "
+                "`train.columns.label: null` when every pair is one"
+            )
+        if self.dev is not None and self.dev.columns.label is None:
+            raise ValueError("`dev.columns.label` is needed: the dev set is scored by its labels")

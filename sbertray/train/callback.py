@@ -48,7 +48,8 @@ class _RayTrainReport:
             self.on_evaluate(args, state, control, metrics=scores)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        scores = {k: v for k, v in (metrics or {}).items() if k.endswith("spearman_cosine")}
+        shown_metrics = ("spearman_cosine", "cosine_mrr@10")
+        scores = {k: v for k, v in (metrics or {}).items() if k.endswith(shown_metrics)}
         if self.rank == 0 and scores:
             shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items())
             print(f"[sbertray] step {state.global_step}: {shown}", flush=True)

@@ -26,6 +26,17 @@ from sbertray.train.sources import DataError, Source, list_sources, read_batches
 PAIR_SCHEMA = pa.schema(
     [("sentence_0", pa.string()), ("sentence_1", pa.string()), ("label", pa.float64())]
 )
+# Triplets (`columns.negative`) carry the hard negative as a third text; trainers read the text
+# columns in order (anchor, positive, negative) and "label" by name.
+TRIPLET_SCHEMA = pa.schema(
+    [
+        ("sentence_0", pa.string()),
+        ("sentence_1", pa.string()),
+        ("sentence_2", pa.string()),
+        ("label", pa.float64()),
+    ]
+)
+BELOW_MIN_LABEL = "label below min_label"  # a filtered row, not a bad one
 # Text formats have a header line, so data row i sits on line i + 2 of the file.
 _HEADER_LINES = {"csv": 1, "tsv": 1}
 _MAX_ERRORS_SHOWN = 5
@@ -47,7 +58,7 @@ class RowCounts:
 class PairData(RowCounts):
     """Validated pairs plus what was dropped on the way."""
 
-    table: pa.Table  # PAIR_SCHEMA
+    table: pa.Table  # pair_schema(spec)
     files: list[str]
 
 
@@ -64,7 +75,7 @@ class FileCheck(RowCounts):
         """The ``on_bad_row: fail`` error for this file, or None when it had no bad row."""
         if not self.errors or spec.on_bad_row != "fail":
             return None
-        total = self.num_skipped
+        total = self.num_skipped - self.skipped[BELOW_MIN_LABEL]
         more = f"\n  ... and {total - len(self.errors)} more" if total > len(self.errors) else ""
         return DataError(
             f"{total} bad row(s); {_bad_row_hint(self, spec)}:\n  "
@@ -149,40 +160,64 @@ def _widen(check: FileCheck, value: float) -> None:
     check.label_range = (min(low, value), max(high, value))
 
 
+def pair_schema(spec: PairDataConfig) -> pa.Schema:
+    """The validated rows' schema: pairs, or triplets when the spec names a negative."""
+    return TRIPLET_SCHEMA if spec.columns.negative else PAIR_SCHEMA
+
+
+def _wanted_columns(spec: PairDataConfig) -> dict[str, str]:
+    """Output column -> the file's column, texts first (in the output schema's order)."""
+    cols = spec.columns
+    wanted = {"sentence_0": cols.sentence_0, "sentence_1": cols.sentence_1}
+    if cols.negative:
+        wanted["sentence_2"] = cols.negative
+    return wanted | ({"label": cols.label} if cols.label else {})
+
+
 def check_batch(
     columns: dict[str, list | pa.Array], spec: PairDataConfig, check: FileCheck, fmt: str
 ) -> pa.Table:
-    """The batch's good rows as a ``PAIR_SCHEMA`` table; bad and kept rows are counted into
-    ``check`` (whose ``rows`` says where the batch starts in its file).
+    """The batch's good rows as a ``pair_schema(spec)`` table; bad, kept and filtered
+    (``min_label``) rows are counted into ``check`` (whose ``rows`` says where the batch starts
+    in its file). A file without labels (``columns.label: null``) gets 1.0: every pair a positive.
 
     Raises:
         DataError: a column the spec names is missing.
     """
-    cols = spec.columns
-    wanted = {"sentence_0": cols.sentence_0, "sentence_1": cols.sentence_1, "label": cols.label}
+    wanted = _wanted_columns(spec)
     missing = [f"`{src}` (for {dst})" for dst, src in wanted.items() if src not in columns]
     if missing:
         raise DataError(
             f"{check.name}: missing column {', '.join(missing)}; the file has {list(columns)}. "
-            "Name yours: in a recipe under `columns:` (sentence_0, sentence_1, label), or with "
-            "`sbertray evaluate ... --sentence-0 COL --sentence-1 COL --label COL`"
+            "Name yours: in a recipe under `columns:` (sentence_0, sentence_1, label, negative), "
+            "or with `sbertray evaluate ... --sentence-0 COL --sentence-1 COL --label COL`"
         )
-    s0, s1, labels = (columns[src] for src in wanted.values())
-    good = _all_good(s0, s1, labels, spec, check)
+    texts = [columns[src] for dst, src in wanted.items() if dst != "label"]
+    labels = columns[spec.columns.label] if spec.columns.label else pa.repeat(1.0, len(texts[0]))
+    good = _all_good(texts, labels, spec, check)
     if good is None:
-        good = _check_rows(s0, s1, labels, spec, check, fmt)
-    check.rows += len(s0)
-    return good
+        good = _check_rows(texts, labels, spec, check, fmt)
+    check.rows += len(texts[0])
+    return _at_least_min_label(good, spec, check)
 
 
-def _all_good(s0, s1, labels, spec: PairDataConfig, check: FileCheck) -> pa.Table | None:
+def _at_least_min_label(table: pa.Table, spec: PairDataConfig, check: FileCheck) -> pa.Table:
+    if spec.min_label is None:
+        return table
+    kept = table.filter(pc.greater_equal(table.column("label"), spec.min_label))
+    if dropped := table.num_rows - kept.num_rows:
+        check.skipped[BELOW_MIN_LABEL] += dropped
+    return kept
+
+
+def _all_good(texts: list, labels, spec: PairDataConfig, check: FileCheck) -> pa.Table | None:
     """The whole batch as a table when Arrow's kernels show every row is good, else None (the
     row-by-row path then names the bad ones). A hundred times faster than judging each row in
     Python, which at ten million pairs is minutes of the plan."""
-    if not all(isinstance(c, pa.Array) for c in (s0, s1, labels)):
+    if not all(isinstance(c, pa.Array) for c in (*texts, labels)):
         return None
-    texts = []
-    for column in (s0, s1):
+    checked = []
+    for column in texts:
         if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
             return None
         column = column.cast(pa.string())
@@ -190,14 +225,15 @@ def _all_good(s0, s1, labels, spec: PairDataConfig, check: FileCheck) -> pa.Tabl
             return None
         if spec.empty_text != "keep" and pc.any(_blank(column)).as_py():
             return None
-        texts.append(column)
+        checked.append(column)
     try:
         values = labels.cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
+    schema = pair_schema(spec)
     if values.null_count or pa.types.is_boolean(labels.type) or len(values) == 0:
-        return None if len(values) else PAIR_SCHEMA.empty_table()
-    scaled = pc.multiply(values, spec.label_scale)
+        return None if len(values) else schema.empty_table()
+    scaled = pc.multiply(values, spec.label_scale) if spec.columns.label else values
     in_range = pc.and_(pc.greater_equal(scaled, 0.0), pc.less_equal(scaled, 1.0))
     if not pc.all(in_range).as_py():  # NaN compares false, so it fails here too
         return None
@@ -205,33 +241,31 @@ def _all_good(s0, s1, labels, spec: PairDataConfig, check: FileCheck) -> pa.Tabl
     _widen(check, low.as_py())
     _widen(check, high.as_py())
     if spec.empty_text == "keep":  # counted per field, as the row-by-row path does
-        blanks = sum(pc.sum(_blank(t)).as_py() or 0 for t in texts)
+        blanks = sum(pc.sum(_blank(t)).as_py() or 0 for t in checked)
         if blanks:
             check.kept["empty text"] += blanks
-    return pa.Table.from_arrays([*texts, scaled], schema=PAIR_SCHEMA)
+    return pa.Table.from_arrays([*checked, scaled], schema=schema)
 
 
 def _blank(column: pa.Array) -> pa.Array:
     return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
 
 
-def _check_rows(s0, s1, labels, spec: PairDataConfig, check: FileCheck, fmt: str) -> pa.Table:
-    as_list = [c.to_pylist() if isinstance(c, pa.Array) else c for c in (s0, s1, labels)]
+def _check_rows(texts: list, labels, spec: PairDataConfig, check: FileCheck, fmt: str) -> pa.Table:
+    as_list = [c.to_pylist() if isinstance(c, pa.Array) else c for c in (*texts, labels)]
     checker = _RowChecker(spec, check, fmt, check.rows)
-    cols = spec.columns
-    out0, out1, outl = [], [], []
-    for i, (a, b, y) in enumerate(zip(*as_list, strict=True)):
-        ta = checker.text(i, cols.sentence_0, a)
-        tb = checker.text(i, cols.sentence_1, b)
-        ty = checker.label(i, cols.label, y)
-        if ta is None or tb is None or ty is None:
+    schema = pair_schema(spec)
+    fields = [src for dst, src in _wanted_columns(spec).items() if dst != "label"]
+    out: list[list] = [[] for _ in schema]
+    for i, (*row_texts, y) in enumerate(zip(*as_list, strict=True)):
+        row = [checker.text(i, name, t) for name, t in zip(fields, row_texts, strict=True)]
+        row.append(checker.label(i, spec.columns.label, y) if spec.columns.label else 1.0)
+        if any(value is None for value in row):
             continue
-        out0.append(ta)
-        out1.append(tb)
-        outl.append(ty)
-    return pa.Table.from_pydict(
-        {"sentence_0": out0, "sentence_1": out1, "label": outl}, schema=PAIR_SCHEMA
-    )
+        for column, value in zip(out, row, strict=True):
+            column.append(value)
+    arrays = [pa.array(column, f.type) for column, f in zip(out, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _bad_row_hint(check: FileCheck, spec: PairDataConfig) -> str:
@@ -272,8 +306,14 @@ def check_file(
         raise error
 
 
-def no_rows_error(path: str, skipped: int) -> DataError:
-    reason = f" ({skipped} bad rows skipped)" if skipped else ""
+def skipped_text(counts: RowCounts) -> str:
+    """``N rows (n1 reason1, n2 reason2)``: what validation and ``min_label`` dropped."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common())
+    return f"{counts.num_skipped} rows ({reasons})"
+
+
+def no_rows_error(path: str, counts: RowCounts) -> DataError:
+    reason = f" (skipped {skipped_text(counts)})" if counts.num_skipped else ""
     return DataError(f"{storage.redact(path)}: no usable rows{reason}")
 
 
@@ -285,17 +325,17 @@ def load_pairs(spec: PairDataConfig, storage_config: StorageConfig | None = None
         DataError: unreadable file, missing column, bad row (with ``on_bad_row: fail``), or no
             rows left.
     """
-    tables, data = [], PairData(table=PAIR_SCHEMA.empty_table(), files=[])
+    tables, data = [], PairData(table=pair_schema(spec).empty_table(), files=[])
     for source in list_sources(spec, storage_config):
         check = FileCheck(source.name)
         tables.extend(check_file(source, spec, storage_config, check))
         data.skipped.update(check.skipped)
         data.kept.update(check.kept)
         data.files.append(source.name)
-    table = pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else pair_schema(spec).empty_table()
     if spec.limit is not None:
         table = table.slice(0, spec.limit)
     if table.num_rows == 0:
-        raise no_rows_error(spec.path, data.num_skipped)
+        raise no_rows_error(spec.path, data)
     data.table = table
     return data

@@ -4,12 +4,21 @@ metrics from the same pairs, via its ``InformationRetrievalEvaluator``."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from sbertray.config import PairDataConfig, StorageConfig
 from sbertray.train.data import DataError, PairData, load_pairs
 
 EVAL_BATCH_SIZE = 64  # inference only: larger than any recipe's train batch, still small on CPU
+
+
+# RetrievalMetrics field -> the InformationRetrievalEvaluator's key (after ``{name}_cosine_``)
+_RETRIEVAL_KEYS = {
+    "mrr_at_10": "mrr@10",
+    "ndcg_at_10": "ndcg@10",
+    "recall_at_1": "recall@1",
+    "recall_at_10": "recall@10",
+}
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,28 @@ class SimilarityMetrics:
     retrieval: RetrievalMetrics | None = None
 
     @classmethod
-    def from_results(cls, results: dict, name: str, num_pairs: int) -> SimilarityMetrics:
-        """From an EmbeddingSimilarityEvaluator's prefixed result dict."""
+    def from_results(
+        cls, results: dict, name: str, num_pairs: int, task: RetrievalTask | None = None
+    ) -> SimilarityMetrics:
+        """From an evaluator's result dict (keys prefixed with ``name``); ``task``: the
+        retrieval it scored too, if any."""
+        retrieval = None
+        if task is not None:
+            retrieval = RetrievalMetrics(
+                threshold=task.threshold,
+                queries=len(task.queries),
+                corpus=len(task.corpus),
+                **{
+                    field: float(results[f"{name}_cosine_{key}"])
+                    for field, key in _RETRIEVAL_KEYS.items()
+                },
+            )
         return cls(
             name=name,
             pearson_cosine=float(results[f"{name}_pearson_cosine"]),
             spearman_cosine=float(results[f"{name}_spearman_cosine"]),
             num_pairs=num_pairs,
+            retrieval=retrieval,
         )
 
     def as_dict(self) -> dict:
@@ -54,11 +78,76 @@ class SimilarityMetrics:
         return scores | ({"retrieval": asdict(self.retrieval)} if self.retrieval else {})
 
 
-def build_evaluator(pairs: PairData, name: str, *, show_progress_bar: bool = False):
-    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Queries, corpus and relevance judgements drawn from labelled pairs."""
+
+    threshold: float
+    queries: dict[str, str]  # query id -> text
+    corpus: dict[str, str]  # document id -> text
+    relevant: dict[str, set[str]]  # query id -> relevant document ids
+
+    @classmethod
+    def from_pairs(cls, table, threshold: float) -> RetrievalTask:
+        """Every distinct second sentence is a document; every first sentence paired with one
+        at a label of at least ``threshold`` is a query, and those documents its relevant ones."""
+        seconds = table.column("sentence_1").to_pylist()
+        ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(seconds))}
+        relevant: dict[str, set[str]] = {}
+        for first, second, label in zip(
+            table.column("sentence_0").to_pylist(),
+            seconds,
+            table.column("label").to_pylist(),
+            strict=True,
+        ):
+            if label >= threshold:
+                relevant.setdefault(first, set()).add(ids[second])
+        if not relevant:
+            raise DataError(
+                f"no pair has a label of at least {threshold} (the retrieval threshold)"
+            )
+        queries = {f"q{i}": text for i, text in enumerate(relevant)}
+        return cls(
+            threshold=threshold,
+            queries=queries,
+            corpus={cid: text for text, cid in ids.items()},
+            relevant={qid: relevant[text] for qid, text in queries.items()},
+        )
+
+
+@dataclass(frozen=True)
+class DevEvaluator:
+    """What scores a model on a dev set: ``evaluator`` is sentence-transformers' (the trainer
+    runs it and the model card shows its table); ``metrics`` reads its results."""
+
+    evaluator: object
+    name: str
+    num_pairs: int
+    task: RetrievalTask | None
+
+    def metrics(self, results: dict) -> SimilarityMetrics:
+        return SimilarityMetrics.from_results(results, self.name, self.num_pairs, self.task)
+
+
+def build_evaluator(
+    pairs: PairData,
+    name: str,
+    *,
+    retrieval_threshold: float | None = None,
+    show_progress_bar: bool = False,
+) -> DevEvaluator:
+    """sentence-transformers' ``EmbeddingSimilarityEvaluator`` over the pairs; with
+    ``retrieval_threshold``, followed by an ``InformationRetrievalEvaluator`` on the same pairs
+    (``RetrievalTask``), as one ``SequentialEvaluator`` whose results carry both."""
+    from sentence_transformers.base.evaluation import SequentialEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import (
+        EmbeddingSimilarityEvaluator,
+        InformationRetrievalEvaluator,
+    )
+    from sentence_transformers.util import cos_sim
 
     table = pairs.table
-    return EmbeddingSimilarityEvaluator(
+    similarity = EmbeddingSimilarityEvaluator(
         table.column("sentence_0").to_pylist(),
         table.column("sentence_1").to_pylist(),
         table.column("label").to_pylist(),
@@ -69,61 +158,38 @@ def build_evaluator(pairs: PairData, name: str, *, show_progress_bar: bool = Fal
         write_csv=False,
         show_progress_bar=show_progress_bar,
     )
-
-
-def evaluate_model(
-    model, pairs: PairData, *, name: str = "dev", show_progress_bar: bool = False
-) -> SimilarityMetrics:
-    """Scores an already loaded SentenceTransformer on validated pairs."""
-    results = build_evaluator(pairs, name, show_progress_bar=show_progress_bar)(model)
-    return SimilarityMetrics.from_results(results, name, pairs.table.num_rows)
-
-
-def evaluate_retrieval(model, pairs: PairData, threshold: float, *, progress: bool = False):
-    """MRR@10, NDCG@10 and recall@1/10 of retrieving each relevant pair's second sentence by
-    its first (``RetrievalMetrics``)."""
-    from sentence_transformers.sentence_transformer.evaluation import (
-        InformationRetrievalEvaluator,
-    )
-    from sentence_transformers.util import cos_sim
-
-    table = pairs.table
-    firsts, seconds = table.column("sentence_0").to_pylist(), table.column("sentence_1").to_pylist()
-    corpus = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(seconds))}
-    relevant: dict[str, set[str]] = {}
-    for first, second, label in zip(
-        firsts, seconds, table.column("label").to_pylist(), strict=True
-    ):
-        if label >= threshold:
-            relevant.setdefault(first, set()).add(corpus[second])
-    if not relevant:
-        raise DataError(f"no pair has a label of at least {threshold} (the retrieval threshold)")
-    queries = {f"q{i}": text for i, text in enumerate(relevant)}
-    scores = InformationRetrievalEvaluator(
-        queries=queries,
-        corpus={cid: text for text, cid in corpus.items()},
-        relevant_docs={qid: relevant[text] for qid, text in queries.items()},
+    if retrieval_threshold is None:
+        return DevEvaluator(similarity, name, table.num_rows, None)
+    task = RetrievalTask.from_pairs(table, retrieval_threshold)
+    retrieval = InformationRetrievalEvaluator(
+        queries=task.queries,
+        corpus=task.corpus,
+        relevant_docs=task.relevant,
         accuracy_at_k=[1, 10],
         precision_recall_at_k=[1, 10],
         score_functions={"cosine": cos_sim},
         batch_size=EVAL_BATCH_SIZE,
-        show_progress_bar=progress,
+        show_progress_bar=show_progress_bar,
         write_csv=False,
-    )(model)
-    return RetrievalMetrics(
-        threshold=threshold,
-        queries=len(queries),
-        corpus=len(corpus),
-        **{
-            field: float(scores[f"cosine_{metric}"])
-            for field, metric in (
-                ("mrr_at_10", "mrr@10"),
-                ("ndcg_at_10", "ndcg@10"),
-                ("recall_at_1", "recall@1"),
-                ("recall_at_10", "recall@10"),
-            )
-        },
+        name=name,
     )
+    return DevEvaluator(SequentialEvaluator([similarity, retrieval]), name, table.num_rows, task)
+
+
+def evaluate_model(
+    model,
+    pairs: PairData,
+    *,
+    name: str = "dev",
+    retrieval_threshold: float | None = None,
+    show_progress_bar: bool = False,
+) -> SimilarityMetrics:
+    """Scores an already loaded SentenceTransformer on validated pairs (and on retrieval among
+    them, with ``retrieval_threshold``)."""
+    dev = build_evaluator(
+        pairs, name, retrieval_threshold=retrieval_threshold, show_progress_bar=show_progress_bar
+    )
+    return dev.metrics(dev.evaluator(model))
 
 
 def evaluate(
@@ -136,7 +202,7 @@ def evaluate(
     retrieval_threshold: float | None = None,
 ) -> SimilarityMetrics:
     """Loads ``model`` (path, s3://, hub id or the bundled default) and scores it on ``data``;
-    ``retrieval_threshold``: retrieval metrics too (``evaluate_retrieval``); ``progress``: say
+    ``retrieval_threshold``: retrieval metrics too (``RetrievalTask``); ``progress``: say
     what runs and draw the encoding's progress bar (the CLI)."""
     from sbertray.modeling import load_model
 
@@ -148,8 +214,10 @@ def evaluate(
             flush=True,
         )
     loaded = load_model(model, storage_config=storage_config, device=device)
-    metrics = evaluate_model(loaded, pairs, name=data.name or "dev", show_progress_bar=progress)
-    if retrieval_threshold is None:
-        return metrics
-    retrieval = evaluate_retrieval(loaded, pairs, retrieval_threshold, progress=progress)
-    return replace(metrics, retrieval=retrieval)
+    return evaluate_model(
+        loaded,
+        pairs,
+        name=data.name or "dev",
+        retrieval_threshold=retrieval_threshold,
+        show_progress_bar=progress,
+    )

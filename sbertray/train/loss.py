@@ -59,6 +59,10 @@ class AnglELoss(_PairInOneForward, stock.AnglELoss):
     """CoSENT on the angle difference in complex space (no vanishing gradient near cos = +-1)."""
 
 
+class MultipleNegativesRankingLoss(_PairInOneForward, stock.MultipleNegativesRankingLoss):
+    """Each anchor's positive against every other positive (and negative) of the batch."""
+
+
 LOSSES: dict[str, type[nn.Module]] = {
     "cosine": CosineSimilarityLoss,
     "cosent": CoSENTLoss,
@@ -66,10 +70,25 @@ LOSSES: dict[str, type[nn.Module]] = {
 }
 
 
+def _in_batch_negatives(model, training: TrainingConfig) -> nn.Module:
+    """MNRL over the global batch: each worker's embeddings are gathered from every worker
+    (with gradients), so an anchor has the whole global batch as negatives, not its worker's
+    slice. ``cached_mnrl`` is GradCache's version, which embeds in ``mini_batch_size`` pieces
+    (its own forward, so no merged pair)."""
+    if training.loss == "cached_mnrl":
+        return stock.CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=training.mini_batch_size, gather_across_devices=True
+        )
+    return MultipleNegativesRankingLoss(model, gather_across_devices=True)
+
+
 def build_loss(model, training: TrainingConfig) -> nn.Module:
     """The recipe's loss over ``model``; with ``matryoshka_dims``, trained at each of those
     leading dimensions too (sentence-transformers' ``MatryoshkaLoss``)."""
-    loss = LOSSES[training.loss](model)
+    if training.loss in LOSSES:
+        loss = LOSSES[training.loss](model)
+    else:
+        loss = _in_batch_negatives(model, training)
     if training.matryoshka_dims:
         loss = stock.MatryoshkaLoss(model, loss, matryoshka_dims=training.matryoshka_dims)
     return loss

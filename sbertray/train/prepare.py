@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 from sbertray import storage
 from sbertray.config import PairDataConfig, StorageConfig
 from sbertray.train.data import (
-    PAIR_SCHEMA,
     DataError,
     FileCheck,
     RowCounts,
     check_file,
     no_rows_error,
+    pair_schema,
 )
 from sbertray.train.sources import Source, list_sources
 
@@ -54,7 +54,7 @@ class PreparedPairs(RowCounts):
     shards: list[Shard]  # in input order: file by file, rows in file order
     files: list[str]
     digest: str  # of the validated rows in order: the run fingerprint's data part
-    sample: pa.Table  # the first rows (PAIR_SCHEMA), for the card and the dry run's timing
+    sample: pa.Table  # the first rows (pair_schema), for the card and the dry run's timing
 
     @property
     def rows(self) -> int:
@@ -113,7 +113,9 @@ def _rows(shards: list[Shard]) -> int:
 
 def _flush(pending, shards, shard_rows, out_url, storage_config, *, final: bool) -> list[pa.Table]:
     """Writes whole shards of ``pending`` (the rest too when ``final``); returns what is left."""
-    table = pa.concat_tables(pending) if pending else PAIR_SCHEMA.empty_table()
+    if not pending:
+        return []
+    table = pa.concat_tables(pending)
     while len(table) >= shard_rows or (final and len(table)):
         shard, table = table.slice(0, shard_rows), table.slice(shard_rows)
         url = storage.join(out_url, f"part-{len(shards):05d}.parquet") if out_url else ""
@@ -214,7 +216,7 @@ def _combine(spec: PairDataConfig, parts: list[_FilePart], sources: list[Source]
         prepared.kept.update(part.check.kept)
     prepared.digest = digest.hexdigest()
     samples = (p.sample for p in parts if p.sample is not None and len(p.sample))
-    prepared.sample = next(samples, PAIR_SCHEMA.empty_table())
+    prepared.sample = next(samples, pair_schema(spec).empty_table())
     if not prepared.rows:
-        raise no_rows_error(spec.path, prepared.num_skipped)
+        raise no_rows_error(spec.path, prepared)
     return prepared

@@ -26,7 +26,7 @@ from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, s
 from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint, table_hash
-from sbertray.train.data import PairData, RowCounts, load_pairs
+from sbertray.train.data import PairData, RowCounts, load_pairs, skipped_text
 from sbertray.train.prepare import PreparedPairs, prepare_pairs, validates_on_ray
 from sbertray.train.sources import list_sources
 from sbertray.train.worker import (
@@ -308,7 +308,6 @@ def _delete_and_prune(root: storage.Location, name: str) -> None:
 
 def _report_skips(kind: str, pairs: RowCounts) -> None:
     if pairs.num_skipped:
-        reasons = ", ".join(f"{n} {r}" for r, n in pairs.skipped.most_common())
-        print(f"[sbertray] {kind}: skipped {pairs.num_skipped} bad rows ({reasons})", flush=True)
+        print(f"[sbertray] {kind}: skipped {skipped_text(pairs)}", flush=True)
     for reason, n in pairs.kept.items():
         print(f"[sbertray] {kind}: kept {n} rows with {reason} (as configured)", flush=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sbertray import storage
 from sbertray.config import TrainConfig
+from sbertray.train.arguments import training_arguments
 from sbertray.train.callback import report_callback
 from sbertray.train.card import card_base_model
 from sbertray.train.checkpoints import CheckpointStore
@@ -68,47 +69,6 @@ def run_name(config: TrainConfig, fingerprint: str) -> str:
     return f"{run_base(config)}-{fingerprint[:8]}"
 
 
-def _training_arguments(
-    config: TrainConfig, output_dir: str, world_size: int, dev_name: str | None
-):
-    from sentence_transformers import SentenceTransformerTrainingArguments
-
-    t = config.training
-    per_device = t.batch_size // world_size
-    return SentenceTransformerTrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=per_device,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        # transformers 5 takes a ratio as a float `warmup_steps` (`warmup_ratio` is deprecated).
-        warmup_steps=float(t.warmup_ratio) if t.warmup_ratio else t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        # The stream starts a resumed run at its step (reading nothing before it); the
-        # trainer's own skipping would read and tokenize every batch before it.
-        ignore_data_skip=True,
-        fp16=t.precision == "fp16",
-        bf16=t.precision == "bf16",
-        logging_steps=t.logging_steps,
-        logging_first_step=True,  # a loss on record however short the run
-        eval_strategy="epoch" if dev_name and t.eval_every == "epoch" else "no",
-        save_strategy="steps" if t.checkpoint_steps else "epoch",
-        save_steps=t.checkpoint_steps or 500,
-        save_total_limit=t.keep_checkpoints,
-        load_best_model_at_end=t.select_best,
-        metric_for_best_model=f"eval_{dev_name}_spearman_cosine" if t.select_best else None,
-        greater_is_better=True if t.select_best else None,
-        report_to="none",
-        use_cpu=not config.scaling.use_gpu,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,  # rank 0 prints one line per logging step instead
-    )
-
-
 def _freeze_unused_pooler(model) -> None:
     """BERT-style models carry a pooler head that mean pooling never reads. DDP fails on
     parameters that get no gradient; freezing them is cheaper than `find_unused_parameters`
@@ -149,8 +109,7 @@ def train_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _set_up_process(job)
     model = _load_base_model(job.config)
-    dev_name = (job.config.dev.name if job.config.dev else None) or "dev"
-    evaluator = _dev_evaluator(job, dev_name)
+    dev = _dev_evaluator(job)
     name = run_name(job.config, job.fingerprint)
     local_root = storage.scratch_root() / name
     local_root.mkdir(parents=True, exist_ok=True)
@@ -165,10 +124,9 @@ def train_worker(loop_config: dict) -> None:
         # step on a 2-core machine). One worker trains as the plain trainer does.
         os.environ.pop("LOCAL_RANK", None)
     stream = _stream(job, world, rank, resumed_from)
-    trainer = _trainer(job, model, evaluator, dev_name, local_root, stream, rank, store)
+    trainer = _trainer(job, model, dev, local_root, stream, rank, store)
     trainer.train(resume_from_checkpoint=resume_path)
-    dev_rows = job.dev.num_rows if job.dev is not None else 0
-    dev_metrics = _final_dev_score(model, trainer, evaluator, dev_name, dev_rows)
+    dev_metrics = _final_dev_score(model, trainer, dev)
     if rank == 0:
         _card_counts_every_row(model.model_card_data, job.train.rows)
         outcome = _loop_result(trainer, resumed_from, stream, dev_metrics)
@@ -217,12 +175,16 @@ def _load_base_model(config: TrainConfig):
     return model
 
 
-def _dev_evaluator(job: WorkerJob, dev_name: str):
+def _dev_evaluator(job: WorkerJob):
     from sbertray.train.evaluation import build_evaluator
 
     if job.dev is None:
         return None
-    return build_evaluator(PairData(table=job.dev, files=[]), dev_name)
+    return build_evaluator(
+        PairData(table=job.dev, files=[]),
+        job.config.dev.name or "dev",
+        retrieval_threshold=job.config.training.retrieval_threshold,
+    )
 
 
 def _restore(store: CheckpointStore, resume_dir: Path, rank: int) -> tuple[str | None, int]:
@@ -255,7 +217,7 @@ def _stream(job: WorkerJob, world: int, rank: int, resumed_from: int):
     )
 
 
-def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, stream, rank, store):
+def _trainer(job: WorkerJob, model, dev, local_root, stream, rank, store):
     """sentence-transformers' trainer over this worker's stream, reporting to Ray Train. Its
     ``train_dataset`` is the sample: what the model card describes (sizes are set to the whole
     set's after training); the batches come from the stream."""
@@ -268,33 +230,31 @@ def _trainer(job: WorkerJob, model, evaluator, dev_name, local_root, stream, ran
     trainer = StreamingTrainer(
         stream,
         model=model,
-        args=_training_arguments(
+        args=training_arguments(
             job.config,
             str(local_root / "hf"),
             stream.world,
-            dev_name if evaluator is not None else None,
+            dev.name if dev is not None else None,
         ),
         train_dataset=datasets.Dataset(job.train.sample),
         loss=build_loss(model, job.config.training),
-        evaluator=evaluator,
-        callbacks=[report_callback(rank, store, evaluator)],
+        evaluator=dev.evaluator if dev is not None else None,
+        callbacks=[report_callback(rank, store, dev.evaluator if dev is not None else None)],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-def _final_dev_score(model, trainer, evaluator, dev_name: str, dev_rows: int) -> dict | None:
+def _final_dev_score(model, trainer, dev) -> dict | None:
     """The final dev score, also set as the model card's evaluation table."""
-    from sbertray.train.evaluation import SimilarityMetrics
-
-    if evaluator is None:
+    if dev is None:
         return None
-    results = evaluator(model)
+    results = dev.evaluator(model)
     model.model_card_data.set_evaluation_metrics(
-        evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
+        dev.evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
     )
-    return SimilarityMetrics.from_results(results, dev_name, dev_rows).as_dict()
+    return dev.metrics(results).as_dict()
 
 
 def _card_counts_every_row(card, rows: int) -> None:
