@@ -1,6 +1,7 @@
 """``sbertray`` command line: a thin layer over the library.
 
 sbertray train RECIPE.yaml [key.path=value ...] [--dry-run] [--restart]
+sbertray tune RECIPE.yaml [key.path=value ...] [--dry-run]
 sbertray evaluate MODEL DATA [--sentence-0 COL --sentence-1 COL --label COL --label-scale X]
 sbertray embed CONFIG.yaml [key.path=value ...] [--dry-run] [--replace]
 """
@@ -58,6 +59,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{resumed}; model written to {result.model_url}"
     )
     _publish_log(args, config.output.model, config.storage)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from sbertray.config import TrainConfig
+    from sbertray.train.tuning import tune_output, tune_recipe
+
+    if (config := _config_unless_dry_run(args, TrainConfig, "sbertray.train.tuning")) is None:
+        return 0
+    tune_recipe(config, ray_address=args.address)
+    _publish_log(args, tune_output(config), config.storage)
     return 0
 
 
@@ -137,6 +149,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 _OVERRIDE_EXAMPLES = {
     "train": "training.epochs=1 output.model=runs/x",
+    "tune": "tune.trials=4 tune.concurrency=2",
     "embed": "output.path=runs/out compute.precision=fp32",
     "nightly": "output=s3://bucket/nightly",
 }
@@ -152,7 +165,7 @@ def _add_config_command(sub, name: str, func, *, help: str, example: str) -> Non
         help=f"config keys to change, key.path=value, e.g. {_OVERRIDE_EXAMPLES[name]}",
     )
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS or a local Ray)")
-    if name in ("train", "embed"):
+    if name in ("train", "tune", "embed"):
         p.add_argument(
             "--dry-run",
             action="store_true",
@@ -219,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = (
         ("train", _cmd_train, "fine-tune a model from a recipe on Ray Train", "stsb.yaml"),
         (
+            "tune",
+            _cmd_tune,
+            "search a recipe's training settings (its `tune:` block) on Ray Tune",
+            "stsb_tuned.yaml",
+        ),
+        (
             "embed",
             _cmd_embed,
             "embed Parquet with Ray Data, write embeddings + scores",
@@ -244,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run jobs: their console shows sbertray's lines, their log file the rest.
-_LOGGED_COMMANDS = ("train", "embed", "nightly")
+_LOGGED_COMMANDS = ("train", "tune", "embed", "nightly")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,13 +24,13 @@ REPORT_DIR = "_report"  # under dataset outputs
 _MAX_SCORE_SAMPLES = 200_000
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+def figure(title: str, xlabel: str, ylabel: str):
     # A bare Figure draws with Agg and is freed with its last reference: no pyplot figure
     # registry to close, no process-wide backend switch inside a library call.
     from matplotlib.figure import Figure
@@ -69,19 +69,19 @@ def write_train_report(model_url: str, result: dict, storage_config=None) -> dic
     out = storage.resolve(model_url, storage_config)
     plots = {}
     if result.get("loss_log"):
-        fig, ax = _figure(f"{result['name']}: training loss", "step", "loss (MSE)")
+        fig, ax = figure(f"{result['name']}: training loss", "step", "loss (MSE)")
         ax.plot([e["step"] for e in result["loss_log"]], [e["loss"] for e in result["loss_log"]])
-        plots["loss.png"] = _png(fig)
+        plots["loss.png"] = png_bytes(fig)
     evals = result.get("eval_log") or []
     metric_keys = sorted(
         {k for e in evals for k in e if k.endswith(("_spearman_cosine", "_pearson_cosine"))}
     )
     if evals and metric_keys:
-        fig, ax = _figure(f"{result['name']}: dev metrics", "epoch", "correlation")
+        fig, ax = figure(f"{result['name']}: dev metrics", "epoch", "correlation")
         for key in metric_keys:
             ax.plot([e["epoch"] for e in evals], [e[key] for e in evals], marker="o", label=key)
         ax.legend(fontsize=8)
-        plots["eval.png"] = _png(fig)
+        plots["eval.png"] = png_bytes(fig)
     dev = result.get("dev_metrics") or {}
     report = {"kind": "train", **result, "plots": sorted(plots)}
     lines = [
@@ -141,16 +141,16 @@ def write_embed_report(out: storage.Location, manifest: dict, units: list[dict])
     outputs = dict.fromkeys(o["path"] for f in files for o in f["outputs"])  # groups: once
     label, scores = _score_sample(out, list(outputs))
     if label and len(scores):
-        fig, ax = _figure(f"{label} ({len(scores):,} rows)", label, "rows")
+        fig, ax = figure(f"{label} ({len(scores):,} rows)", label, "rows")
         ax.hist(scores, bins=50)
-        plots["scores.png"] = _png(fig)
+        plots["scores.png"] = png_bytes(fig)
     reasons = Counter()
     for f in files:
         reasons.update(f.get("bad_reasons", {}))
     if reasons:
-        fig, ax = _figure("bad rows by reason", "reason", "rows")
+        fig, ax = figure("bad rows by reason", "reason", "rows")
         ax.bar(list(reasons), list(reasons.values()))
-        plots["bad_rows.png"] = _png(fig)
+        plots["bad_rows.png"] = png_bytes(fig)
     report = {
         "kind": "embed",
         "run_id": manifest["run_id"],
@@ -180,9 +180,9 @@ def _throughput_plot(units: list[dict]) -> dict[str, bytes]:
         return {}
     t0 = min(u["finished_at"] - u["seconds"] for u in timed)
     xs = [u["finished_at"] - t0 for u in timed]
-    fig, ax = _figure("throughput", "seconds since start", "rows embedded")
+    fig, ax = figure("throughput", "seconds since start", "rows embedded")
     ax.plot(xs, np.cumsum([u["rows_out"] for u in timed]), drawstyle="steps-post")
-    return {"throughput.png": _png(fig)}
+    return {"throughput.png": png_bytes(fig)}
 
 
 def _rows_per_file_plot(files: list[dict]) -> dict[str, bytes]:
@@ -190,18 +190,18 @@ def _rows_per_file_plot(files: list[dict]) -> dict[str, bytes]:
     if not files:
         return {}
     if len(files) > _FILES_AS_BARS:
-        fig, ax = _figure(f"rows per input file ({len(files):,} files)", "rows", "input files")
+        fig, ax = figure(f"rows per input file ({len(files):,} files)", "rows", "input files")
         ax.hist([f["rows_out"] + f["bad_rows"] for f in files], bins=50, label="rows")
         ax.hist([f["bad_rows"] for f in files if f["bad_rows"]], bins=50, label="bad rows")
     else:
-        fig, ax = _figure("rows per input file", "input file", "rows")
+        fig, ax = figure("rows per input file", "input file", "rows")
         names = [f["rel"] for f in files]
         ax.bar(names, [f["rows_out"] for f in files], label="embedded")
         bottom = [f["rows_out"] for f in files]
         ax.bar(names, [f["bad_rows"] for f in files], bottom=bottom, label="bad")
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     ax.legend(fontsize=8)
-    return {"rows_per_shard.png": _png(fig)}
+    return {"rows_per_shard.png": png_bytes(fig)}
 
 
 def _skipped_rows(examples: list[str]) -> list[str]:

@@ -35,6 +35,7 @@ from sbertray.config.train import (
     TrainingConfig,
     TrainOutputConfig,
 )
+from sbertray.config.tune import Range, SearchSpace, TuneSpec
 
 __all__ = [
     "DEFAULT_BASE_MODEL",
@@ -49,12 +50,15 @@ __all__ = [
     "PairColumns",
     "PairDataConfig",
     "PromotionConfig",
+    "Range",
     "ReferenceConfig",
     "ScalingConfigSpec",
+    "SearchSpace",
     "StorageConfig",
     "TrainConfig",
     "TrainOutputConfig",
     "TrainingConfig",
+    "TuneSpec",
     "apply_overrides",
     "dump_without",
     "load_config",

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sbertray.config.core import DEFAULT_BASE_MODEL, StorageConfig, Strict
+from sbertray.config.tune import TuneSpec
 from sbertray.hardware import cpu_has_native_bf16
 
 
@@ -152,6 +153,7 @@ class TrainConfig(Strict):
     scaling: ScalingConfigSpec = Field(default_factory=ScalingConfigSpec)
     output: TrainOutputConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    tune: TuneSpec | None = None  # the search `sbertray tune` runs; `train` ignores it
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -169,7 +171,8 @@ class TrainConfig(Strict):
             raise ValueError(
                 "`training.select_best` checkpoints every epoch; drop `training.checkpoint_steps`"
             )
-        self._check_losses_data()
+        self._check_loss_data(self.training.loss)
+        self._check_tune()
         if self.training.select_metric in RETRIEVAL_METRICS and (
             self.dev is None or self.training.retrieval_threshold is None
         ):
@@ -188,8 +191,8 @@ class TrainConfig(Strict):
             )
         return self
 
-    def _check_losses_data(self) -> None:
-        loss, cols = self.training.loss, self.train.columns
+    def _check_loss_data(self, loss: str) -> None:
+        cols = self.train.columns
         if loss in LABELLED_LOSSES and (cols.label is None or cols.negative is not None):
             raise ValueError(
                 f"`training.loss: {loss}` learns from labelled pairs: `train.columns.label` must "
@@ -205,3 +208,28 @@ class TrainConfig(Strict):
             )
         if self.dev is not None and self.dev.columns.label is None:
             raise ValueError("`dev.columns.label` is needed: the dev set is scored by its labels")
+
+    def _check_tune(self) -> None:
+        spec = self.tune
+        if spec is None:
+            return
+        if self.dev is None:
+            raise ValueError("`tune` needs a `dev` set: the trials are compared on it")
+        if spec.metric in RETRIEVAL_METRICS and self.training.retrieval_threshold is None:
+            raise ValueError(
+                f"`tune.metric: {spec.metric}` is a retrieval metric: set "
+                "`training.retrieval_threshold` (e.g. 0.8)"
+            )
+        workers = self.scaling.num_workers
+        if bad := [b for b in spec.search.batch_size or [] if b <= 0 or b % workers]:
+            raise ValueError(
+                f"`tune.search.batch_size` {bad}: each must be a positive multiple of "
+                f"`scaling.num_workers` ({workers})"
+            )
+        for loss in spec.search.loss or []:
+            self._check_loss_data(loss)
+        if True in (spec.search.matryoshka or []) and not self.training.matryoshka_dims:
+            raise ValueError(
+                "`tune.search.matryoshka: [.., true]` trains with `training.matryoshka_dims`: "
+                "set them, e.g. [384, 256, 128, 64]"
+            )

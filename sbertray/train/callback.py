@@ -63,12 +63,26 @@ class _RayTrainReport:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
             self.store.unmark(state.global_step)
         ray.train.report(
-            {"global_step": state.global_step, "epoch": state.epoch},
+            {"global_step": state.global_step, "epoch": state.epoch, **dev_scores(state)},
             checkpoint=checkpoint,
             checkpoint_dir_name=checkpoints.dir_name(state.global_step),
         )
         if checkpoint is not None:  # the upload is synchronous: the files are all there
             self.store.mark(state.global_step)
+
+
+def dev_scores(state) -> dict[str, float]:
+    """The dev scores logged at this step, by metric name (``spearman_cosine``, ``mrr@10``,
+    ...): what ``sbertray tune`` compares trials on and ASHA stops them by."""
+    logged = [e for e in state.log_history if e.get("step") == state.global_step]
+    scores = {}
+    for entry in logged:
+        for key, value in entry.items():
+            if key.endswith("_spearman_cosine"):
+                scores["spearman_cosine"] = value
+            elif key.startswith("eval_") and "_cosine_" in key:
+                scores[key.rsplit("_cosine_", 1)[1]] = value
+    return scores
 
 
 def report_callback(rank: int, store: CheckpointStore, evaluator=None):

@@ -29,6 +29,7 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 # Keys that never change the weights a step produces: a rerun changing only these resumes.
 _NOT_IN_FINGERPRINT = {
     "name": None,
+    "tune": None,  # the search around a recipe, not the run itself
     "output": None,
     "storage": None,
     "scaling": {"max_failures", "cpus_per_worker"},

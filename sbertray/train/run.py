@@ -166,7 +166,11 @@ def _check_matryoshka_dims(config: TrainConfig, base_path: str) -> None:
 
 
 def train(
-    config: TrainConfig, *, ray_address: str | None = None, restart: bool = False
+    config: TrainConfig,
+    *,
+    ray_address: str | None = None,
+    restart: bool = False,
+    callbacks: tuple = (),
 ) -> TrainResult:
     """Runs the recipe on Ray Train and writes the model (with its card) to ``output.model``.
 
@@ -176,6 +180,7 @@ def train(
     continues); a rerun with another config, data or base model starts over (see
     ``checkpoints.py``). ``restart`` trains from step 0 whatever was there. The run's
     checkpoints are deleted once the model is written unless ``output.keep_checkpoints``.
+    ``callbacks``: Ray Train callbacks of the run (``sbertray tune`` passes Tune's reporter).
 
     Raises what ``plan_training`` raises, before any worker starts.
     """
@@ -200,7 +205,7 @@ def train(
     if restart:
         storage.delete(ckpt_loc.child(run_name(config, plan.fingerprint)))
     with ray_train_settings(many_nodes):
-        _trainer(plan, ckpt_loc).fit()
+        _trainer(plan, ckpt_loc, callbacks).fit()
     result = _finish(plan, started)
     _delete_prepared(config)
     if not config.output.keep_checkpoints:
@@ -240,7 +245,7 @@ def finished_result(plan: TrainingPlan) -> TrainResult | None:
     return TrainResult(**{**written, "kept": True})
 
 
-def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location):
+def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location, callbacks: tuple = ()):
     """A ``TorchTrainer`` whose workers each run ``train_worker`` on the plan's ``WorkerJob``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -269,6 +274,7 @@ def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location):
             storage_filesystem=ckpt_loc.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.training.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            callbacks=list(callbacks),
         ),
     )
 
