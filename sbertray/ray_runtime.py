@@ -32,7 +32,10 @@ def prefer_loopback(address: str | None = None) -> None:
         os.environ.setdefault(_LOCAL_ONLY_ENV, "0")
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
+    """Joins ``address`` (or ``$RAY_ADDRESS``), else starts a local Ray of this process's own;
+    ``dashboard``: with the dashboard (on loopback), whose State API Ray Train's placement-group
+    cleaner needs to free the CPUs of a run whose controller was killed (a trial Tune stops)."""
     import ray
 
     if ray.is_initialized():
@@ -47,7 +50,8 @@ def init_ray(address: str | None = None) -> None:
         # this machine (and refuse `num_cpus` there); a cluster is named with --address.
         address="local",
         num_cpus=int(num_cpus) if num_cpus else None,
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         # Ray's start-up banners and notices only with `--verbose`: sbertray says what it does.
         logging_level=logging.DEBUG
         if logging.getLogger().isEnabledFor(logging.DEBUG)

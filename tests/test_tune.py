@@ -26,8 +26,10 @@ def _recipe(tmp_path: Path, tiny_model_path: str, **tune) -> Path:
         "training": {"batch_size": 10, "epochs": 2, "logging_steps": 4},
         "output": {"model": str(tmp_path / "model")},
         "tune": {
-            "search": {"learning_rate": [2e-5, 2e-4], "epochs": [2]},
-            "trials": 2,
+            # In this order: the first trial learns, the two after it barely move from the base
+            # model and are stopped after their first epoch (ASHA).
+            "search": {"learning_rate": [2e-4, 1e-7, 1e-6], "epochs": [3]},
+            "trials": 3,
             **tune,
         },
     }
@@ -37,15 +39,18 @@ def _recipe(tmp_path: Path, tiny_model_path: str, **tune) -> Path:
 
 
 def _trial_models(out: Path) -> list[Path]:
-    return sorted(out.glob("trials/*/model/README.md"))
+    return sorted(out.glob("trials/*/model/train_result.json"))  # written last
 
 
 def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny_model_path):
     recipe, out = _recipe(tmp_path, tiny_model_path), tmp_path / "model-tune"
     dry = run(sbertray_cmd("tune", str(recipe), "--dry-run"))
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "2 trials, 1 at a time, maximizing dev spearman_cosine" in dry.stdout
-    assert "40 training pairs, 8 to 8 steps" in dry.stdout and not out.exists()
+    assert (
+        "3 trials (every combination once), 1 at a time, maximizing dev spearman_cosine"
+        in dry.stdout
+    )
+    assert "40 training pairs, 12 to 12 steps" in dry.stdout and not out.exists()
 
     # Killed (driver and its Ray) once the first trial's model is written.
     kill_when(sbertray_cmd("tune", str(recipe)), lambda: _trial_models(out), what="a trial")
@@ -56,15 +61,19 @@ def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny
     rerun = run(sbertray_cmd("tune", str(recipe)))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming the search" in rerun.stdout
-    assert "trials done 2/2" in rerun.stdout
-    models = _trial_models(out)
-    assert len(models) == 2 and first[0].stat().st_mtime == first_written  # kept, not retrained
+    assert "trials done 3/3" in rerun.stdout
+    assert _trial_models(out) == first and first[0].stat().st_mtime == first_written  # kept
 
     report = json.loads((out / "report.json").read_text())
-    trials = {t["trial_id"]: t for t in report["trials"]}
-    assert len(trials) == 2 and {t["status"] for t in trials.values()} == {"done"}
-    best = trials[report["best"]]
-    assert best["score"] == max(t["score"] for t in trials.values())
+    trials = sorted(report["trials"], key=lambda t: t["params"]["learning_rate"], reverse=True)
+    assert [(t["status"], t["epochs"]) for t in trials] == [
+        ("done", 3),
+        ("stopped early", 1),
+        ("stopped early", 1),
+    ]
+    assert [t["model_url"] is not None for t in trials] == [True, False, False]
+    best = trials[0]
+    assert report["best"] == best["trial_id"] and best["score"] > trials[1]["score"] + 0.1
     assert (out / "trials.png").stat().st_size > 0
     assert "| trial | epochs | learning_rate | spearman_cosine |" in (out / "report.md").read_text()
 

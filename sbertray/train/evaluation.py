@@ -129,6 +129,15 @@ class DevEvaluator:
         return SimilarityMetrics.from_results(results, self.name, self.num_pairs, self.task)
 
 
+def metric_scores(dev_metrics: dict) -> dict[str, float]:
+    """A ``SimilarityMetrics.as_dict()`` by metric name (``spearman_cosine``, ``mrr@10``, ...):
+    the names ``training.select_metric`` and ``tune.metric`` use."""
+    retrieval = dev_metrics.get("retrieval") or {}
+    return {"spearman_cosine": dev_metrics["spearman_cosine"]} | {
+        key: retrieval[field] for field, key in _RETRIEVAL_KEYS.items() if field in retrieval
+    }
+
+
 def build_evaluator(
     pairs: PairData,
     name: str,

@@ -13,6 +13,7 @@ from sbertray.config import TrainConfig
 from sbertray.errors import UserError
 from sbertray.progress import format_duration
 from sbertray.report import figure, png_bytes, write
+from sbertray.train.run import RESULT_FILE
 from sbertray.train.trials import TRIALS_DIR, Trial, TuneResult, best_recipe, describe
 
 BEST_RECIPE = "best_recipe.yaml"
@@ -27,19 +28,22 @@ class Progress(Callback):
     def __init__(self, metric: str, total: int):
         self.metric, self.total = metric, total
         self.best: tuple[float, str] | None = None
+        self.shown: dict[str, float] = {}  # trial -> the epoch last printed
         self.started, self.finished_here = time.monotonic(), 0
 
     def setup(self, **info):
         self.started, self.finished_here = time.monotonic(), 0  # also after a restore
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.metric not in result:
-            return
+        epoch = result.get("epoch", 0)
+        if self.metric not in result or self.shown.get(trial.trial_id) == epoch:
+            return  # a run's last report repeats its last epoch's
+        self.shown[trial.trial_id] = epoch
         score = result[self.metric]
         if self.best is None or score > self.best[0]:
             self.best = (score, trial.trial_id)
         print(
-            f"[sbertray] trial {trial.trial_id} epoch {result.get('epoch', 0):.0f}: "
+            f"[sbertray] trial {trial.trial_id} epoch {epoch:.0f}: "
             f"{self.metric} {score:.4f} ({describe(trial.config)})",
             flush=True,
         )
@@ -80,7 +84,8 @@ def collect_trials(grid, config: TrainConfig, output_url: str) -> list[Trial]:
         ran = max((e for e, _ in history), default=0.0)
         status = "failed" if result.error else "done" if ran >= planned - 1e-6 else "stopped early"
         model_url = storage.join(output_url, TRIALS_DIR, trial_id, "model")
-        written = storage.exists(storage.resolve(model_url, config.storage).child("README.md"))
+        model = storage.resolve(model_url, config.storage)
+        written = storage.exists(model.child(RESULT_FILE))  # a model's last file
         trials.append(
             Trial(
                 trial_id=trial_id,

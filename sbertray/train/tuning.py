@@ -17,8 +17,9 @@ import json
 import time
 
 from sbertray import storage
-from sbertray.config import ConfigError, SearchSpace, TrainConfig, stable_hash
+from sbertray.config import ConfigError, SearchSpace, TrainConfig, TuneSpec, stable_hash
 from sbertray.progress import format_duration
+from sbertray.train.evaluation import metric_scores
 from sbertray.train.run import train
 from sbertray.train.trials import (
     TRIALS_DIR,
@@ -33,16 +34,38 @@ SEARCH_DIR = "search"  # Tune's experiment (its state, the trials' results)
 SEARCH_KEY_FILE = "search_key.json"  # which recipe and search the folder holds
 
 
-def param_space(search: SearchSpace) -> dict:
+def grid_size(search: SearchSpace) -> int | None:
+    """The number of combinations when every key is a list of choices, else None (a range)."""
+    size = 1
+    for value in search.model_dump(exclude_none=True).values():
+        if isinstance(value, dict):
+            return None
+        size *= len(value)
+    return size
+
+
+def is_grid(spec: TuneSpec) -> bool:
+    """Lists of choices whose combinations number at most ``trials`` are searched as a grid,
+    each combination once: random draws would repeat some and miss others."""
+    grid = grid_size(spec.search)
+    return grid is not None and grid <= spec.trials
+
+
+def planned_trials(spec: TuneSpec) -> int:
+    return grid_size(spec.search) if is_grid(spec) else spec.trials
+
+
+def param_space(spec: TuneSpec) -> dict:
+    """Tune's search space: a grid (``is_grid``), else a random draw of every key per trial."""
     from ray import tune
 
     space = {}
-    for key, value in search.model_dump(exclude_none=True).items():
+    for key, value in spec.search.model_dump(exclude_none=True).items():
         if isinstance(value, dict):
             sample = tune.loguniform if value["log"] else tune.uniform
             space[key] = sample(value["low"], value["high"])
         else:
-            space[key] = tune.choice(value)
+            space[key] = tune.grid_search(value) if is_grid(spec) else tune.choice(value)
     return space
 
 
@@ -67,16 +90,7 @@ def _run_trial(params: dict, *, recipe: dict, output: str, cpus: float) -> None:
     trial_url = storage.join(output, TRIALS_DIR, tune.get_context().get_trial_id())
     result = train(trial_config(config, params, trial_url, cpus), callbacks=(TuneReportCallback(),))
     if result.kept and result.dev_metrics:  # written before the search was stopped: report it
-        tune.report({"epoch": result.epochs, **_scores(result.dev_metrics)})
-
-
-def _scores(dev_metrics: dict) -> dict[str, float]:
-    retrieval = dev_metrics.get("retrieval") or {}
-    names = {"mrr_at_10": "mrr@10", "ndcg_at_10": "ndcg@10"}
-    names |= {"recall_at_1": "recall@1", "recall_at_10": "recall@10"}
-    return {"spearman_cosine": dev_metrics["spearman_cosine"]} | {
-        names[k]: v for k, v in retrieval.items() if k in names
-    }
+        tune.report({"epoch": result.epochs, **metric_scores(result.dev_metrics)})
 
 
 def _check_search_key(config: TrainConfig, output: storage.Location) -> None:
@@ -112,17 +126,18 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
     started = time.time()
     config = _absolute_inputs(config)
     spec, output_url = config.tune, tune_output(config)
+    init_ray(ray_address, dashboard=True)  # before planning, which may start Ray without it
     plan_training(config, ray_address=ray_address, write_data=False)  # bad input fails here
     output = storage.resolve(output_url, config.storage)
     storage.check_writable(output)
     _check_search_key(config, output)
-    init_ray(ray_address)
     cpus = trial_cpus(config, ray.cluster_resources().get("CPU", 1.0))
     trainable = tune.with_parameters(
         _run_trial, recipe=config.model_dump(), output=output_url, cpus=cpus
     )
     # The trial's own process only waits on its Ray Train run, whose workers hold the CPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    # Tune refuses an all-zero request, so it asks for one byte of memory instead.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
     search_loc = output.child(SEARCH_DIR)
     if tune.Tuner.can_restore(search_loc.path, storage_filesystem=search_loc.fs):
         print(f"[sbertray] resuming the search in {storage.redact(output.url)}", flush=True)
@@ -159,35 +174,40 @@ def _new_tuner(config: TrainConfig, trainable, output: storage.Location, cpus: f
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",
-            max_t=max(epochs),
+            # ASHA stops a trial that reaches max_t: one epoch past the last, so a trial's last
+            # report does not kill it before its model is written.
+            max_t=max(epochs) + 1,
             grace_period=spec.grace_epochs,
             reduction_factor=spec.reduction_factor,
         )
         if spec.early_stopping
         else FIFOScheduler()
     )
+    trials = planned_trials(spec)
     print(
-        f"[sbertray] searching {spec.trials} trials, {spec.concurrency} at a time "
+        f"[sbertray] searching {trials} trials, {spec.concurrency} at a time "
         f"({config.scaling.num_workers} worker(s) of {cpus:g} CPU each), on dev {spec.metric}",
         flush=True,
     )
     return tune.Tuner(
         trainable,
-        param_space=param_space(spec.search),
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode="max",
-            num_samples=spec.trials,
-            max_concurrent_trials=spec.concurrency,
+            num_samples=1 if is_grid(spec) else spec.trials,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=spec.seed),
+            # Tune's `max_concurrent_trials` does not reach a search algorithm passed in.
+            search_alg=BasicVariantGenerator(
+                random_state=spec.seed, max_concurrent=spec.concurrency
+            ),
         ),
         run_config=tune.RunConfig(
             name=SEARCH_DIR,
             storage_path=output.path,
             storage_filesystem=output.fs,
             verbose=0,
-            callbacks=[Progress(spec.metric, spec.trials)],
+            callbacks=[Progress(spec.metric, trials)],
         ),
     )
 
@@ -215,7 +235,9 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
     return "\n".join(
         [
             "[sbertray] dry run: nothing is written",
-            f"  search: {spec.trials} trials, {spec.concurrency} at a time, maximizing dev "
+            f"  search: {planned_trials(spec)} trials"
+            + (" (every combination once)" if is_grid(spec) else " (random draws)")
+            + f", {spec.concurrency} at a time, maximizing dev "
             f"{spec.metric}; {stopping}",
             *[
                 f"  {key}: {value}"

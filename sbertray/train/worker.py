@@ -20,6 +20,7 @@ from sbertray.train.callback import report_callback
 from sbertray.train.card import card_base_model
 from sbertray.train.checkpoints import CheckpointStore
 from sbertray.train.data import PairData
+from sbertray.train.evaluation import metric_scores
 from sbertray.train.prepare import PreparedPairs
 
 if TYPE_CHECKING:
@@ -131,7 +132,11 @@ def train_worker(loop_config: dict) -> None:
         _card_counts_every_row(model.model_card_data, job.train.rows)
         outcome = _loop_result(trainer, resumed_from, stream, dev_metrics)
         _save_model(job.config, model, outcome, local_root / "model")
-    ray.train.report({"global_step": trainer.state.global_step})
+    # With the kept model's dev scores: a Tune trial's every report carries its metric.
+    scores = metric_scores(dev_metrics) if dev_metrics else {}
+    ray.train.report(
+        {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch, **scores}
+    )
     # Done: every checkpoint and the model are in storage; a failed run keeps its scratch.
     shutil.rmtree(resume_dir, ignore_errors=True)
     if rank == 0:
