@@ -36,6 +36,14 @@ def _minimal(**extra) -> dict:
     return {"name": "x", "train": {"path": "a.csv"}, "output": {"model": "out"}, **extra}
 
 
+def test_the_searched_recipes_carry_their_search():
+    tuned = load_config(TrainConfig, RECIPES / "stsb_tuned.yaml")
+    assert tuned.training.epochs <= 4 and tuned.tune.metric == "spearman_cosine"
+    retrieval = load_config(TrainConfig, RECIPES / "stsb_retrieval.yaml")
+    assert (retrieval.training.loss, retrieval.train.min_label) == ("mnrl", 0.8)
+    assert retrieval.tune.metric == retrieval.training.select_metric == "mrr@10"
+
+
 def test_unknown_key_is_named_with_a_suggestion():
     with pytest.raises(
         ConfigError, match=r"unknown key `training.epoch` \(did you mean `epochs`\?\)"

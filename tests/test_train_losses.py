@@ -61,40 +61,72 @@ def test_each_loss_beats_the_base_model(
     assert f"loss:{card_name}" in (model / "README.md").read_text()  # the card's hub tag
 
 
+def _triplets(stsb_dir: Path, tmp_path: Path) -> Path:
+    """STS-B train's pairs scored 4 or more, each with the second sentence of a pair scored
+    below 1 as its hard negative, and no label column."""
+    rows = [
+        line.split("\t")
+        for line in (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    ]
+    positives = [(a, b) for a, b, score in rows if float(score) >= 4]
+    unrelated = [b for _, b, score in rows if float(score) < 1]
+    lines = ["sentence1\tsentence2\tnegative"] + [
+        f"{a}\t{b}\t{unrelated[i % len(unrelated)]}" for i, (a, b) in enumerate(positives)
+    ]
+    path = tmp_path / "triplets.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.mark.parametrize(
-    ("loss", "card_name"),
+    ("loss", "data", "card_name"),
     [
-        ("mnrl", "MultipleNegativesRankingLoss"),
-        ("cached_mnrl", "CachedMultipleNegativesRankingLoss"),
+        ("mnrl", "pairs", "MultipleNegativesRankingLoss"),
+        ("cached_mnrl", "triplets", "CachedMultipleNegativesRankingLoss"),
     ],
 )
 def test_in_batch_negatives_beat_the_base_model_at_retrieval(
-    ray_2cpu, stsb_dir, tmp_path, tiny_model_path, loss, card_name
+    ray_2cpu, stsb_dir, tmp_path, tiny_model_path, loss, data, card_name
 ):
-    """STS-B train's pairs labelled 4 or more as positives; dev retrieval among 500 dev pairs
-    (label >= 0.8 relevant) scored before and after, in training and in train_result."""
+    """Positives from STS-B train: its pairs scored 4 or more (`min_label`), or the same as
+    unlabelled triplets with a hard negative each. Dev retrieval among 500 dev pairs (label >=
+    0.8 relevant) is scored every epoch; the epoch best at MRR@10 is kept."""
+    if data == "pairs":
+        inputs = [f"train.path={stsb_dir / 'train.tsv'}", "train.min_label=0.8"]
+    else:
+        triplets = _triplets(stsb_dir, tmp_path)
+        inputs = [
+            f"train.path={triplets}",
+            "train.columns.label=null",
+            "train.columns.negative=negative",
+        ]
     model = tmp_path / loss
     result = train(
         _recipe(
             stsb_dir,
             tmp_path,
             tiny_model_path,
-            f"train.path={stsb_dir / 'train.tsv'}",
-            "train.min_label=0.8",
+            *inputs,
             f"training.loss={loss}",
             "training.batch_size=32",
             "training.learning_rate=2e-4",  # the tiny model gains little retrieval at 5e-5
             "training.epochs=2",
             "training.mini_batch_size=8",
             "training.retrieval_threshold=0.8",
+            "training.eval_every=epoch",
+            "training.select_best=true",
+            "training.select_metric=mrr@10",
             f"output.model={model}",
         )
     )
-    assert result.skipped_rows > 3000  # the pairs labelled below 4 of 5
+    # The same positives either way: min_label drops (and counts) the pairs scored below 4.
+    assert 1000 < result.train_rows < 2000
+    assert result.skipped_rows == (5749 - result.train_rows if data == "pairs" else 0)
     retrieval = result.dev_metrics["retrieval"]
-    base = result.eval_log[0]["stsb-dev_cosine_mrr@10"]
+    mrr = [e["stsb-dev_cosine_mrr@10"] for e in result.eval_log]
     assert retrieval["threshold"] == 0.8 and retrieval["queries"] > 50
-    assert retrieval["mrr_at_10"] > base + 0.01, (base, retrieval)
+    assert retrieval["mrr_at_10"] > mrr[0] + 0.01, (mrr, retrieval)
+    assert len(mrr) == 3 and retrieval["mrr_at_10"] == pytest.approx(max(mrr))  # best epoch kept
     card = (model / "README.md").read_text()
     assert f"loss:{card_name}" in card and "cosine_mrr@10" in card
 

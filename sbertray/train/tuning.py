@@ -7,13 +7,14 @@ keeps its best epoch (``select_best`` on ``tune.metric``), so the search compare
 were written. A rerun restores the search from ``<tune.output>/search`` (Tune's own experiment
 state) and each unfinished trial resumes from its checkpoints; a finished one keeps its model.
 
-Outputs (``tune_report.write``): the best recipe as YAML, the best model with its card, and a
+Outputs (``tune_report.write_outputs``): the best recipe as YAML, the best model with its card, and a
 report with a table and a plot of the trials.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from sbertray import storage
@@ -76,6 +77,8 @@ def _absolute_inputs(config: TrainConfig) -> TrainConfig:
     if config.dev is not None:
         config.dev.path = storage.absolute(config.dev.path)
     config.output.model = storage.absolute(config.output.model)
+    if os.path.exists(config.base_model):
+        config.base_model = storage.absolute(config.base_model)
     if config.tune.output:
         config.tune.output = storage.absolute(config.tune.output)
     return config
