@@ -63,7 +63,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                 "TOKENIZERS_PARALLELISM": "false",
             },
-            "worker_process_setup_hook": f"{__name__}.{quiet_local_worker.__name__}",
+            "worker_process_setup_hook": f"{__name__}.{set_up_local_worker.__name__}",
         },
     )
 
@@ -73,12 +73,21 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_local_worker() -> None:
-    """Runs in each worker of the local Ray that `init_ray` starts. That Ray has no dashboard
-    (seconds of start-up and a process for nothing on a laptop), so Ray Train's cleaner can never
-    reach the State API; its warning every second would bury sbertray's progress lines. Its job
-    (freeing a dead controller's placement group) is moot there: the whole Ray ends with the
-    driver."""
+def set_up_local_worker() -> None:
+    """Runs in each worker of the local Ray that `init_ray` starts.
+
+    - Ray's State API, called in workers (Ray Train's placement-group cleaner), finds its Ray by
+      ``$RAY_ADDRESS`` or else refuses to choose when another Ray runs on the machine (a test
+      session's, another job's): it is pointed at this one.
+    - Without the dashboard (the default: seconds of start-up and a process for nothing on a
+      laptop) that cleaner can never reach the State API; its warning every second would bury
+      sbertray's progress lines. Its job (freeing a dead controller's placement group) is moot
+      there: the whole Ray ends with the driver. `sbertray tune`, whose trials are stopped
+      mid-run, starts the dashboard.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 

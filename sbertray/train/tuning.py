@@ -154,6 +154,14 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
     else:
         tuner = _new_tuner(config, trainable, output, cpus)
     grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < planned_trials(spec):  # Tune saved its state and returned on Ctrl-C/SIGTERM
+        print(
+            f"[sbertray] the search stopped after {finished} of {planned_trials(spec)} trials; "
+            "rerunning the command resumes it",
+            flush=True,
+        )
+        raise KeyboardInterrupt
     trials = collect_trials(grid, config, output_url)
     result = write_outputs(config, trials, output_url, time.time() - started)
     print(
