@@ -78,7 +78,11 @@ def collect_trials(grid, config: TrainConfig, output_url: str) -> list[Trial]:
         history = []
         if frame is not None and metric in frame and "epoch" in frame:
             rows = frame[["epoch", metric]].dropna()
-            history = [(float(e), float(s)) for e, s in rows.itertuples(index=False)]
+            # Per epoch, its first report: a run's last report repeats its last epoch with the
+            # score of the epoch it kept.
+            for epoch, score in rows.itertuples(index=False):
+                if not history or float(epoch) > history[-1][0]:
+                    history.append((float(epoch), float(score)))
         params = dict(result.config or {})
         planned = params.get("epochs", config.training.epochs)
         ran = max((e for e, _ in history), default=0.0)

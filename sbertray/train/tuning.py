@@ -117,9 +117,6 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
         ConfigError: no ``tune`` block, or the output holds another search.
         DataError, ModelError, StorageError: as ``plan_training``, before any trial starts.
     """
-    import ray
-    from ray import tune
-
     from sbertray.ray_runtime import init_ray
     from sbertray.train.run import plan_training
     from sbertray.train.tune_report import collect_trials, write_outputs
@@ -134,26 +131,7 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
     output = storage.resolve(output_url, config.storage)
     storage.check_writable(output)
     _check_search_key(config, output)
-    cpus = trial_cpus(config, ray.cluster_resources().get("CPU", 1.0))
-    trainable = tune.with_parameters(
-        _run_trial, recipe=config.model_dump(), output=output_url, cpus=cpus
-    )
-    # The trial's own process only waits on its Ray Train run, whose workers hold the CPUs.
-    # Tune refuses an all-zero request, so it asks for one byte of memory instead.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
-    search_loc = output.child(SEARCH_DIR)
-    if tune.Tuner.can_restore(search_loc.path, storage_filesystem=search_loc.fs):
-        print(f"[sbertray] resuming the search in {storage.redact(output.url)}", flush=True)
-        tuner = tune.Tuner.restore(
-            search_loc.path,
-            trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=search_loc.fs,
-        )
-    else:
-        tuner = _new_tuner(config, trainable, output, cpus)
-    grid = tuner.fit()
+    grid = _tuner(config, output).fit()
     finished = grid.num_terminated + grid.num_errors
     if finished < planned_trials(spec):  # Tune saved its state and returned on Ctrl-C/SIGTERM
         print(
@@ -171,6 +149,31 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
         flush=True,
     )
     return result
+
+
+def _tuner(config: TrainConfig, output: storage.Location):
+    """The search in ``output``: restored from Tune's state there, else a new one."""
+    import ray
+    from ray import tune
+
+    cpus = trial_cpus(config, ray.cluster_resources().get("CPU", 1.0))
+    trainable = tune.with_parameters(
+        _run_trial, recipe=config.model_dump(), output=output.url, cpus=cpus
+    )
+    # The trial's own process only waits on its Ray Train run, whose workers hold the CPUs.
+    # Tune refuses an all-zero request, so it asks for one byte of memory instead.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
+    search_loc = output.child(SEARCH_DIR)
+    if not tune.Tuner.can_restore(search_loc.path, storage_filesystem=search_loc.fs):
+        return _new_tuner(config, trainable, output, cpus)
+    print(f"[sbertray] resuming the search in {storage.redact(output.url)}", flush=True)
+    return tune.Tuner.restore(
+        search_loc.path,
+        trainable,
+        resume_unfinished=True,
+        resume_errored=True,
+        storage_filesystem=search_loc.fs,
+    )
 
 
 def _new_tuner(config: TrainConfig, trainable, output: storage.Location, cpus: float):
