@@ -3,7 +3,8 @@ share of the global batch, the dev evaluation's schedule, checkpoints, best-epoc
 
 from __future__ import annotations
 
-from sbertray.config import TrainConfig, TrainingConfig
+from sbertray.config import TrainConfig
+from sbertray.train.evaluation import result_key
 
 
 def training_arguments(config: TrainConfig, output_dir: str, world_size: int, dev_name: str | None):
@@ -37,18 +38,12 @@ def training_arguments(config: TrainConfig, output_dir: str, world_size: int, de
         save_steps=t.checkpoint_steps or 500,
         save_total_limit=t.keep_checkpoints,
         load_best_model_at_end=t.select_best,
-        metric_for_best_model=_select_metric_key(t, dev_name) if t.select_best else None,
+        metric_for_best_model=f"eval_{result_key(dev_name, t.select_metric)}"
+        if t.select_best
+        else None,
         greater_is_better=True if t.select_best else None,
         report_to="none",
         use_cpu=not config.scaling.use_gpu,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,  # rank 0 prints one line per logging step instead
     )
-
-
-def _select_metric_key(training: TrainingConfig, dev_name: str | None) -> str:
-    """The trainer's log key of ``training.select_metric`` (the retrieval evaluator's keys name
-    the score function)."""
-    metric = training.select_metric
-    scored = metric if metric == "spearman_cosine" else f"cosine_{metric}"
-    return f"eval_{dev_name}_{scored}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from sbertray.progress import format_duration
 from sbertray.train import checkpoints
 from sbertray.train.checkpoints import CheckpointStore
+from sbertray.train.evaluation import DEV_METRICS, DevEvaluator, result_key
 
 
 class _RayTrainReport:
@@ -16,8 +17,8 @@ class _RayTrainReport:
     scheduler and trainer state), marks it complete once uploaded, and prints progress on rank
     0. Mixed into transformers' ``TrainerCallback`` by ``report_callback``."""
 
-    def __init__(self, rank: int, store: CheckpointStore, evaluator=None):
-        self.rank, self.store, self.evaluator = rank, store, evaluator
+    def __init__(self, rank: int, store: CheckpointStore, dev: DevEvaluator | None = None):
+        self.rank, self.store, self.dev = rank, store, dev
         self.printed_step = -1  # the trainer may log one step more than once
         self.first = None  # (time, step) of this process's first logged step, for the ETA
 
@@ -42,17 +43,28 @@ class _RayTrainReport:
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """The base model's dev score as step 0 of the eval log, so the report shows the gain
         from the start (kept in the trainer state, so a resumed run has it too)."""
-        if self.rank == 0 and self.evaluator is not None and state.global_step == 0 and model:
-            scores = {f"eval_{k}": v for k, v in self.evaluator(model).items()}
+        if self.rank == 0 and self.dev is not None and state.global_step == 0 and model:
+            scores = {f"eval_{k}": v for k, v in self.dev.evaluator(model).items()}
             state.log_history.append({"step": 0, "epoch": 0.0, **scores})
             self.on_evaluate(args, state, control, metrics=scores)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        shown_metrics = ("spearman_cosine", "cosine_mrr@10")
-        scores = {k: v for k, v in (metrics or {}).items() if k.endswith(shown_metrics)}
-        if self.rank == 0 and scores:
+        if self.rank or self.dev is None:
+            return
+        shown_keys = [f"eval_{result_key(self.dev.name, m)}" for m in ("spearman_cosine", "mrr@10")]
+        scores = {k: metrics[k] for k in shown_keys if k in (metrics or {})}
+        if scores:
             shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items())
             print(f"[sbertray] step {state.global_step}: {shown}", flush=True)
+
+    def _dev_scores(self, state) -> dict[str, float]:
+        """The dev scores logged at this step, by metric name (``spearman_cosine``, ``mrr@10``,
+        ...): what ``sbertray tune`` compares trials on and ASHA stops them by."""
+        if self.dev is None:
+            return {}
+        logged = [e for e in state.log_history if e.get("step") == state.global_step]
+        keys = {f"eval_{result_key(self.dev.name, m)}": m for m in DEV_METRICS}
+        return {keys[k]: v for entry in logged for k, v in entry.items() if k in keys}
 
     def on_save(self, args, state, control, **kwargs):
         import ray.train
@@ -63,7 +75,7 @@ class _RayTrainReport:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
             self.store.unmark(state.global_step)
         ray.train.report(
-            {"global_step": state.global_step, "epoch": state.epoch, **dev_scores(state)},
+            {"global_step": state.global_step, "epoch": state.epoch, **self._dev_scores(state)},
             checkpoint=checkpoint,
             checkpoint_dir_name=checkpoints.dir_name(state.global_step),
         )
@@ -71,24 +83,10 @@ class _RayTrainReport:
             self.store.mark(state.global_step)
 
 
-def dev_scores(state) -> dict[str, float]:
-    """The dev scores logged at this step, by metric name (``spearman_cosine``, ``mrr@10``,
-    ...): what ``sbertray tune`` compares trials on and ASHA stops them by."""
-    logged = [e for e in state.log_history if e.get("step") == state.global_step]
-    scores = {}
-    for entry in logged:
-        for key, value in entry.items():
-            if key.endswith("_spearman_cosine"):
-                scores["spearman_cosine"] = value
-            elif key.startswith("eval_") and "_cosine_" in key:
-                scores[key.rsplit("_cosine_", 1)[1]] = value
-    return scores
-
-
-def report_callback(rank: int, store: CheckpointStore, evaluator=None):
+def report_callback(rank: int, store: CheckpointStore, dev: DevEvaluator | None = None):
     """``_RayTrainReport`` as a transformers callback (transformers is imported on the workers
     only)."""
     from transformers import TrainerCallback
 
     callback = type("RayTrainReport", (_RayTrainReport, TrainerCallback), {})
-    return callback(rank, store, evaluator)
+    return callback(rank, store, dev)

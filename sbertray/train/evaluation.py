@@ -7,18 +7,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sbertray.config import PairDataConfig, StorageConfig
+from sbertray.config.train import RETRIEVAL_METRICS
 from sbertray.train.data import DataError, PairData, load_pairs
 
 EVAL_BATCH_SIZE = 64  # inference only: larger than any recipe's train batch, still small on CPU
 
 
-# RetrievalMetrics field -> the InformationRetrievalEvaluator's key (after ``{name}_cosine_``)
+# The dev metrics by name, as `training.select_metric` and `tune.metric` name them.
+DEV_METRICS = ("spearman_cosine", *RETRIEVAL_METRICS)
+# RetrievalMetrics field -> the metric's name
 _RETRIEVAL_KEYS = {
     "mrr_at_10": "mrr@10",
     "ndcg_at_10": "ndcg@10",
     "recall_at_1": "recall@1",
     "recall_at_10": "recall@10",
 }
+
+
+def result_key(name: str, metric: str) -> str:
+    """The key of a dev metric in the results of the evaluator named ``name`` (the trainer logs
+    it with ``eval_`` before it): the retrieval evaluator's keys name the score function."""
+    return f"{name}_{metric}" if metric == "spearman_cosine" else f"{name}_cosine_{metric}"
 
 
 @dataclass(frozen=True)
@@ -56,14 +65,14 @@ class SimilarityMetrics:
                 queries=len(task.queries),
                 corpus=len(task.corpus),
                 **{
-                    field: float(results[f"{name}_cosine_{key}"])
+                    field: float(results[result_key(name, key)])
                     for field, key in _RETRIEVAL_KEYS.items()
                 },
             )
         return cls(
             name=name,
             pearson_cosine=float(results[f"{name}_pearson_cosine"]),
-            spearman_cosine=float(results[f"{name}_spearman_cosine"]),
+            spearman_cosine=float(results[result_key(name, "spearman_cosine")]),
             num_pairs=num_pairs,
             retrieval=retrieval,
         )

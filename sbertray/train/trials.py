@@ -49,20 +49,29 @@ def trial_cpus(config: TrainConfig, cluster_cpus: float) -> float:
     return max(1.0, float(int(cluster_cpus // workers)))
 
 
-def trial_config(config: TrainConfig, params: dict, trial_url: str, cpus: float) -> TrainConfig:
-    """The recipe with a trial's settings: evaluated every epoch, keeping the epoch best on the
-    search's metric, its model and checkpoints in ``trial_url``."""
-    data = config.model_dump()
-    spec = data.pop("tune")
-    training = data["training"]
+def _trial_training(config: TrainConfig, params: dict) -> dict:
+    """The recipe's ``training`` block with a trial's settings, evaluated every epoch and keeping
+    the epoch best on the search's metric."""
+    training = config.training.model_dump()
     for key, value in params.items():
         if key == "matryoshka":
             training["matryoshka_dims"] = training["matryoshka_dims"] if value else None
         else:
             training[key] = value
     training.update(
-        eval_every="epoch", select_best=True, select_metric=spec["metric"], checkpoint_steps=None
+        eval_every="epoch",
+        select_best=True,
+        select_metric=config.tune.metric,
+        checkpoint_steps=None,
     )
+    return training
+
+
+def trial_config(config: TrainConfig, params: dict, trial_url: str, cpus: float) -> TrainConfig:
+    """The recipe with a trial's settings (``_trial_training``), its model and checkpoints in
+    ``trial_url``, each worker with ``cpus``."""
+    data = config.model_dump(exclude={"tune"})
+    data["training"] = _trial_training(config, params)
     data["output"] = {
         "model": storage.join(trial_url, "model"),
         "checkpoints": storage.join(trial_url, "checkpoints"),
@@ -74,15 +83,16 @@ def trial_config(config: TrainConfig, params: dict, trial_url: str, cpus: float)
 
 def best_recipe(config: TrainConfig, params: dict) -> TrainConfig:
     """The recipe with the best trial's settings and the recipe's own outputs, no search."""
-    data = config.model_dump()
-    data.pop("tune")
-    trained = trial_config(config, params, "unused", 1.0).training
-    data["training"] = trained.model_dump()
+    data = config.model_dump(exclude={"tune"})
+    data["training"] = _trial_training(config, params)
     return parse_config(TrainConfig, data, source="best recipe")
+
+
+def format_value(value) -> str:
+    """A setting as the console and the report show it: floats to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def describe(params: dict) -> str:
     """``batch_size 32, learning_rate 4.2e-05``: a trial's settings in one line."""
-    return ", ".join(
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(params.items())
-    )
+    return ", ".join(f"{k} {format_value(v)}" for k, v in sorted(params.items()))

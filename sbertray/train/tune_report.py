@@ -14,7 +14,14 @@ from sbertray.errors import UserError
 from sbertray.progress import format_duration
 from sbertray.report import figure, png_bytes, write
 from sbertray.train.run import RESULT_FILE
-from sbertray.train.trials import TRIALS_DIR, Trial, TuneResult, best_recipe, describe
+from sbertray.train.trials import (
+    TRIALS_DIR,
+    Trial,
+    TuneResult,
+    best_recipe,
+    describe,
+    format_value,
+)
 
 BEST_RECIPE = "best_recipe.yaml"
 BEST_MODEL = "best_model"
@@ -164,10 +171,7 @@ def _write_report(output: storage.Location, result: TuneResult) -> None:
         "|---|" + "---|" * len(keys) + "---:|---:|---|",
     ]
     for t in ranked:
-        values = [
-            f"{t.params[k]:.3g}" if isinstance(t.params.get(k), float) else str(t.params.get(k))
-            for k in keys
-        ]
+        values = [format_value(t.params.get(k)) for k in keys]
         score = "" if t.score is None else f"{t.score:.4f}"
         lines.append(
             f"| {t.trial_id} | " + " | ".join(values) + f" | {score} | {t.epochs:g} | {t.status} |"

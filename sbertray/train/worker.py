@@ -244,7 +244,7 @@ def _trainer(job: WorkerJob, model, dev, local_root, stream, rank, store):
         train_dataset=datasets.Dataset(job.train.sample),
         loss=build_loss(model, job.config.training),
         evaluator=dev.evaluator if dev is not None else None,
-        callbacks=[report_callback(rank, store, dev.evaluator if dev is not None else None)],
+        callbacks=[report_callback(rank, store, dev)],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
