@@ -32,6 +32,25 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def worker_port_range(size: int = 100) -> tuple[int, int]:
+    """``size`` free ports in a row below the kernel's ephemeral range, where the free ports
+    above (the kernel's picks) can never land: a picked port inside the worker range makes
+    `ray start` refuse to run."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = 10000 + (os.getpid() % 100) * size
+    while start + size <= ephemeral_low:
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(start, start + size):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                start += size
+                continue
+        return start, start + size - 1
+    raise RuntimeError(f"no {size} free ports in a row below {ephemeral_low}")
+
+
 def fake_autoscaling_config(gcs_port: int, worker_types: dict) -> dict:
     """A fake multi-node autoscaler config (the pip wheel lacks Ray's example.yaml): a head
     without CPUs, and ``worker_types`` (name -> resources, min/max workers)."""
@@ -82,7 +101,7 @@ class RayHead:
         gcs, dashboard, client, node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_env = (
             self.ports
         )
-        low = 20000 + (os.getpid() % 200) * 100
+        low, high = worker_port_range()
         cmd = [
             RAY,
             "start",
@@ -100,7 +119,7 @@ class RayHead:
             f"--metrics-export-port={metrics}",
             f"--runtime-env-agent-port={rt_env}",
             f"--min-worker-port={low}",
-            f"--max-worker-port={low + 99}",
+            f"--max-worker-port={high}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
         ]
