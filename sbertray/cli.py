@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 
-from sbertray import storage
+from sbertray import output_paths, storage
+from sbertray.cli_search import add_search_command
 from sbertray.console import RunLog, console_stream
 from sbertray.errors import UserError
 from sbertray.ray_runtime import prefer_loopback
@@ -117,7 +118,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         return 0
     summary = run_embed(config, ray_address=args.address)
     print(summary.closing_line())
-    _publish_log(args, storage.join(config.output.path, REPORT_DIR), config.storage)
+    _publish_log(
+        args, storage.join(output_paths.embed_parts_url(config.output), REPORT_DIR), config.storage
+    )
     return 0
 
 
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_command(sub, name, func, help=help_text, example=f"jobs/configs/{example}")
 
     _add_evaluate_command(sub)
+
+    add_search_command(sub)
 
     p = sub.add_parser("report", help="summarize the report.json of a training or embedding run")
     p.add_argument("url", help="a trained model directory or an embedding output, local or s3://")

@@ -3,11 +3,21 @@ directory, and on a cluster of many nodes not on one node's local disk."""
 
 from __future__ import annotations
 
-from sbertray.config import StorageConfig
-from sbertray.storage import StorageError, absolute, is_local
+from sbertray.config import EmbedOutputConfig, StorageConfig
+from sbertray.storage import StorageError, absolute, is_local, join
 
 # Where Ray unpacks a job's `--working-dir`: deleted with the job (or the cluster).
 _JOB_PACKAGE = "/runtime_resources/working_dir_files/"
+
+
+# A Lance output's own files beside the dataset: the unit parts, manifest, report and lock.
+LANCE_PARTS_DIR = "_sbertray"
+
+
+def embed_parts_url(output: EmbedOutputConfig) -> str:
+    """Where an embed run writes its parts and records: the output itself for Parquet, beside
+    the dataset for Lance (``embed/lance_sink.py``)."""
+    return join(output.path, LANCE_PARTS_DIR) if output.format == "lance" else output.path
 
 
 def check_lasting(paths: dict[str, str]) -> None:

@@ -28,8 +28,31 @@ class EmbedInputConfig(Strict):
     passthrough: list[str] = Field(default_factory=list)
 
 
+class IndexConfig(Strict):
+    """The vector index of a Lance output (``output.format: lance``), built or refreshed after
+    each run once the table holds ``min_rows`` rows; below that a search scans every vector,
+    which is exact and takes milliseconds. Unset sizes are chosen from the row count
+    (``embed/lance_index.py``)."""
+
+    type: Literal["ivf_pq", "hnsw", "none"] = "ivf_pq"  # hnsw: Lance's IVF_HNSW_SQ
+    metric: Literal["cosine", "l2", "dot"] = "cosine"
+    min_rows: int = Field(100_000, ge=256)  # IVF and PQ training need a few hundred rows
+    num_partitions: int | None = Field(default=None, gt=0)
+    num_sub_vectors: int | None = Field(default=None, gt=0)  # ivf_pq: bytes per stored code
+    # Search effort (recorded in the manifest, used by `sbertray search`): partitions probed,
+    # and candidates re-ranked by their stored vector per result (ivf_pq).
+    nprobes: int | None = Field(default=None, gt=0)
+    refine_factor: int | None = Field(default=None, gt=0)
+
+
 class EmbedOutputConfig(Strict):
-    path: str  # output prefix; local or s3://
+    path: str  # output prefix (Parquet) or the Lance dataset; local or s3://
+    # parquet: part files under `path`; lance: one Lance dataset at `path`, with sbertray's own
+    # files (the unit parts that make reruns incremental, manifest, report) in `path/_sbertray`.
+    format: Literal["parquet", "lance"] = "parquet"
+    index: IndexConfig | None = None  # lance only; None: the defaults above
+    # lance: versions kept after each run (older ones deleted); None keeps every version.
+    retain_versions: int | None = Field(default=None, gt=0)
     # The most rows in one output file: an input file with more is split at row-group
     # boundaries. (Small input files are grouped into outputs of `compute.unit_rows`.)
     rows_per_file: int = Field(100_000, gt=0)
@@ -55,7 +78,23 @@ class EmbedOutputConfig(Strict):
                 f"`output.int8_ranges` is for `output.embedding_dtype: int8`, and this output "
                 f"stores {self.embedding_dtype}: drop `int8_ranges` or set the dtype to int8"
             )
+        if self.format != "lance" and (self.index is not None or self.retain_versions):
+            raise ValueError(
+                "`output.index` and `output.retain_versions` are for `output.format: lance`; "
+                "a Parquet output is searched exactly (`sbertray search`)"
+            )
+        compact = self.embedding_dtype in ("int8", "binary")
+        if self.format == "lance" and compact and self.vector_index.type != "none":
+            raise ValueError(
+                f"Lance indexes float32 and float16 vectors, not "
+                f"`embedding_dtype: {self.embedding_dtype}`: set `output.index.type: none` "
+                "or embedding_dtype float32 / float16"
+            )
         return self
+
+    @property
+    def vector_index(self) -> IndexConfig:
+        return self.index or IndexConfig()
 
 
 class ReferenceConfig(Strict):

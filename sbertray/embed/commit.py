@@ -41,10 +41,11 @@ _PART = re.compile(r"(?P<grouped>\.\d+-files)?\.part-\d{4,}\.parquet$")
 # Config keys that never change an output file's bytes: a rerun that changes only these skips
 # committed units. Every other key (and the output schema) goes into the content hash, so a new
 # option re-embeds by default instead of silently reusing stale files.
+_OUTPUT_NOT_IN_CONTENT = "path lock_stale_after_s rows_per_file mode format index retain_versions"
 NOT_IN_CONTENT = {
     "name": None,
     "model": None,  # the model's content hash stands for it
-    "output": {"path", "lock_stale_after_s", "rows_per_file", "mode"},  # layout: in unit ids
+    "output": set(_OUTPUT_NOT_IN_CONTENT.split()),  # the layout; the Lance table's settings
     "compute": {
         "device",
         "token_budget",
@@ -154,6 +155,7 @@ def committed_units(
             rows_reused=rec.get("rows_reused", 0),
             rows_embedded=rec.get("rows_embedded", 0),
             output=unit.output_rel,
+            run_id=info.get("run_id", ""),
         )
 
     found = storage.map_parallel(check, candidates)

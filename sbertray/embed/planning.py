@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import sbertray
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig, stable_hash
-from sbertray.embed import backends, commit, compact, reference, replacing, reuse, shards
+from sbertray.embed import (
+    backends,
+    commit,
+    compact,
+    reference,
+    replacing,
+    reuse,
+    shards,
+)
 from sbertray.embed.checks import (
     check_id_types,
     check_ids,
@@ -76,7 +84,8 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     check_output_columns(config)
     check_output_outside_input(config)
     output_paths.check_lasting({"output.path": config.output.path})
-    out = storage.resolve(config.output.path, config.storage)
+    out = storage.resolve(output_paths.embed_parts_url(config.output), config.storage)
+    replacing.check_format(storage.resolve(config.output.path, config.storage), config.output)
     model = model or prepare_job_model(config)
     compact.check(config.output, model.spec.dim)
     inputs = plan_input(config)

@@ -6,8 +6,11 @@ matched by their files' relative paths and fingerprints."""
 
 from __future__ import annotations
 
-from sbertray.embed.commit import NOT_IN_CONTENT
+from sbertray import storage
+from sbertray.config import EmbedOutputConfig
+from sbertray.embed.commit import MANIFEST, NOT_IN_CONTENT
 from sbertray.errors import UserError
+from sbertray.output_paths import LANCE_PARTS_DIR
 
 
 class SettingsChangedError(UserError, ValueError):
@@ -57,4 +60,17 @@ def check_unchanged(last: dict | None, run_metadata: dict, output_url: str) -> N
             f"{output_url} holds rows written with other settings ({listed}): this run would "
             "rewrite all of them. Write to a new `output.path`, or rewrite it on purpose with "
             "`--replace` (`output.mode: replace` in a config)"
+        )
+
+
+def check_format(root: storage.Location, output: EmbedOutputConfig) -> None:
+    """Refuses to write one format where an output of the other is committed (``--replace``
+    would leave the other's files behind: it rewrites rows, not layouts)."""
+    other, manifest = ("Parquet", root.child(MANIFEST))
+    if output.format == "parquet":
+        other, manifest = ("Lance", root.child(LANCE_PARTS_DIR, MANIFEST))
+    if storage.exists(manifest):
+        raise SettingsChangedError(
+            f"{storage.redact(root.url)} holds a {other} output, and this run writes "
+            f"`output.format: {output.format}`: write it to a new `output.path`"
         )

@@ -25,6 +25,7 @@ class UnitResult:
     rows_reused: int = 0  # rows whose computed columns were copied from an earlier output row
     rows_embedded: int = 0  # distinct texts embedded (a text repeated in the unit counts once)
     output: str | None = None  # relative output path once committed
+    run_id: str = ""  # the run that wrote ``output`` (a Lance table keys its rows by both)
     error: str | None = None  # bad rows whose policy is fail (unreadable files: bad_files)
     seconds: float = 0.0
     finished_at: float = 0.0  # unix time the unit was committed (throughput over time)

@@ -214,9 +214,13 @@ def _commit(
     )
     superseded, orphaned = _remove_unseen(plan, kept, committed, existing, unreadable)
     clock.mark("commit")
+    lance = _sync_lance(plan, committed) if plan.config.output.format == "lance" else None
+    if lance is not None:
+        clock.mark("lance")
     this_run = [r for r in committed if r.unit_id not in done]
     summary = EmbedSummary(
-        output_url=storage.redact(plan.out.url),
+        output_url=storage.redact(plan.config.output.path),
+        records_url=storage.redact(plan.out.url),
         input_files=len(kept.files),
         input_rows=kept.total_rows,
         output_rows=written,
@@ -239,6 +243,8 @@ def _commit(
     record = commit.manifest_record(
         plan.run_metadata, kept, committed, summary, encoder, pool, clock.started
     )
+    if lance is not None:
+        record["lance"] = lance
     if summary.embedded_rows or not done or superseded or orphaned:
         write_embed_report(plan.out, record, [r.__dict__ for r in results if r.unit_id not in done])
     else:
@@ -248,6 +254,26 @@ def _commit(
     summary.phases = dict(clock.phases)
     print(f"[sbertray] {clock.describe()}; driver peak RSS {peak_rss_mb():,.0f} MB", flush=True)
     return summary
+
+
+def _sync_lance(plan: EmbedPlan, committed: list[UnitResult]) -> dict:
+    """Syncs the committed parts into the Lance dataset (``lance_sink``); its manifest record."""
+    from sbertray.embed import lance_sink
+
+    last = (plan.last_manifest or {}).get("lance") or {}
+    synced = lance_sink.sync(plan.config, plan.out, committed, last.get("index"))
+    index = synced.index or {}
+    if index.get("built"):
+        said = f"{index['type']} index {index['action']} ({index['seconds']:.1f} s)"
+    else:
+        said = f"no vector index ({index.get('reason', 'no rows')})"
+    print(
+        f"[sbertray] Lance dataset {synced.uri}: version {synced.version}, "
+        f"{plural(synced.rows, 'row')} ({synced.inserted:,} inserted, {synced.updated:,} "
+        f"updated, {synced.deleted:,} deleted); {said}",
+        flush=True,
+    )
+    return synced.record()
 
 
 def _check_failures(config: EmbedConfig, results: list[UnitResult]) -> dict[str, str]:

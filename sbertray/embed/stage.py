@@ -40,6 +40,7 @@ from sbertray.embed.similarity import pair_cosine, top_k
 from sbertray.embed.texts import embeddable_texts
 from sbertray.embed.unit_reader import UnitReader
 from sbertray.modeling import resolve_model_path
+from sbertray.output_paths import embed_parts_url
 
 
 def output_schema(
@@ -151,7 +152,7 @@ class EmbedStage:
         self.encoder = backends.build_encoder(encoder, model_dir)
         self.reference = reference
         self.run_metadata = run_metadata
-        self.output = storage.resolve(config.output.path, config.storage)
+        self.output = storage.resolve(embed_parts_url(config.output), config.storage)
         names = computed_columns(config)
         self._computed_schema = pa.schema(
             [
@@ -197,7 +198,7 @@ class EmbedStage:
         types = {name: table.schema.field(name).type for name in table.column_names}
         partition_keys = {key for key, _ in unit.file.partitions}
         schema = output_schema(self.config, self.encoder.dim, types, self.reference, partition_keys)
-        result.output = unit.output_rel
+        result.output, result.run_id = unit.output_rel, self.run_metadata["run_id"]
         result.rows_out = len(kept_idx)
         # Each output file records the unit it completes: a rerun after a crash reads these
         # footers to skip committed units (see commit.committed_units).

@@ -15,7 +15,8 @@ from sbertray.report import REPORT_DIR, REPORT_MD, format_rate, plural
 
 @dataclass
 class EmbedSummary:
-    output_url: str
+    output_url: str  # the Parquet prefix or the Lance dataset
+    records_url: str  # where the manifest and report are (the Lance dataset's `_sbertray`)
     input_files: int
     input_rows: int
     output_rows: int
@@ -57,7 +58,7 @@ class EmbedSummary:
             f"[sbertray] embedded {format_rate(self.embedded_rows, self.seconds)}{model_runs} from "
             f"{plural(self.input_files, 'file')}; bad rows: {self.bad_rows}{bad_files}; truncated: "
             f"{self.truncated}; output: {self.output_url}{resumed}; report: "
-            f"{storage.join(self.output_url, REPORT_DIR, REPORT_MD)}"
+            f"{storage.join(self.records_url, REPORT_DIR, REPORT_MD)}"
         )
 
 
