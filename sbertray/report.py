@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sbertray import storage
+from sbertray.output_paths import LANCE_PARTS_DIR
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -238,8 +239,13 @@ def note_noop_rerun(out: storage.Location, line: str) -> None:
 
 
 def find_report(loc: storage.Location) -> storage.Location | None:
-    """The report.json of a dataset output (``_report/``) or of a trained model (beside it)."""
-    for candidate in (loc.child(REPORT_DIR, REPORT_JSON), loc.child(REPORT_JSON)):
+    """The report.json of a dataset output (``_report/``; a Lance output's in ``_sbertray/``)
+    or of a trained model (beside it)."""
+    for candidate in (
+        loc.child(REPORT_DIR, REPORT_JSON),
+        loc.child(LANCE_PARTS_DIR, REPORT_DIR, REPORT_JSON),
+        loc.child(REPORT_JSON),
+    ):
         if storage.exists(candidate):
             return candidate
     return None

@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from sbertray import storage
 from sbertray.config import EmbedConfig, StorageConfig
 from sbertray.embed import backends, compact, lance_index
 from sbertray.embed.commit import MANIFEST, output_parts
 from sbertray.embed.encoder import EncoderSpec
+from sbertray.embed.lance_sink import lance_options, open_dataset, parts_dataset
 from sbertray.embed.prepared import prepare_job_model
 from sbertray.errors import UserError
 from sbertray.output_paths import LANCE_PARTS_DIR
@@ -43,7 +43,6 @@ class SearchResult:
     hits: list[dict]  # id, score, then the output's other columns, best first
     method: str  # "ivf_pq index", "exact scan", ...
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class OutputSearcher:
@@ -67,7 +66,6 @@ class OutputSearcher:
         self.dataset = self._open_lance() if self.format == "lance" else None
 
     def _open_lance(self):
-        from sbertray.embed.lance_sink import lance_options, open_dataset
 
         dataset = open_dataset(self.url, lance_options(self.storage))
         if dataset is None:
@@ -101,8 +99,8 @@ class OutputSearcher:
                 table, method = self._lance_hits(vector, k, where), self._method()
             else:
                 table, method = self._parquet_hits(vector, k, where), "exact scan"
-            hits = [{name: row[name] for name in row} for row in table.to_pylist()]
-            results.append(SearchResult(query, hits, method, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            results.append(SearchResult(query, table.to_pylist(), method, seconds))
         return results
 
     def _method(self) -> str:
@@ -134,13 +132,7 @@ class OutputSearcher:
 
         out = storage.resolve(self.url, self.storage)
         parts = output_parts({i.path for i in storage.list_files(out)})
-        rows = pads.dataset(
-            sorted(parts),
-            filesystem=out.fs,
-            format="parquet",
-            partitioning="hive",
-            partition_base_dir=out.path,
-        )
+        rows = parts_dataset(out, sorted(parts))
         shown = [n for n in rows.schema.names if n not in _HIDDEN]
         width = len(vector)
         as_float32 = pa.schema(

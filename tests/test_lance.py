@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from processes import run, sbertray_cmd
+from processes import kill_when, run, sbertray_cmd
 from tiny_model import tiny_model_path
 
 from sbertray.config import ConfigError, EmbedConfig, StorageConfig, parse_config
 from sbertray.embed import lance_sink
 from sbertray.embed.replacing import SettingsChangedError
 from sbertray.embed.run import run_embed
+from sbertray.report import summarize
 from sbertray.search import OutputSearcher, SearchError
 
 QUERIES = ["a man is playing a guitar", "the stock market fell", "a dog runs in the park"]
@@ -103,6 +104,7 @@ def test_lance_rows_equal_parquet_and_reruns_upsert(tmp_path, sentences):
     assert record["version"] == first and record["rows"] == 700 and record["inserted"] == 700
     assert record["index"]["built"] and record["index"]["num_partitions"] == 2
     assert (out / "_sbertray" / "_SUCCESS").exists()
+    assert "700" in summarize(str(out))  # `sbertray report` finds the report in _sbertray/
 
     # The night after: b rewritten with other texts, c deleted, d added.
     _write(inp, "lang=en/b.parquet", range(300, 500), sentences, shift=1000)
@@ -255,3 +257,47 @@ def test_lance_settings_are_checked(tmp_path, sentences):
     run_embed(_config(inp, tmp_path / "out", ()))
     with pytest.raises(SettingsChangedError, match="holds a Parquet output"):
         run_embed(_config(inp, tmp_path / "out", (), format="lance"))
+
+
+def test_the_demo_recipe_as_lance_on_s3_and_searched(s3_prefix):
+    """The README's Lance demo on the S3 server: the bundled model and sample shards, then
+    `sbertray search` with a filter (the real model: the Python course comes first)."""
+    out = f"{s3_prefix}/demo.lance"
+    demo = "jobs/configs/embed_demo.yaml"
+    embedded = run(sbertray_cmd("embed", demo, "output.format=lance", f"output.path={out}"))
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    assert "Lance dataset" in embedded.stdout and "36 rows (36 inserted" in embedded.stdout
+    query = ["learn python programming", "-k", "3", "--where", "language = 'en'", "--json"]
+    searched = run(sbertray_cmd("search", out, *query))
+    assert searched.returncode == 0, searched.stderr[-3000:]
+    hits = json.loads(searched.stdout)["hits"]
+    assert [h["id"] for h in hits][:1] == [12] and all(h["language"] == "en" for h in hits)
+    assert hits[0]["score"] == pytest.approx(0.5045, abs=2e-3)
+
+
+def test_a_killed_lance_run_is_finished_by_the_rerun(tmp_path, sentences):
+    """SIGKILL mid-run (parts committed, no Lance version yet): the rerun embeds the rest and
+    the dataset holds every row once."""
+    inp, out = tmp_path / "in", tmp_path / "out.lance"
+    for n in range(40):
+        _write(inp, f"s{n:02d}.parquet", range(n * 200, (n + 1) * 200), sentences)
+    config = tmp_path / "embed.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": tiny_model_path(),
+                "input": {"path": str(inp)},
+                "output": {"path": str(out), "format": "lance", "rows_per_file": 200},
+                "compute": {"precision": "fp32", "executor": "local", "unit_rows": 200},
+            }
+        )
+    )
+    cmd = sbertray_cmd("embed", str(config))
+    parts = out / "_sbertray"
+    kill_when(cmd, lambda: len(list(parts.glob("*.part-*.parquet"))) >= 2, what="2 parts")
+    assert lance_sink.open_dataset(str(out), {}) is None
+    rerun = run(cmd)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "units already committed" in rerun.stdout
+    ids = lance.dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == list(range(8000))

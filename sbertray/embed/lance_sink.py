@@ -143,6 +143,11 @@ def _present_keys(dataset) -> set[str]:
     """The ``_part`` values in the dataset, streamed: one column, never the rows."""
     if dataset is None:
         return set()
+    if PART_COLUMN not in dataset.schema.names:
+        raise storage.StorageError(
+            f"the Lance dataset {dataset.uri} was not written by sbertray (it has no "
+            f"`{PART_COLUMN}` column): write the output to a new `output.path`"
+        )
     present: set[str] = set()
     for batch in dataset.to_batches(columns=[PART_COLUMN]):
         present.update(pc.unique(batch.column(0)).to_pylist())
@@ -181,17 +186,23 @@ def _in_filter(keys: set[str]) -> str:
     return f"{PART_COLUMN} IN ({quoted})"
 
 
+def parts_dataset(root: storage.Location, paths: list[str]) -> pads.Dataset:
+    """Output parts under ``root`` as one dataset, with the hive partition columns that Parquet
+    keeps in folder names only."""
+    return pads.dataset(
+        paths,
+        filesystem=root.fs,
+        format="parquet",
+        partitioning="hive",
+        partition_base_dir=root.path,
+    )
+
+
 def _part_rows(parts: storage.Location, keys: dict[str, str]) -> pa.RecordBatchReader:
     """The rows of the parts ``keys`` names (relative path -> key), batch by batch, with their
     hive partition columns (kept in folder names only in Parquet) and ``_part``."""
     by_path = {parts.child(rel).path: key for rel, key in sorted(keys.items())}
-    source = pads.dataset(
-        list(by_path),
-        filesystem=parts.fs,
-        format="parquet",
-        partitioning="hive",
-        partition_base_dir=parts.path,
-    )
+    source = parts_dataset(parts, list(by_path))
     stored = pa.schema([_lance_field(f) for f in source.schema.remove_metadata()])
     schema = stored.append(pa.field(PART_COLUMN, pa.string()))
 

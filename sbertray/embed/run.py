@@ -214,9 +214,7 @@ def _commit(
     )
     superseded, orphaned = _remove_unseen(plan, kept, committed, existing, unreadable)
     clock.mark("commit")
-    lance = _sync_lance(plan, committed) if plan.config.output.format == "lance" else None
-    if lance is not None:
-        clock.mark("lance")
+    lance = _sync_lance(plan, committed, clock)
     this_run = [r for r in committed if r.unit_id not in done]
     summary = EmbedSummary(
         output_url=storage.redact(plan.config.output.path),
@@ -243,8 +241,7 @@ def _commit(
     record = commit.manifest_record(
         plan.run_metadata, kept, committed, summary, encoder, pool, clock.started
     )
-    if lance is not None:
-        record["lance"] = lance
+    record |= {"lance": lance} if lance else {}
     if summary.embedded_rows or not done or superseded or orphaned:
         write_embed_report(plan.out, record, [r.__dict__ for r in results if r.unit_id not in done])
     else:
@@ -256,8 +253,11 @@ def _commit(
     return summary
 
 
-def _sync_lance(plan: EmbedPlan, committed: list[UnitResult]) -> dict:
-    """Syncs the committed parts into the Lance dataset (``lance_sink``); its manifest record."""
+def _sync_lance(plan: EmbedPlan, committed: list[UnitResult], clock: PhaseClock) -> dict | None:
+    """Syncs the committed parts into the Lance dataset (``lance_sink``); its manifest record
+    (None for a Parquet output)."""
+    if plan.config.output.format != "lance":
+        return None
     from sbertray.embed import lance_sink
 
     last = (plan.last_manifest or {}).get("lance") or {}
@@ -273,6 +273,7 @@ def _sync_lance(plan: EmbedPlan, committed: list[UnitResult]) -> dict:
         f"updated, {synced.deleted:,} deleted); {said}",
         flush=True,
     )
+    clock.mark("lance")
     return synced.record()
 
 
