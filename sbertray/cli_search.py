@@ -45,8 +45,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _queries(args: argparse.Namespace) -> list[str]:
-    if (args.query is None) == (args.file is None):
-        raise SearchError("give one QUERY text or --file with one query a line, not both")
+    if args.query is not None and args.file is not None:
+        raise SearchError("give a QUERY text or --file, not both")
+    if args.query is None and args.file is None:
+        raise SearchError("give a QUERY text, or --file with one query a line")
     if args.query is not None:
         return [args.query]
     try:
