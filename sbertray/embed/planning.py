@@ -85,12 +85,12 @@ def plan_embed(config: EmbedConfig, model: PreparedModel | None = None) -> Embed
     check_output_outside_input(config)
     output_paths.check_lasting({"output.path": config.output.path})
     out = storage.resolve(output_paths.embed_parts_url(config.output), config.storage)
-    replacing.check_format(storage.resolve(config.output.path, config.storage), config.output)
     model = model or prepare_job_model(config)
     compact.check(config.output, model.spec.dim)
     inputs = plan_input(config)
     reference.check_reference(config)
     storage.check_writable(out)
+    replacing.check_format(storage.resolve(config.output.path, config.storage), config.output)
     last = commit.read_manifest(out)
     ranges = (
         compact.resolve_int8_ranges(config, last, model, inputs)

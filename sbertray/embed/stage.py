@@ -198,7 +198,7 @@ class EmbedStage:
         types = {name: table.schema.field(name).type for name in table.column_names}
         partition_keys = {key for key, _ in unit.file.partitions}
         schema = output_schema(self.config, self.encoder.dim, types, self.reference, partition_keys)
-        result.output, result.run_id = unit.output_rel, self.run_metadata["run_id"]
+        result.output, result.run_id = unit.output_rel, self.run_metadata.get("run_id", "")
         result.rows_out = len(kept_idx)
         # Each output file records the unit it completes: a rerun after a crash reads these
         # footers to skip committed units (see commit.committed_units).
