@@ -20,3 +20,12 @@ def usable_cpus() -> int:
     """The cores this process may run on (its affinity, which containers and `taskset` narrow),
     not the machine's count."""
     return len(os.sched_getaffinity(0))
+
+
+def has_cuda() -> bool:
+    """A CUDA device torch can use (False where torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -11,7 +11,6 @@ where it has none); a Parquet output is scanned exactly, with DuckDB, batch by b
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ import pyarrow as pa
 from sbertray import storage
 from sbertray.config import EmbedConfig, StorageConfig
 from sbertray.embed import backends, compact, lance_index
-from sbertray.embed.commit import MANIFEST, output_parts
+from sbertray.embed.commit import MANIFEST, output_parts, read_manifest
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lance_sink import lance_options, open_dataset, parts_dataset
 from sbertray.embed.prepared import prepare_job_model
 from sbertray.errors import UserError
+from sbertray.hardware import has_cuda
 from sbertray.output_paths import LANCE_PARTS_DIR
 
 # Columns a hit never shows: the vectors themselves and the bookkeeping.
@@ -66,7 +66,6 @@ class OutputSearcher:
         self.dataset = self._open_lance() if self.format == "lance" else None
 
     def _open_lance(self):
-
         dataset = open_dataset(self.url, lance_options(self.storage))
         if dataset is None:
             raise SearchError(
@@ -160,12 +159,10 @@ class OutputSearcher:
 def _read_manifest(url: str, storage_config: StorageConfig) -> tuple[dict, str]:
     """The output's manifest and its format (a Lance output keeps it beside the dataset)."""
     root = storage.resolve(url, storage_config)
-    for fmt, loc in (
-        ("lance", root.child(LANCE_PARTS_DIR, MANIFEST)),
-        ("parquet", root.child(MANIFEST)),
-    ):
-        if storage.exists(loc):
-            return json.loads(storage.read_bytes(loc)), fmt
+    for fmt, records in (("lance", root.child(LANCE_PARTS_DIR)), ("parquet", root)):
+        manifest = read_manifest(records)
+        if manifest is not None:
+            return manifest, fmt
     raise SearchError(
         f"{storage.redact(url)} holds no embed output (no {MANIFEST} there or in "
         f"{LANCE_PARTS_DIR}/): give the `output.path` of a finished `sbertray embed` run"
@@ -183,7 +180,7 @@ def _query_encoder(config: EmbedConfig, manifest: dict):
             "model the run used, or embed the output again"
         )
     recorded = manifest.get("compute")
-    if recorded and (recorded["device"] == "cpu" or _has_cuda()):
+    if recorded and (recorded["device"] == "cpu" or has_cuda()):
         recorded = {**recorded, "threads": None}  # a query gets every core, not an actor's share
         spec = EncoderSpec(model=model.path, model_hash=model.model_hash, **recorded)
     else:  # a run that embedded nothing records no encoder: the one it would resolve here
@@ -196,15 +193,6 @@ def _query_encoder(config: EmbedConfig, manifest: dict):
             exportable=model.exportable,
         )
     return backends.build_encoder(spec, model.path)
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _where_error(where: str | None, exc: Exception) -> str:

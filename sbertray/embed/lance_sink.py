@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from urllib.parse import unquote, urlparse
 
@@ -97,7 +97,7 @@ class SyncResult:
     deleted: int = 0
     versions_removed: int = 0
     seconds: float = 0.0
-    index: dict | None = field(default=None)
+    index: dict | None = None
 
     def record(self) -> dict:
         return asdict(self)
@@ -121,9 +121,12 @@ def sync(
     add = {rel: key for rel, key in wanted.items() if key not in present}
     drop = {k for k in present if _rel_of(k) not in on_disk or wanted.get(_rel_of(k), k) != k}
     if add or drop:
-        dataset = _write(config.output.path, options, dataset, parts, add, drop, result)
+        replaces_all = bool(add and drop) and drop == present
+        dataset = _write(
+            config.output.path, options, dataset, parts, add, drop, replaces_all, result
+        )
     if dataset is not None:
-        result.version, result.rows = dataset.version, dataset.count_rows()
+        result.rows = dataset.count_rows()
         result.index = lance_index.refresh(dataset, config.output.vector_index, last_index)
         result.versions_removed = _clean_up(dataset, config.output.retain_versions)
         result.version = dataset.latest_version
@@ -154,12 +157,22 @@ def _present_keys(dataset) -> set[str]:
     return present
 
 
-def _write(url, options, dataset, parts, add: dict[str, str], drop: set[str], result: SyncResult):
-    """One transaction: a new dataset (or every part replaced), a delete, or a merge."""
+def _write(
+    url,
+    options,
+    dataset,
+    parts,
+    add: dict[str, str],
+    drop: set[str],
+    replaces_all: bool,
+    result: SyncResult,
+):
+    """One transaction: a new dataset (or, ``replaces_all``, every part replaced), a delete, or
+    a merge."""
     lance = import_lance()
 
     uri = lance_uri(url)
-    if dataset is None or (drop and drop == _present_keys(dataset) and add):
+    if dataset is None or replaces_all:
         rows = _part_rows(parts, add)
         mode = "create" if dataset is None else "overwrite"
         if dataset is None and storage.exists(storage.resolve(url)):  # a killed first write

@@ -11,15 +11,7 @@ from dataclasses import dataclass
 import sbertray
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig, stable_hash
-from sbertray.embed import (
-    backends,
-    commit,
-    compact,
-    reference,
-    replacing,
-    reuse,
-    shards,
-)
+from sbertray.embed import backends, commit, compact, reference, replacing, reuse, shards
 from sbertray.embed.checks import (
     check_id_types,
     check_ids,
