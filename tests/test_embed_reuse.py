@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from tiny_model import tiny_model_path
@@ -95,9 +96,14 @@ def test_a_rewritten_input_embeds_only_new_and_changed_texts(
     assert 0 < manifest["timings"]["units_span_s"] <= manifest["timings"]["seconds"]
 
     # The donors (on S3) joined to each unit on Ray, as for donors too large for one index:
-    # the same rows copied, the same output.
+    # the same rows copied, the same output. The join's scratch files (and those a killed
+    # run left) are gone afterwards.
+    scratch_dir = storage.resolve(joined_out).child(donor_join.JOIN_DIR)
+    storage.write_bytes(scratch_dir.child("keys", "0.arrow"), b"left by a killed run")
     joined = run_embed(_config(inp, joined_out, "ray", compute={"reuse_index_max_mb": 0}))
     assert (joined.texts_embedded, joined.reused_rows) == (9, 112)
+    selector = pafs.FileSelector(scratch_dir.path, recursive=True, allow_not_found=True)
+    assert not scratch_dir.fs.get_file_info(selector)
     by_join = _read(storage.download_dir(storage.resolve(joined_out), tmp_path / "joined"))
     assert sorted(by_join) == sorted(after)
     for i in rows:
@@ -155,7 +161,6 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
     assert donor_join.plan_join(units, tera, min_buckets=3).buckets == 2048
     # Small pieces here (at real sizes they stay above Ray's inline limit).
     monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
-    monkeypatch.setattr(donor_join, "KEY_PIECE_ROWS", 10)
     monkeypatch.setattr(donor_join, "PIECE_BYTES", 10)
     plan = donor_join.plan_join(units, [], min_buckets=3)
     assert plan.buckets == 3 and [len(g) for g in plan.groups] == [4, 4, 2]
@@ -177,27 +182,42 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
             }
         )
         pq.write_table(table, f"{out.path}/{name}")
+    # Each step's pieces go through a file, as on Ray (piece n = record batch n).
+    scratch = storage.resolve(tmp_path / "scratch")
+    os.makedirs(scratch.path)
+
+    def through_file(name: str, pieces: list[pa.Table]) -> storage.Location:
+        donor_join.write_pieces(scratch.child(name), pieces)
+        return scratch.child(name)
+
     mapped = [
-        donor_join.unit_key_pieces(config, content_hash, [units[i] for i in g], g, plan.buckets)
-        for g in plan.key_maps
+        through_file(
+            f"k{n}",
+            donor_join.unit_key_pieces(config, content_hash, [units[i] for i in g], g, 3),
+        )
+        for n, g in enumerate(plan.key_maps)
     ]
     mapped += [
-        donor_join.donor_pieces(out, [f"{out.path}/{n}" for n in names], ["embedding"], 3)
-        for names in (["d0.parquet"], ["d1.parquet"])
+        through_file(name, donor_join.donor_pieces(out, [f"{out.path}/{name}"], ["embedding"], 3))
+        for name in ("d0.parquet", "d1.parquet")
     ]
     joined, matched = [], 0
     for b in range(plan.buckets):
         pieces, rows = donor_join.join_bucket(
-            [m[b] for m in mapped[:3]], [m[b] for m in mapped[3:]], plan.group_of_unit()
+            [donor_join.read_piece(m, b) for m in mapped[:3]],
+            [donor_join.read_piece(m, b) for m in mapped[3:]],
+            plan.group_of_unit(),
         )
-        joined.append(pieces)
+        joined.append(through_file(f"j{b}", pieces))
         matched += rows
     assert matched == 61  # texts 0..59 and the repeated text 5
-    per_unit = [
-        index
-        for g, group in enumerate(plan.groups)
-        for index in donor_join.gather_group([j[g] for j in joined], group)
-    ]
+    places = [(g, n) for g, group in enumerate(plan.groups) for n in range(len(group))]
+    result = donor_join.JoinedDonors(scratch, places)
+    os.makedirs(f"{scratch.path}/gathered")
+    for g, group in enumerate(plan.groups):
+        pieces = [donor_join.read_piece(j, g) for j in joined]
+        donor_join.write_pieces(result.group_file(g), donor_join.gather_group(pieces, group))
+    per_unit = [result.read(u) for u in range(len(units))]
     assert [len(i) if i is not None else 0 for i in per_unit] == [10] * 6 + [0, 0, 0, 1]
     for unit, index in zip(units[:6], per_unit, strict=False):
         wanted = order[unit.slices[0].first_row : unit.slices[0].first_row + 10]

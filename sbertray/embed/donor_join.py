@@ -1,5 +1,6 @@
 """Row-level reuse at any size: donor rows reach their units by a hash join, so no process
-holds them all. No Ray in here: ``ray_adapter.join_donors`` runs these steps as Ray tasks.
+(and no object store) holds them all. No Ray in here: ``ray_adapter.join_donors`` runs these
+steps as Ray tasks.
 
 A rewritten snapshot shuffles its rows across files, so one unit's donors lie in every donor
 file's row groups: reading "only the rows a unit copies" would read nearly every donor file once
@@ -10,10 +11,14 @@ per unit. Instead the computed columns move once, hash-partitioned by content ke
    split into ``buckets`` by key.
 2. **join**, one task per bucket: the bucket's donor keys once (``np.unique``), each unit key
    looked up; the matched columns, tagged with their unit, split by group of units.
-3. **gather**, one task per group: each unit's donor rows as its own ``DonorIndex``, in one
-   object the actors embedding the group's units fetch by reference (zero-copy on a node).
+3. **gather**, one task per group: each unit's donor rows, sorted by key; the actor embedding
+   a unit reads its own (``JoinedDonors.read``) just before it embeds the unit.
 
-The driver holds object references and counts only (``PIECE_BYTES`` says how it stays so).
+Every step writes its pieces as record batches of one Arrow IPC file under the output's
+``_donor_join/`` folder and returns a count: the donors move through files on the output's
+storage, never through Ray's object store, which would otherwise hold a copy of every donor row
+from the maps to the last unit (6.9 GB, spilled, on a 4M-row rerun). The folder is the run's
+scratch: deleted when the run ends, and by the next run if this one was killed.
 """
 
 from __future__ import annotations
@@ -39,15 +44,16 @@ from sbertray.embed.shards import WorkUnit
 from sbertray.embed.texts import embeddable_texts
 from sbertray.embed.unit_reader import UnitReader
 
+JOIN_DIR = "_donor_join"  # the join's scratch folder in the output (readers skip "_" names)
 BUCKET_BYTES = 128 << 20  # donor columns a join task holds, up to ~64 GB of donors (below)
-# Ray keeps a task's return under 100 KB in the caller's own memory: every piece here must be
-# larger, or this process would hold the keys and vectors after all. So maps and groups are
-# large enough to give each bucket a piece of about PIECE_BYTES (key pieces: KEY_PIECE_ROWS
-# rows); past ~64 GB of donors, buckets grow as the square root of the donors' size instead, so
-# the maps do not grow with them.
+# Each piece is one ranged read of a file, so donor maps and groups are large enough to give
+# each bucket a piece of about PIECE_BYTES; past ~64 GB of donors, buckets grow as the square
+# root of the donors' size instead, so the donor maps do not grow with them.
 PIECE_BYTES = 256 << 10
-KEY_PIECE_ROWS = 8192  # 24 bytes a row: about 200 KB
-GROUP_ROWS = 65_536  # unit rows at least whose matches one gather task sorts out
+# Unit rows one key map hashes, and at least one gather sorts out. Fixed for key maps: their
+# texts are what a task holds (sized by buckets, at 4M rows they held 400k texts: 1.5x the
+# memory of the largest task at 100k rows).
+GROUP_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,8 @@ def _chunks(sizes: list[int], at_least: float) -> list[list[int]]:
 
 def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) -> JoinPlan:
     """Buckets from the donors' size (at least ``min_buckets``: one per CPU keeps them all
-    busy); maps and groups large enough that each piece they return is about ``PIECE_BYTES``."""
+    busy); donor maps and groups large enough that each piece they write is about
+    ``PIECE_BYTES``; key maps of ``GROUP_ROWS`` unit rows."""
     size = sum(d.bytes for d in donors)
     row_bytes = max(1.0, size / max(1, sum(d.rows for d in donors)))
     by_size = min(math.ceil(size / BUCKET_BYTES), math.ceil(math.sqrt(size / PIECE_BYTES)))
@@ -87,7 +94,7 @@ def plan_join(units: list[WorkUnit], donors: list[DonorFile], min_buckets: int) 
     rows = [u.num_rows for u in units]
     return JoinPlan(
         buckets,
-        key_maps=_chunks(rows, max(GROUP_ROWS, buckets * KEY_PIECE_ROWS)),
+        key_maps=_chunks(rows, GROUP_ROWS),
         donor_maps=_chunks([d.bytes for d in donors], buckets * PIECE_BYTES),
         groups=_chunks(rows, max(GROUP_ROWS, buckets * PIECE_BYTES / row_bytes)),
     )
@@ -173,19 +180,58 @@ def join_bucket(
     return pieces, int(wanted.column("rows").to_numpy()[hit].sum())
 
 
-def gather_group(pieces: list[pa.Table], units: list[int]) -> list[DonorIndex | None]:
-    """Gather, one group: each of ``units``' donor rows as a ``DonorIndex`` (None: no rows),
-    returned as one object. A unit's keys are already distinct (each matched once): sorting
-    is enough."""
+def gather_group(pieces: list[pa.Table], units: list[int]) -> list[pa.Table]:
+    """Gather, one group: each of ``units``' donor rows (keys and columns; none for a unit
+    without donors), sorted by key. A unit's keys are already distinct (each matched once):
+    sorting is enough."""
     table = pa.concat_tables(pieces, promote_options="permissive")
     keys = key_numpy(table.column(KEY_COLUMN))
     unit_of_row = table.column("unit").to_numpy()
     order = np.argsort(keys, kind="stable")
     order = order[np.argsort(unit_of_row[order], kind="stable")]  # by unit, then key
     bounds = np.searchsorted(unit_of_row[order], [*units, max(units) + 1])
-    table = table.drop_columns([KEY_COLUMN, "unit"])
-    indexes: list[DonorIndex | None] = []
-    for n in range(len(units)):
-        rows = order[bounds[n] : bounds[n + 1]]
-        indexes.append(DonorIndex(keys[rows], table.take(pa.array(rows)), 0) if len(rows) else None)
-    return indexes
+    table = table.drop_columns(["unit"])
+    return [table.take(pa.array(order[bounds[n] : bounds[n + 1]])) for n in range(len(units))]
+
+
+def unit_index(table: pa.Table) -> DonorIndex | None:
+    """A unit's gathered donor rows as the stage's ``DonorIndex`` (None: it has none)."""
+    if not table.num_rows:
+        return None
+    return DonorIndex(key_numpy(table.column(KEY_COLUMN)), table.drop_columns([KEY_COLUMN]), 0)
+
+
+def write_pieces(loc: storage.Location, pieces: list[pa.Table]) -> None:
+    """``pieces`` (one schema) as record batch n of one Arrow IPC file at ``loc``, so a reader
+    of piece n reads its bytes only. Uncompressed: vectors do not compress."""
+    schema = pieces[0].schema
+    try:
+        with loc.fs.open_output_stream(loc.path) as stream, pa.ipc.new_file(stream, schema) as out:
+            for piece in pieces:
+                batches = piece.to_batches()
+                empty = pa.RecordBatch.from_pylist([], schema=schema)
+                out.write_batch(pa.concat_batches(batches) if batches else empty)
+    except OSError as exc:
+        raise storage.StorageError(f"could not write {storage.redact(loc.url)}: {exc}") from exc
+
+
+def read_piece(loc: storage.Location, n: int) -> pa.Table:
+    """Piece ``n`` of the file ``write_pieces`` wrote at ``loc``."""
+    with loc.fs.open_input_file(loc.path) as handle:
+        return pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(n)])
+
+
+@dataclass(frozen=True)
+class JoinedDonors:
+    """Where each unit's donor rows are once the join ran: piece ``places[i][1]`` of the group
+    file ``places[i][0]`` under ``root``, for the i-th unit to embed."""
+
+    root: storage.Location
+    places: list[tuple[int, int]]
+
+    def group_file(self, group: int) -> storage.Location:
+        return self.root.child("gathered", f"{group}.arrow")
+
+    def read(self, unit: int) -> DonorIndex | None:
+        group, place = self.places[unit]
+        return unit_index(read_piece(self.group_file(group), place))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from sbertray import output_paths, storage
 from sbertray.config import EmbedConfig
 from sbertray.embed import backends, commit, reuse
+from sbertray.embed.donor_join import JoinedDonors
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.lock import OutputLock
 from sbertray.embed.planning import (
@@ -66,11 +67,14 @@ def run_embed(
         if todo:
             donors = _donors(plan, existing, done, todo, ray_address)
             clock.mark("plan")
-            pool, encoder = _start(plan, todo, len(done), donors, ray_address)
-            progress = Progress(sum(u.num_rows for u in todo))
-            on_result = lambda r: progress.update(r.rows_in, r.rows_dropped)  # noqa: E731
-            results += _execute(plan, todo, pool, encoder, donors, on_result)
-            progress.close()
+            try:
+                pool, encoder = _start(plan, todo, len(done), donors, ray_address)
+                progress = Progress(sum(u.num_rows for u in todo))
+                on_result = lambda r: progress.update(r.rows_in, r.rows_dropped)  # noqa: E731
+                results += _execute(plan, todo, pool, encoder, donors, on_result)
+                progress.close()
+            finally:
+                donors.close()
             clock.mark("embed")
         else:
             _say_nothing_to_do(plan)
@@ -82,11 +86,15 @@ def run_embed(
 class _Donors:
     """The earlier output rows this run copies from, as the executor takes them."""
 
-    # One shared index, or where each unit's own is: its group's object and its place there
-    # (joined on Ray, ``ray_adapter.join_donors``).
-    rows: reuse.DonorIndex | list | None = None
+    # One shared index, or where each unit's own is (joined on Ray, ``ray_adapter.join_donors``).
+    rows: reuse.DonorIndex | JoinedDonors | None = None
     reusable_rows: int = 0  # rows of the units to embed they can serve
     note: str = ""  # for the run's opening line
+
+    def close(self) -> None:
+        """Deletes the join's scratch files, the units' donor rows, once the units ran."""
+        if isinstance(self.rows, JoinedDonors):
+            storage.delete(self.rows.root)
 
 
 def _donors(

@@ -21,6 +21,7 @@ import ray
 
 from sbertray import storage
 from sbertray.config import EmbedConfig
+from sbertray.embed.donor_join import JoinedDonors
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.pool import PoolPlan, PoolSizeError
 from sbertray.embed.results import UnitResult
@@ -36,8 +37,8 @@ _JSON_FIELDS = (
     "bad_files",
 )  # nested: JSON in Ray Data result rows
 # Earlier output rows for the units: one index all units share, or where each unit's own is
-# (``join_donors``: its group's object and its place there; None where it has none).
-Donors = DonorIndex | list[tuple[ray.ObjectRef, int]] | None
+# (``join_donors``).
+Donors = DonorIndex | JoinedDonors | None
 
 
 def _to_row(result: UnitResult) -> dict:
@@ -69,9 +70,9 @@ class _EmbedActor:
         from sbertray.embed.stage import EmbedStage
 
         self.units, reference, donors = ray.get(shared)
-        # One index every unit shares, or each unit's own (``join_donors``), fetched per unit.
-        self.unit_donors = donors if isinstance(donors, list) else None
-        shared_index = None if self.unit_donors is not None else donors
+        # One index every unit shares, or each unit's own (``join_donors``), read per unit.
+        self.joined = donors if isinstance(donors, JoinedDonors) else None
+        shared_index = None if self.joined is not None else donors
         self.stage = EmbedStage(config, encoder, run_metadata, reference, shared_index)
 
     def __del__(self) -> None:
@@ -87,10 +88,7 @@ class _EmbedActor:
         """The unit's result row; an exception travels back in it (``raised``) so the driver
         re-raises it as it is, while a unit lost with its actor or node has no row at all."""
         try:
-            donors = None
-            if self.unit_donors is not None:  # the unit's group's indexes, zero-copy on a node
-                group, place = self.unit_donors[index]
-                donors = ray.get(group)[place]
+            donors = self.joined.read(index) if self.joined is not None else None
             return {**_to_row(self.stage.process(self.units[index], donors)), "raised": None}
         except Exception as exc:
             return {
@@ -123,7 +121,7 @@ def _shared(
     """Object refs of what every actor reads: the units, the embedded reference set (a task
     sized like an actor) and the donor index. They go through the object store once (each node
     maps them, zero-copy), not into every actor's constructor arguments. Per-unit donors stay
-    where the join left them: only their references are shared."""
+    where the join left them, in files: only where each unit's are is shared."""
     reference = ray.put(None)
     if config.reference is not None:
         task = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)(

@@ -1,5 +1,5 @@
 """The plan phase's Ray tasks: the id check's map/reduce (``checks.check_ids``) and the donor
-join (``donor_join``). This process submits them and holds object references only."""
+join (``donor_join``). This process submits them and holds object references and counts only."""
 
 from __future__ import annotations
 
@@ -57,22 +57,29 @@ def _refs(refs, count: int) -> list:
     return [refs] if count == 1 else list(refs)
 
 
-def _keys_task(config, content_hash, units, indexes, buckets):
-    pieces = donor_join.unit_key_pieces(config, content_hash, units, indexes, buckets)
-    return _returns(pieces, buckets)
+def _keys_task(config, content_hash, units, indexes, buckets, dest):
+    donor_join.write_pieces(
+        dest, donor_join.unit_key_pieces(config, content_hash, units, indexes, buckets)
+    )
 
 
-def _donor_task(out, paths, columns, buckets):
-    return _returns(donor_join.donor_pieces(out, paths, columns, buckets), buckets)
+def _donor_task(out, paths, columns, buckets, dest):
+    donor_join.write_pieces(dest, donor_join.donor_pieces(out, paths, columns, buckets))
 
 
-def _join_task(group_of_unit, units, *pieces):
-    pieces, matched = donor_join.join_bucket(pieces[:units], pieces[units:], group_of_unit)
-    return [*pieces, matched]
+def _join_task(group_of_unit, key_files, donor_files, bucket, dest):
+    pieces, matched = donor_join.join_bucket(
+        [donor_join.read_piece(f, bucket) for f in key_files],
+        [donor_join.read_piece(f, bucket) for f in donor_files],
+        group_of_unit,
+    )
+    donor_join.write_pieces(dest, pieces)
+    return matched
 
 
-def _gather_task(units, *pieces):
-    return donor_join.gather_group(list(pieces), units)
+def _gather_task(units, joined_files, group, dest):
+    pieces = [donor_join.read_piece(f, group) for f in joined_files]
+    donor_join.write_pieces(dest, donor_join.gather_group(pieces, units))
 
 
 def join_donors(
@@ -82,42 +89,51 @@ def join_donors(
     donors: list[DonorFile],
     columns: list[str],
     content_hash: str,
-) -> tuple[list[tuple[ray.ObjectRef, int]], int]:
-    """Where each unit's donor rows (``donor_join``) are: its group's object and its place in
-    it, in ``units``' order; and how many of the units' rows they cover. This process holds
-    references and counts."""
+) -> tuple[donor_join.JoinedDonors, int]:
+    """Where each unit's donor rows (``donor_join``) are, in ``units``' order, and how many of
+    the units' rows they cover. A step's tasks start once the step before has written all its
+    files, which are deleted once read."""
     plan = donor_join.plan_join(units, donors, int(ray.cluster_resources().get("CPU", 0)))
-    buckets, groups = plan.buckets, len(plan.groups)
-    keys_task = ray.remote(num_cpus=1, num_returns=buckets)(_keys_task)
-    donor_task = ray.remote(num_cpus=1, num_returns=buckets)(_donor_task)
-    # No reference to a step's inputs is kept here: Ray frees a bucket's map outputs once its
-    # join ran, a group's join outputs once its gather ran; the store holds ~1 donor copy.
-    mapped = [
-        keys_task.remote(config, content_hash, [units[i] for i in chunk], chunk, buckets)
-        for chunk in plan.key_maps
+    root = out.child(donor_join.JOIN_DIR)
+    storage.delete(root)  # a killed run's (this run holds the output's lock)
+    for folder in ("keys", "donors", "joined", "gathered"):
+        root.fs.create_dir(root.child(folder).path, recursive=True)
+    key_files = [root.child("keys", f"{n}.arrow") for n in range(len(plan.key_maps))]
+    donor_files = [root.child("donors", f"{n}.arrow") for n in range(len(plan.donor_maps))]
+    keys_task = ray.remote(num_cpus=1)(_keys_task)
+    donor_task = ray.remote(num_cpus=1)(_donor_task)
+    maps = [
+        keys_task.remote(config, content_hash, [units[i] for i in chunk], chunk, plan.buckets, dest)
+        for chunk, dest in zip(plan.key_maps, key_files, strict=True)
     ]
-    mapped += [
-        donor_task.remote(out, [donors[i].path for i in chunk], columns, buckets)
-        for chunk in plan.donor_maps
+    maps += [
+        donor_task.remote(out, [donors[i].path for i in chunk], columns, plan.buckets, dest)
+        for chunk, dest in zip(plan.donor_maps, donor_files, strict=True)
     ]
-    mapped = [_refs(m, buckets) for m in mapped]
-    join_task = ray.remote(num_cpus=1, num_returns=groups + 1)(_join_task)
+    ray.get(maps)
+    join_task = ray.remote(num_cpus=1)(_join_task)
     group_of_unit = ray.put(plan.group_of_unit())
-    joined = [
-        join_task.remote(group_of_unit, len(plan.key_maps), *[m[b] for m in mapped])
-        for b in range(buckets)
-    ]
-    del mapped
-    counts = [j.pop() for j in joined]
+    joined_files = [root.child("joined", f"{b}.arrow") for b in range(plan.buckets)]
+    matched = sum(
+        ray.get(
+            [
+                join_task.remote(group_of_unit, key_files, donor_files, b, dest)
+                for b, dest in enumerate(joined_files)
+            ]
+        )
+    )
+    storage.delete(root.child("keys"))
+    storage.delete(root.child("donors"))
+    result = donor_join.JoinedDonors(
+        root, [(g, n) for g, group in enumerate(plan.groups) for n in range(len(group))]
+    )
     gather = ray.remote(num_cpus=1)(_gather_task)
-    gathered = [gather.remote(g, *[j[n] for j in joined]) for n, g in enumerate(plan.groups)]
-    del joined
-    matched = sum(ray.get(counts))
     # Done before the pool starts: its actors may take every CPU the gathers wait for.
-    ray.wait(gathered, num_returns=len(gathered), fetch_local=False)
-    per_unit = [
-        (ref, n)
-        for ref, group in zip(gathered, plan.groups, strict=True)
-        for n in range(len(group))
-    ]
-    return per_unit, matched
+    ray.get(
+        [
+            gather.remote(group, joined_files, g, result.group_file(g))
+            for g, group in enumerate(plan.groups)
+        ]
+    )
+    storage.delete(root.child("joined"))
+    return result, matched
