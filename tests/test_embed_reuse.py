@@ -159,7 +159,7 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
     assert at_scale.buckets == 32 and [len(m) for m in at_scale.donor_maps] == [1, 1, 1, 1]
     tera = [reuse.DonorFile("d", 10**9, 1 << 40)]
     assert donor_join.plan_join(units, tera, min_buckets=3).buckets == 2048
-    # Small pieces here (at real sizes they stay above Ray's inline limit).
+    # Small pieces here, to have several maps, buckets and groups.
     monkeypatch.setattr(donor_join, "GROUP_ROWS", 40)
     monkeypatch.setattr(donor_join, "PIECE_BYTES", 10)
     plan = donor_join.plan_join(units, [], min_buckets=3)
@@ -212,11 +212,12 @@ def test_the_donor_join_gives_each_unit_exactly_the_donor_rows_it_needs(tmp_path
         matched += rows
     assert matched == 61  # texts 0..59 and the repeated text 5
     places = [(g, n) for g, group in enumerate(plan.groups) for n in range(len(group))]
-    result = donor_join.JoinedDonors(scratch, places)
+    result = donor_join.JoinedDonors(scratch, places)  # every unit read, empty pieces too
     os.makedirs(f"{scratch.path}/gathered")
     for g, group in enumerate(plan.groups):
         pieces = [donor_join.read_piece(j, g) for j in joined]
-        donor_join.write_pieces(result.group_file(g), donor_join.gather_group(pieces, group))
+        gathered = donor_join.gather_group(pieces, group)
+        donor_join.write_pieces(donor_join.group_file(scratch, g), gathered)
     per_unit = [result.read(u) for u in range(len(units))]
     assert [len(i) if i is not None else 0 for i in per_unit] == [10] * 6 + [0, 0, 0, 1]
     for unit, index in zip(units[:6], per_unit, strict=False):

@@ -15,7 +15,7 @@ per unit. Instead the computed columns move once, hash-partitioned by content ke
    a unit reads its own (``JoinedDonors.read``) just before it embeds the unit.
 
 Every step writes its pieces as record batches of one Arrow IPC file under the output's
-``_donor_join/`` folder and returns a count: the donors move through files on the output's
+``_donor_join/`` folder and returns counts at most: the donors move through files on the output's
 storage, never through Ray's object store, which would otherwise hold a copy of every donor row
 from the maps to the last unit (6.9 GB, spilled, on a 4M-row rerun). The folder is the run's
 scratch: deleted when the run ends, and by the next run if this one was killed.
@@ -205,11 +205,11 @@ def write_pieces(loc: storage.Location, pieces: list[pa.Table]) -> None:
     """``pieces`` (one schema) as record batch n of one Arrow IPC file at ``loc``, so a reader
     of piece n reads its bytes only. Uncompressed: vectors do not compress."""
     schema = pieces[0].schema
+    empty = pa.RecordBatch.from_pylist([], schema=schema)
     try:
         with loc.fs.open_output_stream(loc.path) as stream, pa.ipc.new_file(stream, schema) as out:
             for piece in pieces:
                 batches = piece.to_batches()
-                empty = pa.RecordBatch.from_pylist([], schema=schema)
                 out.write_batch(pa.concat_batches(batches) if batches else empty)
     except OSError as exc:
         raise storage.StorageError(f"could not write {storage.redact(loc.url)}: {exc}") from exc
@@ -221,17 +221,22 @@ def read_piece(loc: storage.Location, n: int) -> pa.Table:
         return pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(n)])
 
 
+def group_file(root: storage.Location, group: int) -> storage.Location:
+    """Where the gather of ``group`` writes its units' donor rows, under the join's ``root``."""
+    return root.child("gathered", f"{group}.arrow")
+
+
 @dataclass(frozen=True)
 class JoinedDonors:
     """Where each unit's donor rows are once the join ran: piece ``places[i][1]`` of the group
-    file ``places[i][0]`` under ``root``, for the i-th unit to embed."""
+    file ``places[i][0]`` under ``root``, for the i-th unit to embed; None for a unit without
+    donors (nothing to read)."""
 
     root: storage.Location
-    places: list[tuple[int, int]]
-
-    def group_file(self, group: int) -> storage.Location:
-        return self.root.child("gathered", f"{group}.arrow")
+    places: list[tuple[int, int] | None]
 
     def read(self, unit: int) -> DonorIndex | None:
-        group, place = self.places[unit]
-        return unit_index(read_piece(self.group_file(group), place))
+        place = self.places[unit]
+        if place is None:
+            return None
+        return unit_index(read_piece(group_file(self.root, place[0]), place[1]))

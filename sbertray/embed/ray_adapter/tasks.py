@@ -79,7 +79,9 @@ def _join_task(group_of_unit, key_files, donor_files, bucket, dest):
 
 def _gather_task(units, joined_files, group, dest):
     pieces = [donor_join.read_piece(f, group) for f in joined_files]
-    donor_join.write_pieces(dest, donor_join.gather_group(pieces, units))
+    gathered = donor_join.gather_group(pieces, units)
+    donor_join.write_pieces(dest, gathered)
+    return [table.num_rows for table in gathered]
 
 
 def join_donors(
@@ -124,16 +126,16 @@ def join_donors(
     )
     storage.delete(root.child("keys"))
     storage.delete(root.child("donors"))
-    result = donor_join.JoinedDonors(
-        root, [(g, n) for g, group in enumerate(plan.groups) for n in range(len(group))]
-    )
     gather = ray.remote(num_cpus=1)(_gather_task)
     # Done before the pool starts: its actors may take every CPU the gathers wait for.
-    ray.get(
+    rows = ray.get(
         [
-            gather.remote(group, joined_files, g, result.group_file(g))
+            gather.remote(group, joined_files, g, donor_join.group_file(root, g))
             for g, group in enumerate(plan.groups)
         ]
     )
     storage.delete(root.child("joined"))
-    return result, matched
+    places = [
+        (g, n) if count else None for g, counts in enumerate(rows) for n, count in enumerate(counts)
+    ]
+    return donor_join.JoinedDonors(root, places), matched
