@@ -19,7 +19,7 @@ from sbertray.cli_search import add_search_command
 from sbertray.console import RunLog, console_stream
 from sbertray.errors import UserError
 from sbertray.ray_runtime import prefer_loopback
-from sbertray.report import REPORT_DIR
+from sbertray.report import REPORT_DIR, dev_scores_line
 
 
 def _config_unless_dry_run(args: argparse.Namespace, schema, dry_run_module: str):
@@ -47,13 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(config, ray_address=args.address, restart=args.restart)
     if result.kept:
         return 0
-    metric = ""
-    if result.dev_metrics:
-        m = result.dev_metrics
-        metric = (
-            f"{m['dataset']} spearman_cosine={m['spearman_cosine']:.4f} "
-            f"pearson_cosine={m['pearson_cosine']:.4f}; "
-        )
+    metric = f"{dev_scores_line(result.dev_metrics)}; " if result.dev_metrics else ""
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     print(
         f"[sbertray] done in {result.wall_time_s:.0f}s: {metric}{result.global_step} steps"
@@ -95,12 +89,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         storage_config=StorageConfig(endpoint_url=args.endpoint_url),
         progress=True,
         retrieval_threshold=args.retrieval_threshold,
+        truncate_dims=tuple(args.truncate_dims or ()),
     )
     print(json.dumps(metrics.as_dict(), indent=2))
-    print(
-        f"[sbertray] {metrics.name}: spearman_cosine={metrics.spearman_cosine:.4f} "
-        f"pearson_cosine={metrics.pearson_cosine:.4f} on {metrics.num_pairs} pairs"
-    )
+    print(f"[sbertray] {dev_scores_line(metrics.as_dict())} on {metrics.num_pairs} pairs")
     if (r := metrics.retrieval) is not None:
         print(
             f"[sbertray] retrieval of {r.queries} queries among {r.corpus} texts (relevant: "
@@ -222,6 +214,14 @@ def _add_evaluate_command(sub) -> None:
         help="also score retrieval: each pair's first sentence retrieves its second among all "
         "second sentences, relevant where the (scaled) label is at least this, e.g. 0.8",
     )
+    p.add_argument(
+        "--truncate-dims",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="also score the vectors cut to their first N dimensions, for each N (what "
+        "`output.truncate_dim: N` embeds; Matryoshka-trained models keep most), e.g. 128 64",
+    )
     p.add_argument("--name", default="dev", help="the data set's name in the output")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_cmd_evaluate)
@@ -271,8 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
 _LOGGED_COMMANDS = ("train", "tune", "embed", "nightly")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with overrides also taken after a flag (``CONFIG --dry-run a=1``):
+    argparse ends a ``nargs="*"`` positional at the first flag and would refuse the rest."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and e[0] != "-" for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     prefer_loopback(getattr(args, "address", None))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     args.run_log = RunLog(args.command, verbose=args.verbose)

@@ -57,6 +57,18 @@ def format_rate(rows: int, seconds: float) -> str:
     return f"{rows:,} rows in {seconds:.1f} s, {shown} rows/s"
 
 
+def dev_scores_line(dev: dict) -> str:
+    """``stsb-dev: Spearman 0.8966, Pearson 0.8990``, then the Spearman of the vectors cut to
+    fewer dimensions with its share of the full one, when the dev set was scored that way."""
+    line = f"{dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, Pearson {dev['pearson_cosine']:.4f}"
+    by_dim = dev.get("spearman_cosine_by_dim") or {}
+    cuts = [
+        f"{dim}d {score:.4f} ({score / dev['spearman_cosine']:.1%})"
+        for dim, score in by_dim.items()
+    ]
+    return line + (f"; first dimensions only: {', '.join(cuts)}" if cuts else "")
+
+
 def write(out: storage.Location, report: dict, markdown: str, plots: dict[str, bytes]) -> None:
     """Writes ``report.json``, ``report.md`` and the plots into the folder ``out``."""
     for name, data in plots.items():
@@ -95,10 +107,7 @@ def write_train_report(model_url: str, result: dict, storage_config=None) -> dic
         f"- wall time: {result['wall_time_s']:.0f}s",
     ]
     if dev:
-        lines.append(
-            f"- {dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, "
-            f"Pearson {dev['pearson_cosine']:.4f} ({dev['num_pairs']} pairs)"
-        )
+        lines.append(f"- {dev_scores_line(dev)} ({dev['num_pairs']} pairs)")
     lines += ["", *[f"![{p}]({p})" for p in sorted(plots)], ""]
     write(out, report, "\n".join(lines), plots)
     return report

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_embed_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_path):
     out = tmp_path / "out"
     config = str(REPO / "jobs/configs/embed_demo.yaml")
+    # Overrides are taken after a flag too (argparse alone would refuse `output.path=...`).
     plan = run(
-        sbertray_cmd("embed", config, f"model={tiny_model_path}", f"output.path={out}", "--dry-run")
+        sbertray_cmd("embed", config, f"model={tiny_model_path}", "--dry-run", f"output.path={out}")
     )
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "input: 3 files, 36 rows, 2 units; 0 already committed, 36 rows to embed" in plan.stdout

@@ -29,11 +29,20 @@ def test_evaluate_names_the_flags_and_suggests_the_label_scale(tmp_path, stsb_di
     assert "the labels run up to 5, so they look like a 0..5 scale" in unscaled.stderr
     assert "`sbertray evaluate ... --label-scale 0.2`" in unscaled.stderr
 
-    scored = run([*named, "--label-scale", "0.2", "--retrieval-threshold", "0.8"])
+    too_wide = run([*named, "--label-scale", "0.2", "--truncate-dims", "128", "512"])
+    assert too_wide.returncode == 2 and "Traceback" not in too_wide.stderr
+    assert "truncate dims [512]: the model's vectors have 384 dimensions" in too_wide.stderr
+
+    scored = run(
+        [*named, "--label-scale", "0.2", "--retrieval-threshold", "0.8", "--truncate-dims", "128"]
+    )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert "[sbertray] embedding 200 pairs (400 sentences)" in scored.stdout
-    assert "spearman_cosine=" in scored.stdout and "on 200 pairs" in scored.stdout
     printed = json.loads(scored.stdout[scored.stdout.index("{") : scored.stdout.rindex("}") + 1])
+    full, cut = printed["spearman_cosine"], printed["spearman_cosine_by_dim"]["128"]
+    assert 0 < cut < 1 and cut != full
+    assert f"Spearman {full:.4f}" in scored.stdout and "on 200 pairs" in scored.stdout
+    assert f"first dimensions only: 128d {cut:.4f} ({cut / full:.1%})" in scored.stdout
     retrieval = printed["retrieval"]
     relevant = sum(float(line.split("\t")[2]) * 0.2 >= 0.8 for line in lines[1:201])
     assert 0 < retrieval["queries"] <= relevant and retrieval["corpus"] <= 200

@@ -9,7 +9,7 @@ from pathlib import Path
 from sbertray.progress import format_duration
 from sbertray.train import checkpoints
 from sbertray.train.checkpoints import CheckpointStore
-from sbertray.train.evaluation import DEV_METRICS, DevEvaluator, result_key
+from sbertray.train.evaluation import DEV_METRICS, DevEvaluator, dim_name, result_key
 
 
 class _RayTrainReport:
@@ -51,7 +51,12 @@ class _RayTrainReport:
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.rank or self.dev is None:
             return
-        shown_keys = [f"eval_{result_key(self.dev.name, m)}" for m in ("spearman_cosine", "mrr@10")]
+        shown_keys = [
+            f"eval_{result_key(self.dev.name, m)}" for m in ("spearman_cosine", "mrr@10")
+        ] + [
+            f"eval_{result_key(dim_name(self.dev.name, d), 'spearman_cosine')}"
+            for d in self.dev.dims
+        ]
         scores = {k: metrics[k] for k in shown_keys if k in (metrics or {})}
         if scores:
             shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in scores.items())

@@ -10,6 +10,7 @@ import sys
 from sbertray import storage
 from sbertray.config import DEFAULT_BASE_MODEL
 from sbertray.modeling import bundled_model_path, resolve_model_path
+from sbertray.report import dev_scores_line
 
 
 def card_base_model(name: str) -> str | None:
@@ -36,9 +37,7 @@ def add_run_to_card(model: storage.Location, summary: dict, command: str | None 
         f"- Wall time: {summary['wall_time_s']:.0f} s",
     ]
     if dev:
-        lines.append(
-            f"- {dev['dataset']}: Spearman {dev['spearman_cosine']:.4f}, Pearson {dev['pearson_cosine']:.4f}"
-        )
+        lines.append(f"- {dev_scores_line(dev)}")
     block = "\n".join(lines) + "\n\n"
     marker = "### Framework Versions"
     card = card.replace(marker, block + marker, 1) if marker in card else card + "\n" + block

@@ -24,6 +24,11 @@ _RETRIEVAL_KEYS = {
 }
 
 
+def dim_name(name: str, dim: int) -> str:
+    """The name of the evaluator that scores the first ``dim`` dimensions of the vectors."""
+    return f"{name}-{dim}d"
+
+
 def result_key(name: str, metric: str) -> str:
     """The key of a dev metric in the results of the evaluator named ``name`` (the trainer logs
     it with ``eval_`` before it): the retrieval evaluator's keys name the score function."""
@@ -51,13 +56,21 @@ class SimilarityMetrics:
     spearman_cosine: float
     num_pairs: int
     retrieval: RetrievalMetrics | None = None
+    # Spearman of the vectors cut to their first N dimensions (re-normalized), by N: how much
+    # an `output.truncate_dim: N` embedding keeps (what Matryoshka training is for).
+    spearman_by_dim: dict[int, float] | None = None
 
     @classmethod
     def from_results(
-        cls, results: dict, name: str, num_pairs: int, task: RetrievalTask | None = None
+        cls,
+        results: dict,
+        name: str,
+        num_pairs: int,
+        task: RetrievalTask | None = None,
+        dims: tuple[int, ...] = (),
     ) -> SimilarityMetrics:
         """From an evaluator's result dict (keys prefixed with ``name``); ``task``: the
-        retrieval it scored too, if any."""
+        retrieval it scored too, if any; ``dims``: the truncations it scored."""
         retrieval = None
         if task is not None:
             retrieval = RetrievalMetrics(
@@ -75,6 +88,10 @@ class SimilarityMetrics:
             spearman_cosine=float(results[result_key(name, "spearman_cosine")]),
             num_pairs=num_pairs,
             retrieval=retrieval,
+            spearman_by_dim={
+                d: float(results[result_key(dim_name(name, d), "spearman_cosine")]) for d in dims
+            }
+            or None,
         )
 
     def as_dict(self) -> dict:
@@ -84,6 +101,8 @@ class SimilarityMetrics:
             "spearman_cosine": self.spearman_cosine,
             "num_pairs": self.num_pairs,
         }
+        if self.spearman_by_dim:
+            scores["spearman_cosine_by_dim"] = {str(d): v for d, v in self.spearman_by_dim.items()}
         return scores | ({"retrieval": asdict(self.retrieval)} if self.retrieval else {})
 
 
@@ -133,9 +152,12 @@ class DevEvaluator:
     name: str
     num_pairs: int
     task: RetrievalTask | None
+    dims: tuple[int, ...] = ()
 
     def metrics(self, results: dict) -> SimilarityMetrics:
-        return SimilarityMetrics.from_results(results, self.name, self.num_pairs, self.task)
+        return SimilarityMetrics.from_results(
+            results, self.name, self.num_pairs, self.task, self.dims
+        )
 
 
 def metric_scores(dev_metrics: dict) -> dict[str, float]:
@@ -152,34 +174,53 @@ def build_evaluator(
     name: str,
     *,
     retrieval_threshold: float | None = None,
+    truncate_dims: tuple[int, ...] = (),
     show_progress_bar: bool = False,
 ) -> DevEvaluator:
-    """sentence-transformers' ``EmbeddingSimilarityEvaluator`` over the pairs; with
-    ``retrieval_threshold``, followed by an ``InformationRetrievalEvaluator`` on the same pairs
-    (``RetrievalTask``), as one ``SequentialEvaluator`` whose results carry both."""
+    """sentence-transformers' ``EmbeddingSimilarityEvaluator`` over the pairs; one more for each
+    of ``truncate_dims`` on the vectors cut to that many dimensions (as its Matryoshka examples
+    do: each encodes the pairs again); with ``retrieval_threshold``, an
+    ``InformationRetrievalEvaluator`` on the same pairs (``RetrievalTask``). Several run as one
+    ``SequentialEvaluator`` whose results carry them all."""
     from sentence_transformers.base.evaluation import SequentialEvaluator
     from sentence_transformers.sentence_transformer.evaluation import (
         EmbeddingSimilarityEvaluator,
+    )
+
+    table = pairs.table
+    dims = tuple(truncate_dims)
+
+    def similarity(name: str, dim: int | None = None):
+        return EmbeddingSimilarityEvaluator(
+            table.column("sentence_0").to_pylist(),
+            table.column("sentence_1").to_pylist(),
+            table.column("label").to_pylist(),
+            batch_size=EVAL_BATCH_SIZE,
+            main_similarity="cosine",
+            similarity_fn_names=["cosine"],
+            name=name,
+            write_csv=False,
+            show_progress_bar=show_progress_bar,
+            truncate_dim=dim,
+        )
+
+    evaluators = [similarity(name), *(similarity(dim_name(name, d), d) for d in dims)]
+    task = None
+    if retrieval_threshold is not None:
+        task = RetrievalTask.from_pairs(table, retrieval_threshold)
+        evaluators.append(_retrieval_evaluator(task, name, show_progress_bar))
+    if len(evaluators) == 1:
+        return DevEvaluator(evaluators[0], name, table.num_rows, None)
+    return DevEvaluator(SequentialEvaluator(evaluators), name, table.num_rows, task, dims)
+
+
+def _retrieval_evaluator(task: RetrievalTask, name: str, show_progress_bar: bool):
+    from sentence_transformers.sentence_transformer.evaluation import (
         InformationRetrievalEvaluator,
     )
     from sentence_transformers.util import cos_sim
 
-    table = pairs.table
-    similarity = EmbeddingSimilarityEvaluator(
-        table.column("sentence_0").to_pylist(),
-        table.column("sentence_1").to_pylist(),
-        table.column("label").to_pylist(),
-        batch_size=EVAL_BATCH_SIZE,
-        main_similarity="cosine",
-        similarity_fn_names=["cosine"],
-        name=name,
-        write_csv=False,
-        show_progress_bar=show_progress_bar,
-    )
-    if retrieval_threshold is None:
-        return DevEvaluator(similarity, name, table.num_rows, None)
-    task = RetrievalTask.from_pairs(table, retrieval_threshold)
-    retrieval = InformationRetrievalEvaluator(
+    return InformationRetrievalEvaluator(
         queries=task.queries,
         corpus=task.corpus,
         relevant_docs=task.relevant,
@@ -191,7 +232,6 @@ def build_evaluator(
         write_csv=False,
         name=name,
     )
-    return DevEvaluator(SequentialEvaluator([similarity, retrieval]), name, table.num_rows, task)
 
 
 def evaluate_model(
@@ -200,12 +240,17 @@ def evaluate_model(
     *,
     name: str = "dev",
     retrieval_threshold: float | None = None,
+    truncate_dims: tuple[int, ...] = (),
     show_progress_bar: bool = False,
 ) -> SimilarityMetrics:
     """Scores an already loaded SentenceTransformer on validated pairs (and on retrieval among
-    them, with ``retrieval_threshold``)."""
+    them, with ``retrieval_threshold``; on its vectors cut to each of ``truncate_dims``)."""
     dev = build_evaluator(
-        pairs, name, retrieval_threshold=retrieval_threshold, show_progress_bar=show_progress_bar
+        pairs,
+        name,
+        retrieval_threshold=retrieval_threshold,
+        truncate_dims=truncate_dims,
+        show_progress_bar=show_progress_bar,
     )
     return dev.metrics(dev.evaluator(model))
 
@@ -218,10 +263,12 @@ def evaluate(
     device: str | None = None,
     progress: bool = False,
     retrieval_threshold: float | None = None,
+    truncate_dims: tuple[int, ...] = (),
 ) -> SimilarityMetrics:
     """Loads ``model`` (path, s3://, hub id or the bundled default) and scores it on ``data``;
-    ``retrieval_threshold``: retrieval metrics too (``RetrievalTask``); ``progress``: say
-    what runs and draw the encoding's progress bar (the CLI)."""
+    ``retrieval_threshold``: retrieval metrics too (``RetrievalTask``); ``truncate_dims``: the
+    Spearman of the first N dimensions too, for each N; ``progress``: say what runs and draw
+    the encoding's progress bar (the CLI)."""
     from sbertray.modeling import load_model
 
     pairs = load_pairs(data, storage_config)
@@ -237,5 +284,13 @@ def evaluate(
         pairs,
         name=data.name or "dev",
         retrieval_threshold=retrieval_threshold,
+        truncate_dims=_check_dims(truncate_dims, loaded),
         show_progress_bar=progress,
     )
+
+
+def _check_dims(dims: tuple[int, ...], model) -> tuple[int, ...]:
+    width = model.get_sentence_embedding_dimension()
+    if bad := [d for d in dims if not 0 < d <= width]:
+        raise DataError(f"truncate dims {bad}: the model's vectors have {width} dimensions")
+    return tuple(dims)

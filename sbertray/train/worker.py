@@ -110,7 +110,7 @@ def train_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _set_up_process(job)
     model = _load_base_model(job.config)
-    dev = _dev_evaluator(job)
+    dev = _dev_evaluator(job, model.get_sentence_embedding_dimension())
     name = run_name(job.config, job.fingerprint)
     local_root = storage.scratch_root() / name
     local_root.mkdir(parents=True, exist_ok=True)
@@ -180,15 +180,19 @@ def _load_base_model(config: TrainConfig):
     return model
 
 
-def _dev_evaluator(job: WorkerJob):
+def _dev_evaluator(job: WorkerJob, width: int):
+    """The dev set's evaluator; a Matryoshka recipe also scores each trained width below the
+    model's own."""
     from sbertray.train.evaluation import build_evaluator
 
     if job.dev is None:
         return None
+    training = job.config.training
     return build_evaluator(
         PairData(table=job.dev, files=[]),
         job.config.dev.name or "dev",
-        retrieval_threshold=job.config.training.retrieval_threshold,
+        retrieval_threshold=training.retrieval_threshold,
+        truncate_dims=tuple(d for d in training.matryoshka_dims or () if d < width),
     )
 
 
