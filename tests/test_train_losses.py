@@ -191,6 +191,15 @@ def test_matryoshka_dims_are_checked_before_training(stsb_dir, tmp_path, tiny_mo
 
     with pytest.raises(ConfigError, match="largest first"):
         _recipe(stsb_dir, tmp_path, tiny_model_path, "training.matryoshka_dims=[64, 128]")
+    for weights in ("[1]", "[1, 0]"):
+        with pytest.raises(ConfigError, match=r"one positive weight per .* \(\[384, 128\]\)"):
+            _recipe(
+                stsb_dir,
+                tmp_path,
+                tiny_model_path,
+                "training.matryoshka_dims=[384, 128]",
+                f"training.matryoshka_weights={weights}",
+            )
     too_wide = _recipe(
         stsb_dir,
         tmp_path,

@@ -75,6 +75,9 @@ class TrainingConfig(Strict):
     # Train the first N dimensions to carry the meaning too (MatryoshkaLoss), e.g. [384, 128, 64]
     # for `output.truncate_dim: 128` embeddings. Largest first, at most the model's dimension.
     matryoshka_dims: list[int] | None = None
+    # Each dim's weight in the summed loss (default 1 each): more on a small width makes its
+    # truncated vectors keep more of the full score.
+    matryoshka_weights: list[float] | None = None
     batch_size: int = Field(16, gt=0)  # global batch per optimizer step, split across workers
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
@@ -113,6 +116,14 @@ class TrainingConfig(Strict):
             raise ValueError(
                 f"`training.matryoshka_dims` {dims}: positive, distinct, largest first, "
                 "e.g. [384, 256, 128, 64]"
+            )
+        weights = self.matryoshka_weights
+        if weights is not None and (
+            len(weights) != len(dims or []) or any(w <= 0 for w in weights)
+        ):
+            raise ValueError(
+                f"`training.matryoshka_weights` {weights}: one positive weight per "
+                f"`training.matryoshka_dims` entry ({dims})"
             )
         return self
 

@@ -90,5 +90,10 @@ def build_loss(model, training: TrainingConfig) -> nn.Module:
     else:
         loss = _in_batch_negatives(model, training)
     if training.matryoshka_dims:
-        loss = stock.MatryoshkaLoss(model, loss, matryoshka_dims=training.matryoshka_dims)
+        loss = stock.MatryoshkaLoss(
+            model,
+            loss,
+            matryoshka_dims=training.matryoshka_dims,
+            matryoshka_weights=training.matryoshka_weights,
+        )
     return loss

@@ -55,7 +55,8 @@ def _trial_training(config: TrainConfig, params: dict) -> dict:
     training = config.training.model_dump()
     for key, value in params.items():
         if key == "matryoshka":
-            training["matryoshka_dims"] = training["matryoshka_dims"] if value else None
+            if not value:
+                training.update(matryoshka_dims=None, matryoshka_weights=None)
         else:
             training[key] = value
     training.update(
