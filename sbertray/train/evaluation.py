@@ -290,7 +290,7 @@ def evaluate(
 
 
 def _check_dims(dims: tuple[int, ...], model) -> tuple[int, ...]:
-    width = model.get_sentence_embedding_dimension()
+    width = model.get_embedding_dimension()
     if bad := [d for d in dims if not 0 < d <= width]:
         raise DataError(f"truncate dims {bad}: the model's vectors have {width} dimensions")
     return tuple(dims)

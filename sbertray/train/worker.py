@@ -110,7 +110,7 @@ def train_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _set_up_process(job)
     model = _load_base_model(job.config)
-    dev = _dev_evaluator(job, model.get_sentence_embedding_dimension())
+    dev = _dev_evaluator(job, model.get_embedding_dimension())
     name = run_name(job.config, job.fingerprint)
     local_root = storage.scratch_root() / name
     local_root.mkdir(parents=True, exist_ok=True)
