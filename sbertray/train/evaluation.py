@@ -189,12 +189,11 @@ def build_evaluator(
 
     table = pairs.table
     dims = tuple(truncate_dims)
+    columns = [table.column(c).to_pylist() for c in ("sentence_0", "sentence_1", "label")]
 
     def similarity(name: str, dim: int | None = None):
         return EmbeddingSimilarityEvaluator(
-            table.column("sentence_0").to_pylist(),
-            table.column("sentence_1").to_pylist(),
-            table.column("label").to_pylist(),
+            *columns,
             batch_size=EVAL_BATCH_SIZE,
             main_similarity="cosine",
             similarity_fn_names=["cosine"],
