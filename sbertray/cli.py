@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"kept, a rerun finishes the rest (full log: {args.run_log.path})",
                 file=sys.stderr,
             )
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: said above, no traceback
+            return 130
         raise
     except BaseException:
         if logged:  # a bug: its traceback follows on the console

@@ -68,3 +68,16 @@ def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch, tiny
     )
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert len(_console(verbose)) > 3 * len(lines)  # Ray's and the libraries' lines are back
+
+
+def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
+    from sbertray import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_embed", interrupted)
+    assert cli.main(["embed", "any.yaml"]) == 130  # the shell's status for SIGINT
+    err = capsys.readouterr().err
+    assert "sbertray embed: stopped (KeyboardInterrupt); what was committed is kept" in err
+    assert "Traceback" not in err
