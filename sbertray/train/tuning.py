@@ -132,11 +132,12 @@ def tune_recipe(config: TrainConfig, *, ray_address: str | None = None) -> TuneR
     storage.check_writable(output)
     _check_search_key(config, output)
     grid = _tuner(config, output).fit()
-    finished = grid.num_terminated + grid.num_errors
-    if finished < planned_trials(spec):  # Tune saved its state and returned on Ctrl-C/SIGTERM
+    ended = grid.num_terminated + grid.num_errors
+    if ended < planned_trials(spec):  # Tune saved its state and returned on Ctrl-C/SIGTERM
+        # Not a count: Tune's result counts the trial it interrupted as ended too.
         print(
-            f"[sbertray] the search stopped after {finished} of {planned_trials(spec)} trials; "
-            "rerunning the command resumes it",
+            f"[sbertray] the search stopped before its {planned_trials(spec)} trials ended; "
+            "rerunning the command resumes it (the interrupted trial from its checkpoint)",
             flush=True,
         )
         raise KeyboardInterrupt
