@@ -59,6 +59,17 @@ def console_stream():
     return getattr(sys.stdout, "console", sys.stdout)
 
 
+def _repoint_handlers(streams: dict) -> None:
+    """Logging handlers created while the log was open (Ray's, when it is first imported) keep
+    the stream they found: point them at the one it replaced, or Ray's shutdown at exit logs
+    into a closed file ("--- Logging error ---" with ``-v``)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream in streams:
+                handler.setStream(streams[handler.stream])
+
+
 def _shut_down_ray() -> None:
     if ray_running():
         import ray
@@ -107,6 +118,7 @@ class RunLog:
             _shut_down_ray()
         sys.stdout.flush()
         sys.stderr.flush()
+        _repoint_handlers({sys.stdout: self._saved[0], sys.stderr: self._saved[1]})
         sys.stdout, sys.stderr = self._saved
         os.dup2(self._console_fd, 2)
         os.close(self._console_fd)

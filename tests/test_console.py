@@ -3,11 +3,14 @@ beside the outputs; `-v` brings it all back."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 from processes import run, sbertray_cmd
+
+from sbertray.console import RunLog
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +84,21 @@ def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "sbertray embed: stopped (KeyboardInterrupt); what was committed is kept" in err
     assert "Traceback" not in err
+
+
+def test_a_handler_made_while_the_log_was_open_writes_to_the_console_after(
+    tmp_path, monkeypatch, capfd
+):
+    """Ray makes its logging handler on first import, inside the run log: its shutdown at exit
+    logs through it after the log file is closed (once a "--- Logging error ---" with -v)."""
+    monkeypatch.setenv("SBERTRAY_SCRATCH", str(tmp_path))
+    late = logging.getLogger("sbertray-test-late")
+    with RunLog("embed", verbose=True):
+        handler = logging.StreamHandler()  # takes sys.stderr as it is now, as Ray's does
+        late.addHandler(handler)
+    try:
+        late.warning("a line after the log closed")
+    finally:
+        late.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "a line after the log closed" in err and "Logging error" not in err
