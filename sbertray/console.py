@@ -62,12 +62,14 @@ def console_stream():
 def _repoint_handlers(streams: dict) -> None:
     """Logging handlers created while the log was open (Ray's, when it is first imported) keep
     the stream they found: point them at the one it replaced, or Ray's shutdown at exit logs
-    into a closed file ("--- Logging error ---" with ``-v``)."""
+    into a closed file ("--- Logging error ---" with ``-v``). Handlers that look up
+    ``sys.stderr`` on each record (logging's ``_StderrHandler``) hold no stream of their own."""
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for logger in loggers:
         for handler in getattr(logger, "handlers", ()):
-            if isinstance(handler, logging.StreamHandler) and handler.stream in streams:
-                handler.setStream(streams[handler.stream])
+            held = vars(handler).get("stream")
+            if held is not None and held in streams:
+                handler.setStream(streams[held])
 
 
 def _shut_down_ray() -> None:

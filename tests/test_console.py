@@ -96,9 +96,11 @@ def test_a_handler_made_while_the_log_was_open_writes_to_the_console_after(
     with RunLog("embed", verbose=True):
         handler = logging.StreamHandler()  # takes sys.stderr as it is now, as Ray's does
         late.addHandler(handler)
+        late.addHandler(looks_up := logging._StderrHandler())  # finds sys.stderr per record
     try:
         late.warning("a line after the log closed")
     finally:
         late.removeHandler(handler)
+        late.removeHandler(looks_up)
     err = capfd.readouterr().err
     assert "a line after the log closed" in err and "Logging error" not in err
