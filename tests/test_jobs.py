@@ -71,9 +71,12 @@ def _on_the_tiny_model(config: NightlyConfig, tiny_model_path: str) -> NightlyCo
     return config
 
 
-def test_nightly_runs_twice_then_picks_up_only_new_shards(
-    ray_2cpu, tmp_path, capsys, tiny_model_path
+def test_nightly_embeds_only_what_changed_and_promotes_only_a_better_model(
+    ray_2cpu, tmp_path, tiny_model_path
 ):
+    """Five nights on one table: the first trains and embeds everything; a night with nothing
+    new does nothing; a new shard is the only work; new training data with a bar no candidate
+    clears keeps the current model; a bar every candidate clears replaces it."""
     inp = tmp_path / "courses"
     shutil.copytree(REPO / "jobs/samples/courses", inp)
     overrides = [
@@ -121,36 +124,24 @@ def test_nightly_runs_twice_then_picks_up_only_new_shards(
     assert third["embed"]["output_rows"] == 38 and third["embed"]["skipped_units"] == 1
     assert third["embed"]["texts_embedded"] == 2  # udemy's unit again: its old rows copied
 
-
-def test_nightly_refuses_a_worse_model(ray_2cpu, tmp_path, tiny_model_path):
-    config = load_config(
-        NightlyConfig,
-        REPO / "jobs/configs/nightly_demo.yaml",
-        [
-            f"models={tmp_path / 'models'}",
-            f"output={tmp_path / 'emb'}",
-        ],
-    )
-    config = _on_the_tiny_model(config, tiny_model_path)
-    first = run_nightly(config)
-    assert first["train"]["promoted"]
     # New training data + a bar no candidate can clear: the current model must stay.
     train_copy = tmp_path / "train.csv"
     shutil.copy(REPO / "jobs/samples/courses_categories.csv", train_copy)
     config.train.overrides.append(f"train.path={train_copy}")
     config.promotion.min_improvement = 1.0
-    second = run_nightly(config)
-    assert second["train"]["trained"] and not second["train"]["promoted"]
-    assert second["model"] == first["model"] and second["model_hash"] == first["model_hash"]
+    refused = run_nightly(config)
+    assert refused["train"]["trained"] and not refused["train"]["promoted"]
+    assert refused["model"] == first["model"] and refused["model_hash"] == first["model_hash"]
+    assert any(line.startswith("NOT promoting") for line in refused["log"])
     # A bar every candidate clears: the new candidate replaces the current model.
     shutil.copy(REPO / "jobs/samples/courses_categories.csv", train_copy)  # a new mtime
     config.promotion.min_improvement = -1.0
-    third = run_nightly(config)
-    assert third["train"]["promoted"] and third["model"] == third["train"]["candidate"]
-    assert third["model"] not in (first["model"], second["model"])
-    assert any(line.startswith("NOT promoting") for line in second["log"])
+    promoted = run_nightly(config)
+    assert promoted["train"]["promoted"] and promoted["model"] == promoted["train"]["candidate"]
+    assert promoted["model"] not in (first["model"], refused["model"])
+    assert promoted["embed"]["output_rows"] == 38  # every row again, under the new model
     # Each night is a run of its own that nothing resumes: its checkpoints are gone.
-    candidates = {Path(r["train"]["candidate"]).name for r in (first, second, third)}
+    candidates = {Path(r["train"]["candidate"]).name for r in (first, refused, promoted)}
     assert {p.name for p in (tmp_path / "models").iterdir()} == candidates
 
 
