@@ -62,13 +62,14 @@ def test_each_loss_beats_the_base_model(
 
 
 def _triplets(stsb_dir: Path, tmp_path: Path) -> Path:
-    """STS-B train's pairs scored 4 or more, each with the second sentence of a pair scored
-    below 1 as its hard negative, and no label column."""
+    """Every other STS-B train pair scored 4 or more (cached_mnrl's extra forward doubles a
+    step's cost), each with the second sentence of a pair scored below 1 as its hard negative,
+    and no label column."""
     rows = [
         line.split("\t")
         for line in (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     ]
-    positives = [(a, b) for a, b, score in rows if float(score) >= 4]
+    positives = [(a, b) for a, b, score in rows if float(score) >= 4][::2]
     unrelated = [b for _, b, score in rows if float(score) < 1]
     lines = ["sentence1\tsentence2\tnegative"] + [
         f"{a}\t{b}\t{unrelated[i % len(unrelated)]}" for i, (a, b) in enumerate(positives)
@@ -119,8 +120,9 @@ def test_in_batch_negatives_beat_the_base_model_at_retrieval(
             f"output.model={model}",
         )
     )
-    # The same positives either way: min_label drops (and counts) the pairs scored below 4.
-    assert 1000 < result.train_rows < 2000
+    # The same positives either way (the triplets: every other one): min_label drops (and
+    # counts) the pairs scored below 4.
+    assert 1000 < result.train_rows * (2 if data == "triplets" else 1) < 2000
     assert result.skipped_rows == (5749 - result.train_rows if data == "pairs" else 0)
     retrieval = result.dev_metrics["retrieval"]
     mrr = [e["stsb-dev_cosine_mrr@10"] for e in result.eval_log]
