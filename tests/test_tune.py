@@ -26,10 +26,10 @@ def _recipe(tmp_path: Path, tiny_model_path: str, **tune) -> Path:
         "training": {"batch_size": 10, "epochs": 2, "logging_steps": 4},
         "output": {"model": str(tmp_path / "model")},
         "tune": {
-            # In this order: the first trial learns, the two after it barely move from the base
-            # model and are stopped after their first epoch (ASHA).
-            "search": {"learning_rate": [2e-4, 1e-7, 1e-6], "epochs": [3]},
-            "trials": 3,
+            # In this order: the first trial learns, the second barely moves from the base model
+            # and is stopped after its first epoch (ASHA).
+            "search": {"learning_rate": [2e-4, 1e-7], "epochs": [3]},
+            "trials": 2,
             **tune,
         },
     }
@@ -47,7 +47,7 @@ def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny
     dry = run(sbertray_cmd("tune", str(recipe), "--dry-run"))
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert (
-        "3 trials (every combination once), 1 at a time, maximizing dev spearman_cosine"
+        "2 trials (every combination once), 1 at a time, maximizing dev spearman_cosine"
         in dry.stdout
     )
     assert "40 training pairs, 12 to 12 steps" in dry.stdout and not out.exists()
@@ -61,17 +61,13 @@ def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny
     rerun = run(sbertray_cmd("tune", str(recipe)))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming the search" in rerun.stdout
-    assert "trials done 3/3" in rerun.stdout
+    assert "trials done 2/2" in rerun.stdout
     assert _trial_models(out) == first and first[0].stat().st_mtime == first_written  # kept
 
     report = json.loads((out / "report.json").read_text())
     trials = sorted(report["trials"], key=lambda t: t["params"]["learning_rate"], reverse=True)
-    assert [(t["status"], t["epochs"]) for t in trials] == [
-        ("done", 3),
-        ("stopped early", 1),
-        ("stopped early", 1),
-    ]
-    assert [t["model_url"] is not None for t in trials] == [True, False, False]
+    assert [(t["status"], t["epochs"]) for t in trials] == [("done", 3), ("stopped early", 1)]
+    assert [t["model_url"] is not None for t in trials] == [True, False]
     best = trials[0]
     assert report["best"] == best["trial_id"] and best["score"] > trials[1]["score"] + 0.1
     assert (out / "trials.png").stat().st_size > 0
