@@ -1,5 +1,5 @@
-"""What a user sees: sbertray's own lines on the console, the rest in a run log published
-beside the outputs; `-v` brings it all back."""
+"""What a user sees, running the README's demo: sbertray's own lines on the console, the rest
+in a run log published beside the outputs; `-v` brings it all back."""
 
 from __future__ import annotations
 
@@ -21,36 +21,33 @@ def _console(proc) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
 
 
-def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch, tiny_model_path):
+def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path):
+    """`bash scripts/demo.sh` twice. The first run's console shows sbertray's own lines, the
+    rest is in the run log beside the outputs. The second training keeps the model (same
+    recipe, data and base model), so its hash is the same and the embed step has nothing to
+    do. A completed training leaves no checkpoints behind. `-v` shows the rest too."""
     monkeypatch.setenv("SBERTRAY_PROGRESS_EVERY_S", "0")  # a progress line per unit, off a tty
-    model = tmp_path / "model"
-    train = run(
-        sbertray_cmd(
-            "train",
-            str(REPO / "jobs/configs/resume_roles.yaml"),
-            f"base_model={tiny_model_path}",
-            "training.max_steps=4",
-            "training.logging_steps=2",
-            f"output.model={model}",
-        )
+    model, out = tmp_path / "model", tmp_path / "emb"
+    train_cmd = sbertray_cmd(
+        "train",
+        str(REPO / "jobs/configs/courses.yaml"),
+        f"base_model={tiny_model_path}",
+        "training.epochs=1",
+        f"output.model={model}",
     )
+    embed_args = [str(REPO / "jobs/configs/embed_demo.yaml"), f"model={model}"]
+    train = run(train_cmd)
     assert train.returncode == 0, train.stderr[-3000:]
     lines = _console(train)
     assert len(lines) <= 12, "\n".join(lines)
     assert not [line for line in lines if _NOISE.search(line)], "\n".join(lines)
-    assert "[sbertray] step 4/4" in train.stdout and "[sbertray] full log: " in train.stdout
+    assert "[sbertray] step 1/1" in train.stdout and "[sbertray] full log: " in train.stdout
     log = (model / "run.log").read_text()
-    assert "RayTrainWorker pid=" in log and "[sbertray] step 4/4" in log  # Ray's lines kept
+    assert "RayTrainWorker pid=" in log and "[sbertray] step 1/1" in log  # Ray's lines kept
+    assert not (tmp_path / "model-checkpoints").exists()
+    weights = (model / "model.safetensors").stat().st_mtime_ns
 
-    out = tmp_path / "emb"
-    embed = run(
-        sbertray_cmd(
-            "embed",
-            str(REPO / "jobs/configs/embed_demo.yaml"),
-            f"model={model}",
-            f"output.path={out}",
-        )
-    )
+    embed = run(sbertray_cmd("embed", *embed_args, f"output.path={out}"))
     assert embed.returncode == 0, embed.stderr[-3000:]
     lines = _console(embed)
     assert len(lines) <= 12, "\n".join(lines)
@@ -60,17 +57,19 @@ def test_a_quiet_console_a_full_log_and_verbose_mode(tmp_path, monkeypatch, tiny
     assert "input ids `course_id` are the output's `id` column" in embed.stdout
     assert (out / "_report" / "run.log").exists()
 
-    verbose = run(
-        sbertray_cmd(
-            "-v",
-            "embed",
-            str(REPO / "jobs/configs/embed_demo.yaml"),
-            f"model={model}",
-            f"output.path={tmp_path / 'emb2'}",
-        )
-    )
+    again = run(train_cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was trained with this recipe, data and base model" in again.stdout
+    assert "keeping it (--restart trains it again)" in again.stdout
+    assert "[sbertray] step " not in again.stdout
+    assert (model / "model.safetensors").stat().st_mtime_ns == weights
+    embedded = run(sbertray_cmd("embed", *embed_args, f"output.path={out}"))
+    assert embedded.returncode == 0 and "nothing to do" in embedded.stdout, embedded.stdout
+
+    verbose = run(sbertray_cmd("-v", "embed", *embed_args, f"output.path={tmp_path / 'emb2'}"))
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert len(_console(verbose)) > 3 * len(lines)  # Ray's and the libraries' lines are back
+    assert "Logging error" not in verbose.stdout + verbose.stderr
 
 
 def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
