@@ -7,34 +7,49 @@ import json
 import pytest
 from processes import run, sbertray_cmd
 
+from sbertray import cli
+
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_names_the_flags_and_suggests_the_label_scale(tmp_path, stsb_dir, tiny_model_path):
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """``sbertray ARGS`` in this process (the refusals: no process start, no imports again);
+    its exit code, stdout and stderr."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code = exc.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def test_evaluate_names_the_flags_and_suggests_the_label_scale(
+    tmp_path, stsb_dir, tiny_model_path, capsys
+):
     lines = (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()
     dev = tmp_path / "dev.tsv"
     dev.write_text("\n".join(lines[:201]) + "\n", encoding="utf-8")  # header + 200 pairs
-    base = sbertray_cmd("evaluate", tiny_model_path, str(dev))
+    base = ["evaluate", tiny_model_path, str(dev)]
 
-    helped = run(sbertray_cmd("evaluate", "--help"))
-    assert "--sentence-0" in helped.stdout and "--label-scale 0.2" in helped.stdout
+    code, out, _ = _main(capsys, "evaluate", "--help")
+    assert code == 0 and "--sentence-0" in out and "--label-scale 0.2" in out
 
-    columns = run(base)
-    assert columns.returncode == 2 and "Traceback" not in columns.stderr
-    assert "--sentence-0 COL --sentence-1 COL --label COL" in columns.stderr
+    code, _, err = _main(capsys, *base)
+    assert code == 2 and "--sentence-0 COL --sentence-1 COL --label COL" in err
 
     named = [*base, "--sentence-0", "sentence1", "--sentence-1", "sentence2", "--label", "score"]
-    unscaled = run(named)
-    assert unscaled.returncode == 2 and "Traceback" not in unscaled.stderr
-    assert "the labels run up to 5, so they look like a 0..5 scale" in unscaled.stderr
-    assert "`sbertray evaluate ... --label-scale 0.2`" in unscaled.stderr
+    code, _, err = _main(capsys, *named)
+    assert code == 2 and "the labels run up to 5, so they look like a 0..5 scale" in err
+    assert "`sbertray evaluate ... --label-scale 0.2`" in err
 
-    too_wide = run([*named, "--label-scale", "0.2", "--truncate-dims", "128", "512"])
-    assert too_wide.returncode == 2 and "Traceback" not in too_wide.stderr
-    assert "truncate dims [512]: the model's vectors have 384 dimensions" in too_wide.stderr
+    code, _, err = _main(capsys, *named, "--label-scale", "0.2", "--truncate-dims", "128", "512")
+    assert code == 2 and "truncate dims [512]: the model's vectors have 384 dimensions" in err
 
+    # Scored as users run it: a process of its own, its exit code and what it prints.
     scored = run(
-        [*named, "--label-scale", "0.2", "--retrieval-threshold", "0.8", "--truncate-dims", "128"]
+        sbertray_cmd(
+            *named, "--label-scale", "0.2", "--retrieval-threshold", "0.8", "--truncate-dims", "128"
+        )
     )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert "[sbertray] embedding 200 pairs (400 sentences)" in scored.stdout
