@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from processes import kill_when, run, sbertray_cmd
+from stsb import every_nth_pair
 
 from sbertray.config import PairDataConfig, TrainConfig, load_config
 from sbertray.hardware import cpu_has_native_bf16
@@ -28,18 +29,13 @@ def _stsb_eighth_recipe(stsb_dir: Path, tmp_path: Path, *overrides: str) -> Trai
     """The STS-B recipe for 1 epoch on every 8th training pair (719: STS-B train is ordered by
     genre, captions first, and every 8th row covers all of them), scored at the end only, on
     every 3rd dev pair (500, every genre)."""
-    subsets = {}
-    for split, step in (("train", 8), ("dev", 3)):
-        lines = (stsb_dir / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-        subsets[split] = tmp_path / f"{split}_subset.tsv"
-        subsets[split].write_text("\n".join([lines[0], *lines[1::step]]) + "\n", encoding="utf-8")
     return load_config(
         TrainConfig,
         REPO / "jobs/configs/stsb.yaml",
         [
             "training.epochs=1",
-            f"train.path={subsets['train']}",
-            f"dev.path={subsets['dev']}",
+            f"train.path={every_nth_pair(stsb_dir, 'train', 8, tmp_path)}",
+            f"dev.path={every_nth_pair(stsb_dir, 'dev', 3, tmp_path)}",
             "training.eval_every=end",
             "training.select_best=false",
             f"output.model={tmp_path / 'model'}",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ray_heads import free_ports
 from scipy.stats import spearmanr
+from stsb import every_nth_pair
 
 from sbertray.config import ConfigError, TrainConfig, load_config
 from sbertray.embed.similarity import pair_cosine
@@ -27,10 +28,7 @@ DEV_SPEARMAN = "stsb-dev_spearman_cosine"
 
 def _recipe(stsb_dir: Path, tmp_path: Path, tiny_model_path: str, *overrides: str) -> TrainConfig:
     """STS-B's recipe on an eighth of its train split (``train.path`` may be overridden)."""
-    lines = (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
-    subset = tmp_path / "train_subset.tsv"
-    if not subset.exists():
-        subset.write_text("\n".join([lines[0], *lines[1::8]]) + "\n", encoding="utf-8")
+    subset = every_nth_pair(stsb_dir, "train", 8, tmp_path)
     return load_config(
         TrainConfig,
         REPO / "jobs/configs/stsb.yaml",
@@ -61,15 +59,6 @@ def test_each_loss_beats_the_base_model(
     assert f"loss:{card_name}" in (model / "README.md").read_text()  # the card's hub tag
 
 
-def _half_train(stsb_dir: Path, tmp_path: Path) -> Path:
-    """Every other STS-B train pair (2,875): two epochs of in-batch negatives on all of them
-    took a minute per loss here."""
-    lines = (stsb_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
-    path = tmp_path / "train_half.tsv"
-    path.write_text("\n".join([lines[0], *lines[1::2]]) + "\n", encoding="utf-8")
-    return path
-
-
 def _triplets(pairs: Path, tmp_path: Path) -> Path:
     """The pairs scored 4 or more, each with the second sentence of a pair scored below 1 as
     its hard negative, and no label column."""
@@ -97,7 +86,8 @@ def test_in_batch_negatives_beat_the_base_model_at_retrieval(
     """Positives from half of STS-B train: its pairs scored 4 or more (`min_label`), or the
     same as unlabelled triplets with a hard negative each. Dev retrieval among 500 dev pairs
     (label >= 0.8 relevant) is scored every epoch; the epoch best at MRR@10 is kept."""
-    half = _half_train(stsb_dir, tmp_path)
+    # Half of STS-B train (2,875 pairs): two epochs on all of it took a minute per loss here.
+    half = every_nth_pair(stsb_dir, "train", 2, tmp_path)
     if data == "pairs":
         inputs = [f"train.path={half}", "train.min_label=0.8"]
     else:
