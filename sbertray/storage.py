@@ -26,10 +26,10 @@ from sbertray.config import StorageConfig
 from sbertray.errors import UserError
 
 # Fail fast when an endpoint is down instead of pyarrow's multi-minute defaults; the retry
-# strategy still rides out short outages and throttling (SlowDown / 503) with backoff.
+# strategy (`storage.max_attempts`) still rides out short outages and throttling (SlowDown /
+# 503) with backoff.
 _S3_CONNECT_TIMEOUT_S = 5.0
 _S3_REQUEST_TIMEOUT_S = 60.0
-_S3_MAX_ATTEMPTS = 5
 
 # Object-store requests are latency bound: reads of many small objects (footers, id columns,
 # donor parts) run this many at once.
@@ -143,7 +143,9 @@ def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
     kwargs: dict = {
         "connect_timeout": _S3_CONNECT_TIMEOUT_S,
         "request_timeout": _S3_REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=(storage or StorageConfig()).max_attempts
+        ),
         "region": (storage.region if storage and storage.region else None)
         or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")

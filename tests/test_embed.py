@@ -335,9 +335,9 @@ def test_output_not_writable(tmp_path, sentences):
 
 def test_s3_endpoint_down_is_a_clear_error(tmp_path, sentences):
     _write_shards(pafs.LocalFileSystem(), str(tmp_path / "in"), sentences, [5])
-    config = _config(
-        str(tmp_path / "in"), "s3://bucket/out", storage={"endpoint_url": "http://127.0.0.1:9"}
-    )
+    # Two tries per request: one retry, then the error (the default 5 take ~8 s a request).
+    down = {"endpoint_url": "http://127.0.0.1:9", "max_attempts": 2}
+    config = _config(str(tmp_path / "in"), "s3://bucket/out", storage=down)
     with pytest.raises(
         storage.StorageError,
         match="output location is not writable: could not write s3://bucket/out",

@@ -262,7 +262,7 @@ def test_s3_connection_resets_are_retried_and_exhausted_retries_fail_cleanly(
             pq.write_table(pa.table({"id": ids, "text": [sentences[j] for j in ids]}), f)
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
 
-    def config(proxy: FaultyProxy, out: str) -> EmbedConfig:
+    def config(proxy: FaultyProxy, out: str, max_attempts: int = 5) -> EmbedConfig:
         return parse_config(
             EmbedConfig,
             {
@@ -270,7 +270,7 @@ def test_s3_connection_resets_are_retried_and_exhausted_retries_fail_cleanly(
                 "input": {"path": f"{s3_prefix}/in"},
                 "output": {"path": f"{s3_prefix}/{out}", "rows_per_file": 100},
                 "compute": {"precision": "fp32"},
-                "storage": {"endpoint_url": proxy.endpoint_url},
+                "storage": {"endpoint_url": proxy.endpoint_url, "max_attempts": max_attempts},
             },
         )
 
@@ -286,7 +286,7 @@ def test_s3_connection_resets_are_retried_and_exhausted_retries_fail_cleanly(
     assert sorted(written.column("id").to_pylist()) == list(range(300))
 
     with FaultyProxy(port, reset_all=True) as proxy, pytest.raises(storage.StorageError):
-        run_embed(config(proxy, "out2"))
+        run_embed(config(proxy, "out2", max_attempts=2))  # exhausted sooner than the default
     assert not fs.get_file_info(f"{prefix}/out2/_SUCCESS").is_file
 
 

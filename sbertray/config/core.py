@@ -37,6 +37,8 @@ class StorageConfig(Strict):
     endpoint_url: str | None = None  # S3-compatible endpoint; default: $AWS_ENDPOINT_URL
     region: str | None = None  # default: $AWS_REGION, then us-east-1
     anonymous: bool = False  # public buckets
+    # Tries per S3 request, with backoff (5 ride out ~8 s of outage); 1 fails at the first error.
+    max_attempts: int = Field(5, ge=1)
     # Local folders every node of the cluster sees (an NFS / EFS / FSx mount): on a cluster
     # of more than one node, outputs may be local paths only under these.
     shared_paths: list[str] = Field(default_factory=list)
