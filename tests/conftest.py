@@ -67,6 +67,25 @@ def ray_2cpu(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture
+def sbertray_main(ray_2cpu, capsys):
+    """``sbertray ARGS`` in this process, on the session's Ray: its exit code, stdout and
+    stderr. For runs whose checks are the point (refusals, plans): no process start and no
+    imports again, ~8 s each here. Runs whose process matters (kills, exit, console) stay
+    processes of their own (``processes.py``)."""
+    from sbertray import cli
+
+    def main(*args: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code
+        printed = capsys.readouterr()
+        return code, printed.out, printed.err
+
+    return main
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (SeaweedFS) on free loopback ports; credentials exported to the env

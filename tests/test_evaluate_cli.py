@@ -5,61 +5,44 @@ from __future__ import annotations
 import json
 
 import pytest
-from processes import run, sbertray_cmd
-
-from sbertray import cli
 
 pytestmark = pytest.mark.slow
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    """``sbertray ARGS`` in this process (the refusals: no process start, no imports again);
-    its exit code, stdout and stderr."""
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exc:  # argparse: --help, usage errors
-        code = exc.code
-    printed = capsys.readouterr()
-    return code, printed.out, printed.err
-
-
 def test_evaluate_names_the_flags_and_suggests_the_label_scale(
-    tmp_path, stsb_dir, tiny_model_path, capsys
+    tmp_path, stsb_dir, tiny_model_path, sbertray_main
 ):
     lines = (stsb_dir / "dev.tsv").read_text(encoding="utf-8").splitlines()
     dev = tmp_path / "dev.tsv"
     dev.write_text("\n".join(lines[:201]) + "\n", encoding="utf-8")  # header + 200 pairs
     base = ["evaluate", tiny_model_path, str(dev)]
 
-    code, out, _ = _main(capsys, "evaluate", "--help")
+    code, out, _ = sbertray_main("evaluate", "--help")
     assert code == 0 and "--sentence-0" in out and "--label-scale 0.2" in out
 
-    code, _, err = _main(capsys, *base)
+    code, _, err = sbertray_main(*base)
     assert code == 2 and "--sentence-0 COL --sentence-1 COL --label COL" in err
 
     named = [*base, "--sentence-0", "sentence1", "--sentence-1", "sentence2", "--label", "score"]
-    code, _, err = _main(capsys, *named)
+    code, _, err = sbertray_main(*named)
     assert code == 2 and "the labels run up to 5, so they look like a 0..5 scale" in err
     assert "`sbertray evaluate ... --label-scale 0.2`" in err
 
-    code, _, err = _main(capsys, *named, "--label-scale", "0.2", "--truncate-dims", "128", "512")
+    code, _, err = sbertray_main(*named, "--label-scale", "0.2", "--truncate-dims", "128", "512")
     assert code == 2 and "truncate dims [512]: the model's vectors have 384 dimensions" in err
 
-    # Scored as users run it: a process of its own, its exit code and what it prints.
-    scored = run(
-        sbertray_cmd(
-            *named, "--label-scale", "0.2", "--retrieval-threshold", "0.8", "--truncate-dims", "128"
-        )
+    code, out, err = sbertray_main(
+        *named, "--label-scale", "0.2", "--retrieval-threshold", "0.8", "--truncate-dims", "128"
     )
-    assert scored.returncode == 0, scored.stderr[-2000:]
-    assert "[sbertray] embedding 200 pairs (400 sentences)" in scored.stdout
-    printed = json.loads(scored.stdout[scored.stdout.index("{") : scored.stdout.rindex("}") + 1])
+    assert code == 0, err[-2000:]
+    assert "[sbertray] embedding 200 pairs (400 sentences)" in out
+    printed = json.loads(out[out.index("{") : out.rindex("}") + 1])
     full, cut = printed["spearman_cosine"], printed["spearman_cosine_by_dim"]["128"]
     assert 0 < cut < 1 and cut != full
-    assert f"Spearman {full:.4f}" in scored.stdout and "on 200 pairs" in scored.stdout
-    assert f"first dimensions only: 128d {cut:.4f} ({cut / full:.1%})" in scored.stdout
+    assert f"Spearman {full:.4f}" in out and "on 200 pairs" in out
+    assert f"first dimensions only: 128d {cut:.4f} ({cut / full:.1%})" in out
     retrieval = printed["retrieval"]
     relevant = sum(float(line.split("\t")[2]) * 0.2 >= 0.8 for line in lines[1:201])
     assert 0 < retrieval["queries"] <= relevant and retrieval["corpus"] <= 200
     assert 0 < retrieval["recall_at_1"] <= retrieval["recall_at_10"] <= 1
-    assert 0 < retrieval["mrr_at_10"] <= 1 and "MRR@10=" in scored.stdout
+    assert 0 < retrieval["mrr_at_10"] <= 1 and "MRR@10=" in out
