@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README and CI): set up, then run the whole suite on a 2-CPU local Ray with
-# a real S3 server (SeaweedFS) that the fixtures start and stop. Extra args go to pytest.
+# a real S3 server (SeaweedFS) that the fixtures start and stop. Extra args go to pytest
+# (`-n 0`: one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,7 +10,10 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 unset RAY_ADDRESS
 set +e
-.venv/bin/python -m pytest "$@"
+# Two pytest workers, each with its own Ray and S3 server: run alone, the suite leaves a third
+# of this 2-core machine idle (process start-ups, Ray's waits), which the other worker fills.
+# One test handed out at a time, the `long` ones first (conftest.py), so both end together.
+.venv/bin/python -m pytest -n 2 --dist load --maxschedchunk 1 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -21,6 +21,7 @@ def _console(proc) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
 
 
+@pytest.mark.long
 def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path):
     """`bash scripts/demo.sh` twice. The first run's console shows sbertray's own lines, the
     rest is in the run log beside the outputs. The second training keeps the model (same

@@ -71,6 +71,7 @@ def _on_the_tiny_model(config: NightlyConfig, tiny_model_path: str) -> NightlyCo
     return config
 
 
+@pytest.mark.long
 def test_nightly_embeds_only_what_changed_and_promotes_only_a_better_model(
     ray_2cpu, tmp_path, tiny_model_path
 ):
@@ -145,6 +146,7 @@ def test_nightly_embeds_only_what_changed_and_promotes_only_a_better_model(
     assert {p.name for p in (tmp_path / "models").iterdir()} == candidates
 
 
+@pytest.mark.long
 def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(
     tmp_path, s3_server, s3_prefix, tiny_model_path
 ):

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.long
 def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_model_path):
     # The real model: the node-loss scenario needs units still in flight on the removed node,
     # and with the tiny model they were sometimes all done by then (0 units retried).

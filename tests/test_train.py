@@ -44,6 +44,7 @@ def _stsb_eighth_recipe(stsb_dir: Path, tmp_path: Path, *overrides: str) -> Trai
     )
 
 
+@pytest.mark.long
 def test_two_workers_raise_stsb_dev_spearman_above_base(ray_2cpu, base_model, stsb_dir, tmp_path):
     """CI's short STS-B run: 1 epoch on 719 pairs across 2 workers must beat the base model on
     500 dev pairs of every genre."""
@@ -161,6 +162,7 @@ def _complete_checkpoints(root: Path) -> list[int]:
     )
 
 
+@pytest.mark.long
 def test_resume_after_killing_the_run(ray_2cpu, tmp_path, monkeypatch, tiny_model_path):
     """Kill the whole training process tree twice: while the first checkpoint is being
     written (none complete yet), then once a checkpoint is complete on disk (Ray Train may not

@@ -73,6 +73,7 @@ def _triplets(pairs: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     ("loss", "data", "card_name"),
     [
@@ -153,6 +154,7 @@ def _spearman_at(model_dir: Path, dims: int, stsb_dev) -> float:
     return spearmanr(pair_cosine(model.encode(first), model.encode(second)), gold).statistic
 
 
+@pytest.mark.long
 def test_matryoshka_training_makes_the_first_dimensions_carry_more(
     ray_2cpu, stsb_dir, stsb_dev, tmp_path, tiny_model_path
 ):

@@ -42,6 +42,7 @@ def _trial_models(out: Path) -> list[Path]:
     return sorted(out.glob("trials/*/model/train_result.json"))  # written last
 
 
+@pytest.mark.long
 def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny_model_path):
     recipe, out = _recipe(tmp_path, tiny_model_path), tmp_path / "model-tune"
     dry = run(sbertray_cmd("tune", str(recipe), "--dry-run"))
