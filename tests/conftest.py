@@ -67,7 +67,14 @@ def ray_2cpu(s3_server):
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=True,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={
+            "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            # As `sbertray` sets up its own local Ray: the State API in workers asks this Ray,
+            # not one that another pytest worker's `ray start` made the machine's default (Ray
+            # Train's placement-group cleaner asked that one, found no controller, and removed
+            # a live run's placement group).
+            "worker_process_setup_hook": "sbertray.ray_runtime.set_up_local_worker",
+        },
     )
     yield ray
     ray.shutdown()

@@ -24,6 +24,7 @@ MODEL_URL: the model in object storage (the S3 endpoint and credentials in the e
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -151,7 +152,13 @@ def main(work: Path, model: str) -> None:
     seen: dict = {}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
-        cluster.connect()
+        # The State API, here and in the cluster's workers (Ray Train's placement-group
+        # cleaner), asks this cluster, not another Ray on the machine (a pytest worker's
+        # `ray start` head, which made itself the machine's default).
+        os.environ["RAY_ADDRESS"] = cluster.address
+        ray.init(
+            address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}}
+        )
         started = time.time()
         seen["cold_error"] = _error(
             lambda: run_embed(_config(work, work / "shared" / "cold", model, placement_timeout_s=5))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -483,11 +484,14 @@ def _kill_one_actor_after_first_commit(out_dir: Path, done: threading.Event, kil
     deadline = time.time() + 240
     while not done.is_set() and time.time() < deadline:
         if list(out_dir.glob("*.parquet")):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "MapWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
+            # This session's Ray only (its raylet is our child): another pytest worker's runs
+            # have MapWorkers too.
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if "MapWorker" in " ".join(proc.cmdline()):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
         time.sleep(0.05)
 
 
