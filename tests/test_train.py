@@ -232,55 +232,40 @@ def test_resume_after_killing_the_run(ray_2cpu, tmp_path, monkeypatch, tiny_mode
 def test_a_changed_recipe_does_not_resume_the_old_run(
     ray_2cpu, tmp_path, monkeypatch, tiny_model_path
 ):
-    """Retraining into the same output with another learning rate or fewer rows trains from
-    step 0, and the card and train_result.json describe the run that happened."""
+    """Retraining into the same output with another learning rate trains from step 0, and the
+    card and train_result.json describe the run that happened. The output is relative: Ray
+    Train workers run in their own directory, yet it means the driver's (the README demo uses
+    one)."""
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("SBERTRAY_SCRATCH", str(scratch))
+    monkeypatch.chdir(tmp_path)
     recipe = REPO / "jobs/configs/resume_roles.yaml"
     base = [
         f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
         f"base_model={tiny_model_path}",
         "training.epochs=2",
-        f"output.model={tmp_path / 'model'}",
+        "output.model=rel/model",
     ]
     first = train(load_config(TrainConfig, recipe, base))
-    assert first.resumed_from_step == 0 and first.global_step > 0
+    assert first.resumed_from_step == 0 and first.global_step == 6  # 24 pairs / 8, 2 epochs
     assert not list(scratch.glob("*")), "a completed run removes its scratch"
+    model = tmp_path / "rel" / "model"
+    assert first.model_url == str(model) and (model / "report.md").exists()
 
-    changed = train(load_config(TrainConfig, recipe, [*base, "training.learning_rate=1.0e-4"]))
-    assert changed.resumed_from_step == 0 and changed.global_step == first.global_step
-    card = (tmp_path / "model" / "README.md").read_text()
+    retrain = [*base, "training.learning_rate=1.0e-4", "training.max_steps=1"]
+    changed = train(load_config(TrainConfig, recipe, retrain))
+    assert changed.resumed_from_step == 0 and changed.global_step == 1
+    card = (model / "README.md").read_text()
     assert "0.0001" in card and "resumed from step" not in card
-    weights = tmp_path / "model" / "model.safetensors"
-    written = weights.stat().st_mtime_ns
-    same = train(load_config(TrainConfig, recipe, [*base, "training.learning_rate=1.0e-4"]))
-    assert same.kept and same.global_step == changed.global_step  # the same run: kept as is
-    assert weights.stat().st_mtime_ns == written
-
-
-def test_relative_output_lands_beside_the_driver(ray_2cpu, tmp_path, monkeypatch, tiny_model_path):
-    """Ray Train workers run in their own directory: a relative output path must still mean
-    the driver's directory (the README demo uses one)."""
-    recipe = REPO / "jobs/configs/resume_roles.yaml"
-    monkeypatch.chdir(tmp_path)
-    config = load_config(
-        TrainConfig,
-        recipe,
-        [
-            f"train.path={REPO / 'jobs/samples/resume_roles.jsonl'}",
-            f"base_model={tiny_model_path}",
-            "training.max_steps=1",
-            "output.model=rel/model",
-        ],
-    )
-    result = train(config)
-    assert result.model_url == str(tmp_path / "rel" / "model")
-    assert (tmp_path / "rel" / "model" / "model.safetensors").exists()
-    assert (tmp_path / "rel" / "model" / "report.md").exists()
     summary = summarize("rel/model")
     # One step is enough for a loss on record (and its plot): no "loss nan -> nan".
     assert summary.startswith("train resume_roles: 1 step,") and "loss.png" in summary
     assert "nan" not in summary
+    weights = model / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    same = train(load_config(TrainConfig, recipe, retrain))
+    assert same.kept and same.global_step == 1  # the same run: kept as is
+    assert weights.stat().st_mtime_ns == written
 
 
 def test_ray_train_settings_keep_the_users_and_are_undone(monkeypatch):
