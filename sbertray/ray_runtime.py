@@ -62,10 +62,20 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
             "env_vars": {
                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                 "TOKENIZERS_PARALLELISM": "false",
+                **({} if dashboard else {_API_SERVER_ENV: _NO_API_SERVER}),
             },
             "worker_process_setup_hook": f"{__name__}.{set_up_local_worker.__name__}",
         },
     )
+
+
+# Without a dashboard, Ray still names http://127.0.0.1:8265 as this Ray's API server, and the
+# State API in its workers asks whatever else listens there: another Ray's dashboard on the
+# machine. Ray Train's placement-group cleaner did, found no controller of its run there, and
+# removed a live run's placement group. Its workers get a closed port instead: the cleaner's
+# query fails and it goes on waiting (its job is moot here: this Ray ends with the driver).
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_NO_API_SERVER = "http://127.0.0.1:1"
 
 
 # Ray Train's placement-group cleaner asks the State API, served by the dashboard, whether the

@@ -56,26 +56,16 @@ def stsb_dev(stsb_dir):
 
 @pytest.fixture(scope="session")
 def ray_2cpu(s3_server):
-    """One local Ray for the session with exactly 2 CPUs, like this machine and CI. Started
-    after the S3 server so its workers inherit the endpoint and credentials, as cluster nodes
-    get them from their environment."""
+    """One local Ray for the session with exactly 2 CPUs, like this machine and CI, started the
+    way `sbertray` starts its own (``init_ray``). Started after the S3 server so its workers
+    inherit the endpoint and credentials, as cluster nodes get them from their environment."""
     import ray
 
+    from sbertray.ray_runtime import NUM_CPUS_ENV, init_ray
+
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        address="local",  # not a cluster some `ray start` left on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env={
-            "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-            # As `sbertray` sets up its own local Ray: the State API in workers asks this Ray,
-            # not one that another pytest worker's `ray start` made the machine's default (Ray
-            # Train's placement-group cleaner asked that one, found no controller, and removed
-            # a live run's placement group).
-            "worker_process_setup_hook": "sbertray.ray_runtime.set_up_local_worker",
-        },
-    )
+    os.environ[NUM_CPUS_ENV] = "2"
+    init_ray()
     yield ray
     ray.shutdown()
 

@@ -280,3 +280,24 @@ def test_ray_train_settings_keep_the_users_and_are_undone(monkeypatch):
         assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
         assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # spot nodes may go
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
+
+
+def test_a_ray_without_dashboard_asks_no_other_rays_state_api(ray_2cpu):
+    """Ray Train's placement-group cleaner asks the State API whether its run's controller is
+    alive. On a Ray without a dashboard the question must fail, not go to whatever listens on
+    127.0.0.1:8265 (another Ray's dashboard: no such controller there, so the cleaner removed a
+    live run's placement group)."""
+
+    @ray_2cpu.remote(num_cpus=0)
+    def ask() -> str:
+        from ray.util.state import list_actors
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            list_actors()
+        except RayStateApiException as exc:
+            return str(exc)
+        return "answered"
+
+    answer = ray_2cpu.get(ask.remote())
+    assert answer != "answered" and "127.0.0.1:8265" not in answer, answer
