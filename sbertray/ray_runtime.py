@@ -88,7 +88,9 @@ def set_up_local_worker() -> None:
 
     - Ray's State API, called in workers (Ray Train's placement-group cleaner), finds its Ray by
       ``$RAY_ADDRESS`` or else refuses to choose when another Ray runs on the machine (a test
-      session's, another job's): it is pointed at this one.
+      session's, another job's): it is pointed at this one. That is all it needs with a
+      dashboard; without one, Ray would still send it to 127.0.0.1:8265, so `init_ray` names
+      a closed API server for the workers (``_NO_API_SERVER``).
     - Without the dashboard (the default: seconds of start-up and a process for nothing on a
       laptop) that cleaner can never reach the State API; its warning every second would bury
       sbertray's progress lines. Its job (freeing a dead controller's placement group) is moot
