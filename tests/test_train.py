@@ -7,7 +7,6 @@ import os
 import re
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -111,50 +110,6 @@ def test_bf16_training_on_a_native_bf16_cpu(ray_2cpu, base_model, stsb_dir, tmp_
     assert reloaded[0].auto_model.config._attn_implementation == "sdpa"
 
 
-def test_s3_input_checkpoints_and_output(ray_2cpu, s3_server, s3_prefix, tiny_model_path):
-    from sbertray.modeling import load_model
-
-    fs = s3_server.filesystem()
-    rows = [
-        json.loads(line)
-        for line in (REPO / "jobs/samples/resume_roles.jsonl").read_text().splitlines()
-    ]
-    with fs.open_output_stream(f"{s3_prefix[5:]}/pairs/part-0.parquet") as f:
-        pq.write_table(pa.Table.from_pylist(rows), f)
-    config = load_config(
-        TrainConfig,
-        REPO / "jobs/configs/resume_roles.yaml",
-        [
-            f"train.path={s3_prefix}/pairs",
-            f"base_model={tiny_model_path}",
-            "training.max_steps=4",
-            "training.checkpoint_steps=2",
-            "training.keep_checkpoints=1",
-            "output.keep_checkpoints=true",
-            f"output.model={s3_prefix}/model",
-            f"output.checkpoints={s3_prefix}/checkpoints",
-        ],
-    )
-    result = train(config)
-    assert result.global_step == 4
-
-    listing = fs.get_file_info(pafs.FileSelector(s3_prefix[5:], recursive=True))
-    names = {info.path[len(s3_prefix[5:]) + 1 :] for info in listing}
-    for expected in (
-        "model/model.safetensors",
-        "model/README.md",
-        "model/train_result.json",
-        "model/modules.json",
-        "model/2_Normalize/config.json",
-    ):
-        assert expected in names, expected
-    assert any(n.startswith("checkpoints/") and n.endswith("trainer_state.json") for n in names)
-
-    model = load_model(f"{s3_prefix}/model", device="cpu")  # downloaded into the node cache
-    emb = model.encode(["Data engineer with Hadoop and Spark...", "Data engineer position..."])
-    assert emb.shape == (2, 384)
-
-
 def _complete_checkpoints(root: Path) -> list[int]:
     """Steps of the checkpoints rank 0 marked complete (fully uploaded)."""
     return sorted(
@@ -163,11 +118,14 @@ def _complete_checkpoints(root: Path) -> list[int]:
 
 
 @pytest.mark.long
-def test_resume_after_killing_the_run(ray_2cpu, tmp_path, monkeypatch, tiny_model_path):
+def test_resume_after_killing_the_run(
+    ray_2cpu, tmp_path, monkeypatch, tiny_model_path, s3_server, s3_prefix
+):
     """Kill the whole training process tree twice: while the first checkpoint is being
     written (none complete yet), then once a checkpoint is complete on disk (Ray Train may not
     have registered it yet). The last rerun continues from the newest complete checkpoint and
-    runs only the remaining steps; a completed run leaves no scratch behind."""
+    runs only the remaining steps; a completed run leaves no scratch behind. The same run never
+    interrupted, from and to object storage, gives the same model."""
     scratch, ckpt = tmp_path / "scratch", tmp_path / "ckpt"
     monkeypatch.setenv("SBERTRAY_SCRATCH", str(scratch))  # the runs' env: see processes.py
     recipe = REPO / "jobs/configs/concepts.yaml"
@@ -213,20 +171,40 @@ def test_resume_after_killing_the_run(ray_2cpu, tmp_path, monkeypatch, tiny_mode
     assert logged == [1, *range(2, 33, 2)]
     assert [p.name for p in scratch.iterdir()] == ["logs"]  # the runs' logs, nothing else
 
-    # The same recipe never interrupted (here, on the session's Ray) gives the same model, as
-    # far as the scores go.
-    whole = [f"output.model={tmp_path / 'whole'}", f"output.checkpoints={tmp_path / 'c2'}"]
+    # The same recipe never interrupted gives the same model, as far as the scores go. Here on
+    # the session's Ray, with the pairs, the checkpoints (kept) and the model in object storage.
+    pairs = load_pairs(PairDataConfig(path=str(REPO / "jobs/samples/concept_pairs.csv")))
+    fs, bucket_path = s3_server.filesystem(), s3_prefix[len("s3://") :]
+    with fs.open_output_stream(f"{bucket_path}/pairs/part-0.parquet") as f:
+        pq.write_table(pairs.table, f)
+    whole = [
+        f"train.path={s3_prefix}/pairs",
+        f"output.model={s3_prefix}/model",
+        f"output.checkpoints={s3_prefix}/checkpoints",
+        "output.keep_checkpoints=true",
+    ]
     assert train(load_config(TrainConfig, recipe, [*settings, *whole])).global_step == 32
+    listing = fs.get_file_info(pafs.FileSelector(bucket_path, recursive=True))
+    names = {info.path[len(bucket_path) + 1 :] for info in listing}
+    for expected in (
+        "model/model.safetensors",
+        "model/README.md",
+        "model/train_result.json",
+        "model/modules.json",
+        "model/2_Normalize/config.json",
+    ):
+        assert expected in names, expected
+    kept = [n for n in names if n.startswith("checkpoints/") and n.endswith("trainer_state.json")]
+    assert len(kept) == 2  # training.keep_checkpoints
+
     from sentence_transformers import SentenceTransformer
 
-    pairs = load_pairs(PairDataConfig(path=str(REPO / "jobs/samples/concept_pairs.csv")))
-    resumed, uninterrupted = (
-        evaluate_model(
-            SentenceTransformer(str(tmp_path / name), device="cpu"), pairs
-        ).spearman_cosine
-        for name in ("model", "whole")
-    )
-    assert resumed == pytest.approx(uninterrupted, abs=0.002)
+    from sbertray.modeling import load_model
+
+    resumed = evaluate_model(SentenceTransformer(str(tmp_path / "model"), device="cpu"), pairs)
+    # Downloaded into the node's model cache.
+    uninterrupted = evaluate_model(load_model(f"{s3_prefix}/model", device="cpu"), pairs)
+    assert resumed.spearman_cosine == pytest.approx(uninterrupted.spearman_cosine, abs=0.002)
 
 
 def test_a_changed_recipe_does_not_resume_the_old_run(
