@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ray_heads import free_ports
 from scipy.stats import spearmanr
@@ -162,8 +161,11 @@ def _spearman_at(model_dir: Path, dims: int, stsb_dev) -> float:
 def test_matryoshka_training_makes_the_first_dimensions_carry_more(
     ray_2cpu, stsb_dir, stsb_dev, tmp_path, tiny_model_path
 ):
-    plain, nested = tmp_path / "plain", tmp_path / "nested"
-    train(_recipe(stsb_dir, tmp_path, tiny_model_path, f"output.model={plain}"))
+    """The first 128 and 64 dimensions keep a larger share of the full vectors' dev Spearman
+    than the base model's do. Plain cosine training barely moves that share (measured here:
+    128d 87.4% -> 89.4%, 64d 80.9% -> 81.5%); Matryoshka training raised it to 97.2% and
+    93.7%."""
+    nested = tmp_path / "nested"
     result = train(
         _recipe(
             stsb_dir,
@@ -175,18 +177,17 @@ def test_matryoshka_training_makes_the_first_dimensions_carry_more(
     )
     card = (nested / "README.md").read_text()
     assert "loss:MatryoshkaLoss" in card and "first dimensions only: 128d " in card
-    dev = result.dev_metrics
-    assert dev["spearman_cosine"] > result.eval_log[0][DEV_SPEARMAN]
+    dev, base = result.dev_metrics, result.eval_log[0]
+    assert dev["spearman_cosine"] > base[DEV_SPEARMAN]
     # The dev evaluation scores each trained width below the model's (384 is the model's own).
     assert set(dev["spearman_cosine_by_dim"]) == {"128", "64"}
-    assert (
-        result.eval_log[0]["stsb-dev-128d_spearman_cosine"] < dev["spearman_cosine_by_dim"]["128"]
-    )
+    full = _spearman_at(nested, 384, stsb_dev)
+    assert full == pytest.approx(dev["spearman_cosine"], abs=2e-3)
     for dims in (128, 64):
         nested_score = _spearman_at(nested, dims, stsb_dev)
         assert dev["spearman_cosine_by_dim"][str(dims)] == pytest.approx(nested_score, abs=2e-3)
-        assert nested_score > _spearman_at(plain, dims, stsb_dev)
-    assert np.isfinite(_spearman_at(nested, 384, stsb_dev))
+        base_share = base[f"stsb-dev-{dims}d_spearman_cosine"] / base[DEV_SPEARMAN]
+        assert nested_score / full > base_share + 0.05, (dims, nested_score / full, base_share)
 
 
 def test_matryoshka_dims_are_checked_before_training(stsb_dir, tmp_path, tiny_model_path):
