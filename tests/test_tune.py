@@ -43,15 +43,16 @@ def _trial_models(out: Path) -> list[Path]:
 
 
 @pytest.mark.long
-def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(tmp_path, tiny_model_path):
+def test_a_search_resumes_after_a_kill_and_writes_the_best_recipe(
+    tmp_path, tiny_model_path, sbertray_main
+):
     recipe, out = _recipe(tmp_path, tiny_model_path), tmp_path / "model-tune"
-    dry = run(sbertray_cmd("tune", str(recipe), "--dry-run"))
-    assert dry.returncode == 0, dry.stderr[-3000:]
+    code, printed, err = sbertray_main("tune", str(recipe), "--dry-run")
+    assert code == 0, err[-3000:]
     assert (
-        "2 trials (every combination once), 1 at a time, maximizing dev spearman_cosine"
-        in dry.stdout
+        "2 trials (every combination once), 1 at a time, maximizing dev spearman_cosine" in printed
     )
-    assert "40 training pairs, 12 to 12 steps" in dry.stdout and not out.exists()
+    assert "40 training pairs, 12 to 12 steps" in printed and not out.exists()
 
     # Killed (driver and its Ray) once the first trial's model is written.
     kill_when(sbertray_cmd("tune", str(recipe)), lambda: _trial_models(out), what="a trial")
