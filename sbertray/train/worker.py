@@ -127,12 +127,13 @@ def train_worker(loop_config: dict) -> None:
     stream = _stream(job, world, rank, resumed_from)
     trainer = _trainer(job, model, dev, local_root, stream, rank, store)
     trainer.train(resume_from_checkpoint=resume_path)
-    dev_metrics = _final_dev_score(model, trainer, dev)
+    dev_metrics = _final_dev_score(model, trainer, dev) if rank == 0 else None
     if rank == 0:
         _card_counts_every_row(model.model_card_data, job.train.rows)
         outcome = _loop_result(trainer, resumed_from, stream, dev_metrics)
         _save_model(job.config, model, outcome, local_root / "model")
-    # With the kept model's dev scores: a Tune trial's every report carries its metric.
+    # With the kept model's dev scores: a Tune trial's every report carries its metric (Ray
+    # Train keeps rank 0's metrics; the other ranks need not score the model again).
     scores = metric_scores(dev_metrics) if dev_metrics else {}
     ray.train.report(
         {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch, **scores}
@@ -256,14 +257,31 @@ def _trainer(job: WorkerJob, model, dev, local_root, stream, rank, store):
 
 
 def _final_dev_score(model, trainer, dev) -> dict | None:
-    """The final dev score, also set as the model card's evaluation table."""
+    """The final dev score, also set as the model card's evaluation table. The trainer's own
+    evaluation of the model in hand (the last epoch's, or the best epoch it loaded back) is
+    reused: scoring it again took a whole dev pass more per run."""
     if dev is None:
         return None
-    results = dev.evaluator(model)
+    results = _logged_dev_results(trainer, dev.name) or dev.evaluator(model)
     model.model_card_data.set_evaluation_metrics(
         dev.evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
     )
     return dev.metrics(results).as_dict()
+
+
+def _logged_dev_results(trainer, dev_name: str) -> dict | None:
+    """The evaluator's results logged at the step of the weights the model now holds (the best
+    epoch's with ``select_best``), or None where that step was never evaluated (a run cut off
+    mid-epoch by ``max_steps``, ``eval_every: end``). Step 0's scores are the base model's."""
+    state = trainer.state
+    step = state.global_step
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[1])
+    prefix = f"eval_{dev_name}"
+    for entry in reversed(state.log_history):
+        if step and entry.get("step") == step and any(k.startswith(prefix) for k in entry):
+            return {k[len("eval_") :]: v for k, v in entry.items() if k.startswith(prefix)}
+    return None
 
 
 def _card_counts_every_row(card, rows: int) -> None:
