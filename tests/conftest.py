@@ -29,8 +29,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Downloaded models and exports go to a cache of the session's, not the user's
-    ~/.cache/sbertray; set before any Ray starts so its workers and the CLI subprocesses see it."""
-    cache = tmp_path_factory.mktemp("sbertray-cache")
+    ~/.cache/sbertray; set before any Ray starts so its workers and the CLI subprocesses see it.
+    The pytest workers of one run (`-n 2`) share it, as a node's processes share theirs: each
+    export of a model is made once, not once per worker (exports and downloads are written
+    to a temp name and renamed into place, so concurrent writers are safe)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <run>/popen-gw0 -> <run>
+    cache = root / "sbertray-cache"
+    cache.mkdir(exist_ok=True)
     os.environ["SBERTRAY_CACHE"] = str(cache)
     return cache
 

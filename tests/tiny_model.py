@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
 @functools.cache
 def tiny_model_path() -> str:
-    """Built once per test session, in the session's model cache (``conftest.model_cache``)."""
+    """Built once per test run, in the model cache its pytest workers share
+    (``conftest.model_cache``): the first worker to finish building it renames it into place."""
     target = Path(os.environ["SBERTRAY_CACHE"]) / "tiny-minilm"
     if not (target / "modules.json").exists():
         from sentence_transformers import SentenceTransformer
@@ -24,8 +26,10 @@ def tiny_model_path() -> str:
         bert = model[0].auto_model
         bert.encoder.layer = bert.encoder.layer[:1]
         bert.config.num_hidden_layers = 1
-        staging = target.with_name("tiny-minilm.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save(str(staging))
-        os.rename(staging, target)
+        staging = tempfile.mkdtemp(prefix="tiny-minilm.partial-", dir=target.parent)
+        model.save(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker's is in place
+            shutil.rmtree(staging)
     return str(target)
