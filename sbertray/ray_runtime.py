@@ -17,6 +17,9 @@ NUM_CPUS_ENV = "SBERTRAY_RAY_NUM_CPUS"
 # talks over 127.0.0.1 instead of the machine's network address. Read when `ray` is imported.
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# The GCS address of the local Ray `init_ray` started without a dashboard, if any.
+_local_ray_without_dashboard: str | None = None
+
 
 def ray_running() -> bool:
     """Whether this process has started or joined Ray. Ray is not imported to ask: a run
@@ -44,6 +47,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     if address:
         ray.init(address=address)
         return
+    global _local_ray_without_dashboard
     num_cpus = os.environ.get(NUM_CPUS_ENV)
     ray.init(
         # A Ray of its own: without an address, Ray would join any cluster `ray start` left on
@@ -66,6 +70,18 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
             },
             "worker_process_setup_hook": f"{__name__}.{set_up_local_worker.__name__}",
         },
+    )
+    _local_ray_without_dashboard = None if dashboard else ray.get_runtime_context().gcs_address
+
+
+def in_local_ray_without_dashboard() -> bool:
+    """Whether this process is on the local Ray that `init_ray` started without a dashboard,
+    where Ray Train's placement-group cleaner has nothing to do (see `set_up_local_worker`)."""
+    import ray
+
+    return (
+        ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _local_ray_without_dashboard
     )
 
 

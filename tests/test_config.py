@@ -64,6 +64,17 @@ def test_batch_size_must_divide_across_workers():
         parse_config(TrainConfig, _minimal(training={"batch_size": 10}, scaling={"num_workers": 4}))
 
 
+def test_a_run_in_the_driver_has_no_worker_restarts_and_no_tune_trials():
+    scaling = parse_config(TrainConfig, _minimal(scaling={"num_workers": 0})).scaling
+    assert scaling.in_driver and scaling.world_size == 1
+    with pytest.raises(ConfigError, match=r"`scaling.max_failures` restarts Ray Train workers"):
+        parse_config(TrainConfig, _minimal(scaling={"num_workers": 0, "max_failures": 1}))
+    tune = {"search": {"epochs": [1, 2]}}
+    recipe = _minimal(scaling={"num_workers": 0}, dev={"path": "b.csv"}, tune=tune)
+    with pytest.raises(ConfigError, match=r"`tune` runs each trial as a Ray Train run"):
+        parse_config(TrainConfig, recipe)
+
+
 def test_half_precision_needs_gpu_or_native_bf16_cpu(monkeypatch):
     import sbertray.config.train as train_config
 

@@ -66,7 +66,9 @@ def test_ray_job_submit_runs_the_embed_job(ray_head, tmp_path, monkeypatch, tiny
 
 
 def _on_the_tiny_model(config: NightlyConfig, tiny_model_path: str) -> NightlyConfig:
-    config.train.overrides.append(f"base_model={tiny_model_path}")
+    """The tiny model, trained in the test's process (Ray Train's local mode): the nightly
+    decisions are under test here, Ray Train's workers in test_train.py."""
+    config.train.overrides += [f"base_model={tiny_model_path}", "scaling.num_workers=0"]
     config.embed.overrides.append(f"model={tiny_model_path}")
     return config
 

@@ -131,13 +131,35 @@ class TrainingConfig(Strict):
 class ScalingConfigSpec(Strict):
     """Passed straight to ``ray.train.ScalingConfig``."""
 
-    num_workers: int = Field(1, gt=0)
+    # 0: Ray Train's local mode, training in the driver's process: no controller or worker
+    # processes to start (a tiny run took 6 CPU-s instead of 27 here), for small runs and
+    # debugging; no `max_failures` restarts, and `sbertray tune` needs workers.
+    num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
     # None: an even share of the cluster's CPUs, so one worker on a laptop uses every core.
     cpus_per_worker: float | None = Field(default=None, gt=0)
     # Worker-group restarts from the last checkpoint within one run (a killed worker, a lost
     # node) before the run fails; a failed run still resumes when rerun.
     max_failures: int = Field(0, ge=0)
+
+    @property
+    def in_driver(self) -> bool:
+        """Ray Train's local mode: the driver's process is the one worker."""
+        return self.num_workers == 0
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: the global batch is split across this many."""
+        return max(1, self.num_workers)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScalingConfigSpec:
+        if self.in_driver and self.max_failures:
+            raise ValueError(
+                "`scaling.max_failures` restarts Ray Train workers, and `scaling.num_workers: "
+                "0` trains in the driver: set `num_workers` to 1 or more, or drop it"
+            )
+        return self
 
 
 class TrainOutputConfig(Strict):
@@ -168,7 +190,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        n = self.scaling.num_workers
+        n = self.scaling.world_size
         if self.training.batch_size % n:
             raise ValueError(
                 f"`training.batch_size` ({self.training.batch_size}) must be divisible by "
@@ -230,6 +252,11 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"`tune.metric: {spec.metric}` is a retrieval metric: set "
                 "`training.retrieval_threshold` (e.g. 0.8)"
+            )
+        if self.scaling.in_driver:
+            raise ValueError(
+                "`tune` runs each trial as a Ray Train run of its own: `scaling.num_workers` "
+                "must be 1 or more"
             )
         workers = self.scaling.num_workers
         if bad := [b for b in spec.search.batch_size or [] if b <= 0 or b % workers]:

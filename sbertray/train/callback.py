@@ -17,8 +17,18 @@ class _RayTrainReport:
     scheduler and trainer state), marks it complete once uploaded, and prints progress on rank
     0. Mixed into transformers' ``TrainerCallback`` by ``report_callback``."""
 
-    def __init__(self, rank: int, store: CheckpointStore, dev: DevEvaluator | None = None):
+    def __init__(
+        self,
+        rank: int,
+        store: CheckpointStore,
+        dev: DevEvaluator | None = None,
+        *,
+        keep_in_driver: int | None = None,
+    ):
+        """``keep_in_driver``: a run in the driver's process (Ray Train's local mode, which
+        stores no checkpoint) stores its checkpoints itself and keeps this many."""
         self.rank, self.store, self.dev = rank, store, dev
+        self.keep_in_driver = keep_in_driver
         self.printed_step = -1  # the trainer may log one step more than once
         self.first = None  # (time, step) of this process's first logged step, for the ETA
 
@@ -79,6 +89,9 @@ class _RayTrainReport:
         if self.rank == 0 and ckpt_dir.is_dir():
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
             self.store.unmark(state.global_step)
+            if self.keep_in_driver:
+                self.store.save(state.global_step, ckpt_dir, self.keep_in_driver)
+                checkpoint = None  # stored and marked
         ray.train.report(
             {"global_step": state.global_step, "epoch": state.epoch, **self._dev_scores(state)},
             checkpoint=checkpoint,
@@ -88,10 +101,16 @@ class _RayTrainReport:
             self.store.mark(state.global_step)
 
 
-def report_callback(rank: int, store: CheckpointStore, dev: DevEvaluator | None = None):
+def report_callback(
+    rank: int,
+    store: CheckpointStore,
+    dev: DevEvaluator | None = None,
+    *,
+    keep_in_driver: int | None = None,
+):
     """``_RayTrainReport`` as a transformers callback (transformers is imported on the workers
     only)."""
     from transformers import TrainerCallback
 
     callback = type("RayTrainReport", (_RayTrainReport, TrainerCallback), {})
-    return callback(rank, store, dev)
+    return callback(rank, store, dev, keep_in_driver=keep_in_driver)

@@ -75,6 +75,16 @@ class CheckpointStore:
         marker = self.root.child(dir_name(step), MARKER)
         storage.write_bytes(marker, json.dumps({"step": step}).encode())
 
+    def save(self, step: int, local_dir: Path, keep: int) -> None:
+        """Stores a checkpoint where Ray Train would, marks it complete and keeps the newest
+        ``keep``, as Ray Train's ``num_to_keep`` does: for a run in the driver's process
+        (``scaling.num_workers: 0``), whose Ray Train (local mode) stores nothing."""
+        storage.upload_dir(local_dir, self.root.child(dir_name(step)))
+        self.mark(step)
+        # Complete ones only: an S3 server may still list a deleted checkpoint's folder.
+        for old in self._complete_steps()[:-keep]:
+            storage.delete(self.root.child(dir_name(old)))
+
     def _dirs(self, loc: storage.Location) -> list[str]:
         try:
             infos = loc.fs.get_file_info(storage.pafs.FileSelector(loc.path, allow_not_found=True))
@@ -91,12 +101,14 @@ class CheckpointStore:
 
     def latest_step(self) -> int:
         """The step of the newest complete checkpoint, 0 when there is none."""
-        complete = [
+        return max(self._complete_steps(), default=0)
+
+    def _complete_steps(self) -> list[int]:
+        return sorted(
             int(match.group(1))
             for d in self._dirs(self.root)
             if (match := _CHECKPOINT_DIR.match(d)) and storage.exists(self.root.child(d, MARKER))
-        ]
-        return max(complete, default=0)
+        )
 
     def restore(self, target: Path) -> tuple[str | None, int]:
         """Downloads the newest complete checkpoint into ``target``; returns (its local path,

@@ -52,7 +52,7 @@ def dry_run(config: TrainConfig, *, ray_address: str | None = None) -> str:
             "[sbertray] dry run: nothing is written",
             f"  data: {rows:,} training pairs ({plan.train.num_skipped} rows skipped)"
             + (f", {plan.dev.table.num_rows:,} dev pairs" if plan.dev else ", no dev set"),
-            f"  {plan.describe()}, {cpus:g} CPU each",
+            f"  {plan.describe()}" + ("" if config.scaling.in_driver else f", {cpus:g} CPU each"),
             f"  resume: {'from step ' + str(resume) if resume else 'none, training from step 0'}",
             f"  outputs: model {storage.redact(config.output.model)}, checkpoints "
             f"{storage.redact(ckpt_root.url)}",

@@ -22,7 +22,13 @@ from dataclasses import asdict, dataclass
 from sbertray import output_paths, storage
 from sbertray.config import ConfigError, TrainConfig
 from sbertray.modeling import load_model, model_hash, resolve_model_path
-from sbertray.ray_runtime import init_ray, node_type_cpus, ray_train_settings, spans_many_nodes
+from sbertray.ray_runtime import (
+    in_local_ray_without_dashboard,
+    init_ray,
+    node_type_cpus,
+    ray_train_settings,
+    spans_many_nodes,
+)
 from sbertray.report import plural, write_train_report
 from sbertray.train.card import add_run_to_card
 from sbertray.train.checkpoints import run_fingerprint, table_hash
@@ -67,7 +73,7 @@ def worker_cpus(config: TrainConfig) -> float:
 
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     largest = max([*nodes, *node_type_cpus()], default=1.0)
-    total, workers = sum(nodes), config.scaling.num_workers
+    total, workers = sum(nodes), config.scaling.world_size
     share = total // workers if total >= workers else largest
     return max(1.0, float(int(min(share, largest))))
 
@@ -90,10 +96,12 @@ class TrainingPlan:
             if dropped and not t.max_steps
             else ""
         )
+        workers = self.config.scaling.num_workers
         return (
             f"training {plural(rows, 'pair')}: {plural(self.steps, 'step')} of global batch "
-            f"{t.batch_size} on "
-            f"{self.config.scaling.num_workers} worker(s){left_out}"
+            f"{t.batch_size} "
+            + (f"on {workers} worker(s)" if workers else "in this process (Ray Train local mode)")
+            + left_out
         )
 
     @property
@@ -262,7 +270,9 @@ def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location, callbacks: tuple = 
     return _torch_trainer_class()(
         train_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(
+        scaling_config=ScalingConfig(num_workers=0)
+        if config.scaling.in_driver
+        else ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})},
@@ -279,18 +289,24 @@ def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location, callbacks: tuple = 
 
 
 def _torch_trainer_class() -> type:
-    """``TorchTrainer`` without the Ray Datasets callback when the run has no Ray Datasets.
-    The workers stream their shards themselves (``stream.py``), yet Ray Train (2.60) starts a
-    ``DatasetManager`` actor for every run: a process and ~2 CPU-s each time, measured here
-    on a run of ~35 CPU-s. A Ray Train without that hook keeps its own callbacks."""
+    """``TorchTrainer`` without the callbacks that start an actor for nothing, each a process
+    and ~2.5 CPU-s per run (measured here on a run of ~35 CPU-s):
+
+    - the Ray Datasets callback when the run has no Ray Datasets: the workers stream their
+      shards themselves (``stream.py``), yet Ray Train (2.60) starts a ``DatasetManager``;
+    - the placement-group cleaner on sbertray's own local Ray without a dashboard, where it
+      cannot reach the State API it asks and that Ray ends with the driver anyway.
+
+    A Ray Train without that hook keeps its own callbacks."""
     from ray.train.torch import TorchTrainer
 
     class StreamingTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
+            dropped = set() if self.datasets else {"DatasetsCallback"}
+            if in_local_ray_without_dashboard():
+                dropped.add("PlacementGroupCleanerCallback")
             callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+            return [c for c in callbacks if type(c).__name__ not in dropped]
 
     return StreamingTorchTrainer
 

@@ -108,7 +108,8 @@ def train_worker(loop_config: dict) -> None:
     job: WorkerJob = loop_config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _set_up_process(job)
+    if not job.config.scaling.in_driver:  # the driver's threads, logs and env stay its own
+        _set_up_process(job)
     model = _load_base_model(job.config)
     dev = _dev_evaluator(job, model.get_embedding_dimension())
     name = run_name(job.config, job.fingerprint)
@@ -249,11 +250,16 @@ def _trainer(job: WorkerJob, model, dev, local_root, stream, rank, store):
         train_dataset=datasets.Dataset(job.train.sample),
         loss=build_loss(model, job.config.training),
         evaluator=dev.evaluator if dev is not None else None,
-        callbacks=[report_callback(rank, store, dev)],
+        callbacks=[report_callback(rank, store, dev, keep_in_driver=_keep_in_driver(job))],
     )
     # Our callback prints one progress line on rank 0; drop transformers' raw dict printer.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _keep_in_driver(job: WorkerJob) -> int | None:
+    """How many checkpoints a run in the driver's process keeps (it stores them itself)."""
+    return job.config.training.keep_checkpoints if job.config.scaling.in_driver else None
 
 
 def _final_dev_score(model, trainer, dev) -> dict | None:
