@@ -291,12 +291,10 @@ def _trainer(plan: TrainingPlan, ckpt_loc: storage.Location, callbacks: tuple = 
 def _torch_trainer_class() -> type:
     """``TorchTrainer`` without the callbacks that start an actor for nothing, each a process
     and ~2.5 CPU-s per run (measured here on a run of ~35 CPU-s):
-
     - the Ray Datasets callback when the run has no Ray Datasets: the workers stream their
       shards themselves (``stream.py``), yet Ray Train (2.60) starts a ``DatasetManager``;
     - the placement-group cleaner on sbertray's own local Ray without a dashboard, where it
       cannot reach the State API it asks and that Ray ends with the driver anyway.
-
     A Ray Train without that hook keeps its own callbacks."""
     from ray.train.torch import TorchTrainer
 

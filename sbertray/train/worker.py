@@ -283,9 +283,11 @@ def _logged_dev_results(trainer, dev_name: str) -> dict | None:
     step = state.global_step
     if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
         step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[1])
+    if not step:
+        return None
     prefix = f"eval_{dev_name}"
     for entry in reversed(state.log_history):
-        if step and entry.get("step") == step and any(k.startswith(prefix) for k in entry):
+        if entry.get("step") == step and any(k.startswith(prefix) for k in entry):
             return {k[len("eval_") :]: v for k, v in entry.items() if k.startswith(prefix)}
     return None
 
