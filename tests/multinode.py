@@ -150,7 +150,13 @@ def main(work: Path, model: str) -> None:
         row_group_size=ROWS,
     )
     seen: dict = {}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Ray notices a lost node after 5 missed health checks: every second here, not every 3 s
+    # (the default), so the scenarios that lose one do not wait ~15 s for Ray to know.
+    health_checks = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": health_checks},
+    )
     try:
         # The State API, here and in the cluster's workers (Ray Train's placement-group
         # cleaner), asks this cluster, not another Ray on the machine (a pytest worker's
@@ -214,9 +220,9 @@ def main(work: Path, model: str) -> None:
             for i in range(2)
         ]
         nodes = [n for n in nodes if n is not lost]
-        # The next night starts once Ray knows the node is gone, as a real one would: its health
-        # check takes ~20 s, and a run planned before that sized a fixed pool for the dead
-        # node's CPU too, then waited `placement_timeout_s` for an actor nowhere to place.
+        # The next night starts once Ray knows the node is gone, as a real one would: a run
+        # planned before that sized a fixed pool for the dead node's CPU too, then waited
+        # `placement_timeout_s` for an actor nowhere to place.
         _wait_until_dead(lost.node_id)
         nodes.append(cluster.add_node(num_cpus=1, env_vars={"SBERTRAY_CACHE": str(work / "c2")}))
         seen["rerun"] = _rerun_by_join(work, out, model, texts)

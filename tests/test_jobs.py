@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from ray_heads import RAY, RayHead
 
 from sbertray import storage
@@ -195,13 +196,16 @@ def test_jobs_on_a_cold_autoscaling_cluster_with_token_auth(
         )
         assert manifest["totals"]["output_rows"] == 36
 
+        # The demo's nightly, its candidate fine-tuned from the tiny model too.
+        demo = yaml.safe_load((REPO / "jobs/configs/nightly_demo.yaml").read_text())
+        demo["train"]["overrides"].append(f"base_model={tiny_model_path}")
+        (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(demo))
         nightly = submit(
             "jobs/nightly.py",
             "--config",
-            "jobs/configs/nightly_demo.yaml",
+            str(tmp_path / "nightly.yaml"),
             f"models={s3_prefix}/models",
             f"output={s3_prefix}/nightly",
-            f"'embed.overrides=[model={tiny_model_path}]'",
         )
         assert nightly.returncode == 0, nightly.stdout[-4000:] + nightly.stderr[-2000:]
         assert "[sbertray] step " in nightly.stdout  # training progress, from the workers
