@@ -87,11 +87,11 @@ class _RayTrainReport:
         ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         checkpoint = None
         if self.rank == 0 and ckpt_dir.is_dir():
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
             self.store.unmark(state.global_step)
-            if self.keep_in_driver:
+            if self.keep_in_driver:  # stored and marked here; Ray Train gets the metrics only
                 self.store.save(state.global_step, ckpt_dir, self.keep_in_driver)
-                checkpoint = None  # stored and marked
+            else:
+                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report(
             {"global_step": state.global_step, "epoch": state.epoch, **self._dev_scores(state)},
             checkpoint=checkpoint,
