@@ -52,7 +52,18 @@ def kill_when(
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # let every process of the killed run be gone before looking at its output
+    _wait_until_gone(proc.pid)  # every process of the killed run, before looking at its output
+
+
+def _wait_until_gone(group: int, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)  # any process of the group left (a zombie counts until reaped)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {group} still there {timeout_s:.0f}s after SIGKILL")
 
 
 def terminate_when(
