@@ -49,7 +49,7 @@ def test_a_missing_local_model_is_named_at_once(name, tmp_path, monkeypatch):
         resolve_model_path("org/model")  # no local `org/`: a hub id, and not one cached
 
 
-def test_an_unreachable_hub_is_one_quick_error(tmp_path):
+def test_an_unreachable_hub_is_one_quick_error(tmp_path, sbertray_main):
     """A hub id that is not cached, with the hub unreachable (a closed loopback port stands in
     for a machine without internet): one error at once, not a minute of retries."""
     import os
@@ -78,15 +78,9 @@ def test_an_unreachable_hub_is_one_quick_error(tmp_path):
     assert (
         "someone/no-such-model`: not a local folder, not in the Hugging Face cache" in proc.stderr
     )
-    offline = subprocess.run(
-        [sys.executable, "-m", "sbertray", "evaluate", "someone/no-such-model", "pairs.csv"],
-        cwd=tmp_path,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr
+    # This process runs with HF_HUB_OFFLINE=1 (conftest.py).
+    code, _, err = sbertray_main("evaluate", "someone/no-such-model", str(tmp_path / "pairs.csv"))
+    assert code == 2 and "HF_HUB_OFFLINE is set" in err
 
 
 def test_a_remote_model_is_downloaded_once_per_node_and_checked_against_its_hash(
