@@ -22,23 +22,22 @@ def _console(proc) -> list[str]:
 
 
 @pytest.mark.long
-def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path, sbertray_main):
+def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path):
     """`bash scripts/demo.sh` twice. The first run's console shows sbertray's own lines, the
     rest is in the run log beside the outputs. The second training keeps the model (same
     recipe, data and base model), so its hash is the same and the embed step has nothing to
-    do (run in this process: what they print is the point, not their process). A completed
-    training leaves no checkpoints behind. `-v` shows the rest too."""
+    do. A completed training leaves no checkpoints behind. `-v` shows the rest too."""
     monkeypatch.setenv("SBERTRAY_PROGRESS_EVERY_S", "0")  # a progress line per unit, off a tty
     model, out = tmp_path / "model", tmp_path / "emb"
-    train_args = [
+    train_cmd = sbertray_cmd(
         "train",
         str(REPO / "jobs/configs/courses.yaml"),
         f"base_model={tiny_model_path}",
         "training.epochs=1",
         f"output.model={model}",
-    ]
+    )
     embed_args = [str(REPO / "jobs/configs/embed_demo.yaml"), f"model={model}"]
-    train = run(sbertray_cmd(*train_args))
+    train = run(train_cmd)
     assert train.returncode == 0, train.stderr[-3000:]
     lines = _console(train)
     assert len(lines) <= 12, "\n".join(lines)
@@ -59,14 +58,14 @@ def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path, sbe
     assert "input ids `course_id` are the output's `id` column" in embed.stdout
     assert (out / "_report" / "run.log").exists()
 
-    code, again, err = sbertray_main(*train_args)
-    assert code == 0, err[-3000:]
-    assert "was trained with this recipe, data and base model" in again
-    assert "keeping it (--restart trains it again)" in again
-    assert "[sbertray] step " not in again
+    again = run(train_cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was trained with this recipe, data and base model" in again.stdout
+    assert "keeping it (--restart trains it again)" in again.stdout
+    assert "[sbertray] step " not in again.stdout
     assert (model / "model.safetensors").stat().st_mtime_ns == weights
-    code, embedded, _ = sbertray_main("embed", *embed_args, f"output.path={out}")
-    assert code == 0 and "nothing to do" in embedded, embedded
+    embedded = run(sbertray_cmd("embed", *embed_args, f"output.path={out}"))
+    assert embedded.returncode == 0 and "nothing to do" in embedded.stdout, embedded.stdout
 
     verbose = run(sbertray_cmd("-v", "embed", *embed_args, f"output.path={tmp_path / 'emb2'}"))
     assert verbose.returncode == 0, verbose.stderr[-3000:]
