@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,23 +39,45 @@ def _start_and_wait(
             assert time.time() < deadline, f"no {what} within {timeout_s:.0f}s"
             time.sleep(0.1)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_tree(proc)
         raise
     return proc
+
+
+def _kill_tree(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGKILLs the run's whole process tree and waits until every process of it is gone.
+
+    Killing the driver's process group is not enough: Ray (2.60) starts each worker in a process
+    group of its own, and a worker outlives its raylet for a moment, long enough to finish
+    writing a checkpoint the test then thinks was cut off."""
+    os.killpg(proc.pid, signal.SIGSTOP)  # the raylet starts no new worker from here on
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    for child in tree:
+        _signal(child, signal.SIGSTOP)
+    tree += [p for p in psutil.Process(proc.pid).children(recursive=True) if p not in tree]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        _signal(child, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    assert not alive, f"{[p.pid for p in alive]} still there {timeout_s:.0f}s after SIGKILL"
+    _wait_until_gone(proc.pid, timeout_s)
+
+
+def _signal(process: psutil.Process, sig: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):  # it ended on its own meanwhile
+        process.send_signal(sig)
 
 
 def kill_when(
     cmd: list[str], ready: Callable[[], bool], *, what: str, timeout_s: float = 300
 ) -> None:
-    """Starts ``cmd``, waits until ``ready()``, then SIGKILLs the whole process group (the
-    driver and the Ray processes it started) and waits for it to be gone."""
+    """Starts ``cmd``, waits until ``ready()``, then SIGKILLs the driver and every Ray process
+    it started, and waits for them to be gone before the test looks at their output."""
     proc = _start_and_wait(
         cmd, ready, what, timeout_s, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _wait_until_gone(proc.pid)  # every process of the killed run, before looking at its output
+    _kill_tree(proc)
 
 
 def _wait_until_gone(group: int, timeout_s: float = 30) -> None:
@@ -79,8 +104,7 @@ def terminate_when(
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

@@ -117,6 +117,13 @@ def _complete_checkpoints(root: Path) -> list[int]:
     )
 
 
+def _saving_past(complete: list[int], scratch: Path) -> bool:
+    """Whether a checkpoint is complete and the trainer has begun saving a newer one in
+    scratch (the Hugging Face trainer's ``checkpoint-<step>`` folders)."""
+    saving = [int(p.name.split("-")[1]) for p in scratch.glob("*/hf/checkpoint-*")]
+    return bool(complete) and max(saving, default=0) > max(complete)
+
+
 @pytest.mark.long
 def test_resume_after_killing_the_run(
     ray_2cpu, tmp_path, monkeypatch, tiny_model_path, s3_server, s3_prefix
@@ -145,7 +152,7 @@ def test_resume_after_killing_the_run(
     )
     kill_when(
         cmd,
-        lambda: _complete_checkpoints(ckpt) and any(scratch.glob("*/hf/checkpoint-16")),
+        lambda: _saving_past(_complete_checkpoints(ckpt), scratch),
         what="a complete checkpoint and the next one's save",
     )
     complete = _complete_checkpoints(ckpt)
