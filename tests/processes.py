@@ -50,12 +50,12 @@ def _kill_tree(proc: subprocess.Popen, timeout_s: float = 30) -> None:
     Killing the driver's process group is not enough: Ray (2.60) starts each worker in a process
     group of its own, and a worker outlives its raylet for a moment, long enough to finish
     writing a checkpoint the test then thinks was cut off."""
-    os.killpg(proc.pid, signal.SIGSTOP)  # the raylet starts no new worker from here on
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    _signal_group(proc.pid, signal.SIGSTOP)  # the raylet starts no new worker from here on
+    tree = _descendants(proc.pid)
     for child in tree:
         _signal(child, signal.SIGSTOP)
-    tree += [p for p in psutil.Process(proc.pid).children(recursive=True) if p not in tree]
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree += [p for p in _descendants(proc.pid) if p not in tree]
+    _signal_group(proc.pid, signal.SIGKILL)
     for child in tree:
         _signal(child, signal.SIGKILL)
     proc.wait()
@@ -67,6 +67,20 @@ def _kill_tree(proc: subprocess.Popen, timeout_s: float = 30) -> None:
 def _signal(process: psutil.Process, sig: int) -> None:
     with contextlib.suppress(psutil.NoSuchProcess):  # it ended on its own meanwhile
         process.send_signal(sig)
+
+
+# A run that ended by itself (the caller saw it end, and so reaped its driver) has no tree left
+# to list and maybe no group: nothing to kill, and the caller's own error is the one to show.
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_group(group: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, sig)
 
 
 def kill_when(
