@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from sbertray.config import ConfigError, EmbedConfig, parse_config
+from sbertray.config import ConfigError, EmbedConfig, EmbedOutputConfig, parse_config
+from sbertray.embed import compact
 from sbertray.embed.encoder import EncoderSpec
 from sbertray.embed.planning import plan_input
 from sbertray.embed.run import run_embed
@@ -72,6 +73,23 @@ def test_each_dtype_stores_what_quantize_embeddings_gives(texts_in, bundled_mode
     short = _embed_unit(tmp, bundled_model_path, "t128", truncate_dim=128)
     got = np.stack(short.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(got, vectors[:, :128])
+
+
+def test_int8_and_binary_equal_sentence_transformers_outside_the_ranges_too():
+    """sbertray's numpy quantization against the library's: values beyond the calibrated
+    ranges (clipped), a dimension whose range is one value, and signs for binary."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 64)).astype(np.float32)
+    vectors[:, 3] = 0.25
+    ranges = np.stack([vectors[:50].min(0), vectors[:50].max(0)])  # the rest falls outside
+    np.testing.assert_array_equal(
+        compact.quantize_int8(vectors, ranges.tolist()),
+        quantize_embeddings(vectors, "int8", ranges=ranges),
+    )
+    output = EmbedOutputConfig(path="unused", embedding_dtype="binary")
+    np.testing.assert_array_equal(
+        compact.compact(vectors, output, None), quantize_embeddings(vectors, "ubinary")
+    )
 
 
 def test_a_truncate_dim_beyond_the_model_is_refused_before_any_work(texts_in):

@@ -63,12 +63,21 @@ def compact(embeddings: np.ndarray, output: EmbedOutputConfig, ranges) -> np.nda
         return kept
     if output.embedding_dtype == "float16":
         return kept.astype(np.float16)
-    # Imported here: only the int8 and binary outputs pay for sentence-transformers' import.
-    from sentence_transformers.util.quantization import quantize_embeddings
-
     if output.embedding_dtype == "int8":
-        return quantize_embeddings(kept, precision="int8", ranges=np.asarray(ranges))
-    return quantize_embeddings(kept, precision="ubinary")
+        return quantize_int8(kept, ranges)
+    return np.packbits(kept > 0, axis=-1)  # sentence-transformers' "ubinary"
+
+
+def quantize_int8(embeddings: np.ndarray, ranges) -> np.ndarray:
+    """sentence-transformers' ``quantize_embeddings(precision="int8", ranges=...)``, in numpy:
+    its import (4.5 s of CPU here) was most of a small int8 or binary run's actor start-up.
+    ``test_embed_compact`` holds the two equal."""
+    ranges = np.asarray(ranges, dtype=np.float32)
+    starts = ranges[0]
+    steps = (ranges[1] - starts) / 255
+    steps = np.where(steps == 0, 1, steps)
+    buckets = np.clip(np.floor((embeddings - starts) / steps), 0, 255)
+    return (buckets - 128).astype(np.int8)
 
 
 def calibrate(sample: np.ndarray, output: EmbedOutputConfig) -> list[list[float]]:
