@@ -221,7 +221,8 @@ def test_a_changed_recipe_does_not_resume_the_old_run(
     """Retraining into the same output with another learning rate trains from step 0, and the
     card and train_result.json describe the run that happened. The output is relative: Ray
     Train workers run in their own directory, yet it means the driver's (the README demo uses
-    one)."""
+    one). The first run trains in this process (`scaling.num_workers: 0`), the retraining on a
+    Ray Train worker."""
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("SBERTRAY_SCRATCH", str(scratch))
     monkeypatch.chdir(tmp_path)
@@ -232,7 +233,7 @@ def test_a_changed_recipe_does_not_resume_the_old_run(
         "training.epochs=2",
         "output.model=rel/model",
     ]
-    first = train(load_config(TrainConfig, recipe, base))
+    first = train(load_config(TrainConfig, recipe, [*base, "scaling.num_workers=0"]))
     assert first.resumed_from_step == 0 and first.global_step == 6  # 24 pairs / 8, 2 epochs
     assert not list(scratch.glob("*")), "a completed run removes its scratch"
     model = tmp_path / "rel" / "model"
