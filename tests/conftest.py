@@ -3,6 +3,7 @@ model, a one-layer MiniLM for tests of mechanics, and paths to the shared STS-B 
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -21,9 +22,16 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The `long` tests first (their file order kept): with `-n 2`, a worker that takes a
-    minute-long test last would leave the other idle for that minute."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    """Longest first, by the seconds each took in a whole run (``durations.json``, written by
+    ``scripts/test_durations.py``); a test not listed there counts a minute if marked `long`,
+    else nothing. With `-n 2` each worker holds two tests ahead: medium tests handed out
+    last (file order did that) left one worker running them alone for up to a minute."""
+    seconds = json.loads((REPO / "tests" / "durations.json").read_text())
+
+    def expected(item: pytest.Item) -> float:
+        return seconds.get(item.nodeid, 60.0 if item.get_closest_marker("long") else 0.0)
+
+    items.sort(key=expected, reverse=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
