@@ -74,16 +74,21 @@ def test_the_demo_twice_then_verbose(tmp_path, monkeypatch, tiny_model_path):
 
 
 def test_ctrl_c_says_what_is_kept_without_a_traceback(monkeypatch, capsys):
-    from sbertray import cli
+    from sbertray import cli, console
 
     def interrupted(args):
         raise KeyboardInterrupt
 
+    # A stopped command shuts its Ray down: here that would be this pytest worker's Ray, and
+    # the next test's first Ray call would start another one without sbertray's settings.
+    shut_down = []
+    monkeypatch.setattr(console, "_shut_down_ray", lambda: shut_down.append(True))
     monkeypatch.setattr(cli, "_cmd_embed", interrupted)
     assert cli.main(["embed", "any.yaml"]) == 130  # the shell's status for SIGINT
     err = capsys.readouterr().err
     assert "sbertray embed: stopped (KeyboardInterrupt); what was committed is kept" in err
     assert "Traceback" not in err
+    assert shut_down == [True]
 
 
 def test_a_handler_made_while_the_log_was_open_writes_to_the_console_after(
