@@ -9,7 +9,8 @@
 | binary  | fixed_size_list<uint8>[ceil(d / 8)] | 48                       | Hamming distance       |
 
 The arithmetic is sentence-transformers' ``quantize_embeddings`` (int8: per-dimension ranges
-mapped to -128..127; binary: sign bits packed 8 to a byte, "ubinary"). int8 ranges are
+mapped to -128..127; binary: sign bits packed 8 to a byte, "ubinary"), written out in numpy
+(``quantize_int8``) so that actors do not import sentence-transformers. int8 ranges are
 calibrated once per model and output and reused, so vectors of different nights compare.
 """
 
