@@ -208,11 +208,12 @@ def main(work: Path, model: str) -> None:
         started = time.time()
         runner.start()
         # Lost with a unit in flight: its actor may still be loading the model when two units
-        # are committed, and a node lost then takes nothing with it (0 units retried).
-        while runner.is_alive() and not (
-            len(list(out.glob("*.parquet"))) >= 2 and _embedding_on(lost.node_id)
-        ):
+        # are committed, and a node lost then takes nothing with it.
+        in_flight = False
+        while runner.is_alive() and not in_flight:
             time.sleep(0.2)
+            in_flight = len(list(out.glob("*.parquet"))) >= 2 and _embedding_on(lost.node_id)
+        seen["unit_in_flight_on_lost_node"] = in_flight
         seen["committed_before_loss"] = len(list(out.glob("*.parquet")))
         cluster.remove_node(lost, allow_graceful=False)
         runner.join(timeout=600)

@@ -21,8 +21,8 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.long
 def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_model_path):
-    # The real model: the node-loss scenario needs units still in flight on the removed node,
-    # and with the tiny model they were sometimes all done by then (0 units retried).
+    # The real model: the node-loss scenario needs a unit running on the removed node when it
+    # goes, and with the tiny model the whole run was often done by then.
     model = f"{s3_prefix}/base"
     storage.upload_dir(bundled_model_path, storage.resolve(model))
     # Its own process group: on a timeout the cluster's processes go with the script, not on
@@ -51,12 +51,14 @@ def test_cold_cluster_local_paths_and_a_lost_node(tmp_path, s3_prefix, bundled_m
     # Two nodes: a local output path is refused before anything is written.
     assert "`output.path: " in seen["local_error"] and "storage.shared_paths" in seen["local_error"]
     assert not seen["local_created"]
-    # A node removed mid-run: the run completes, every id exactly once, nothing left over.
+    # A node removed while its actor runs a unit: the run completes, every id exactly once,
+    # nothing left over. The lost unit runs again either on its actor restarted by Ray (a retry
+    # within the pass) or in sbertray's next round (`retried_units`), as the timing falls.
+    assert seen["unit_in_flight_on_lost_node"] and seen["committed_before_loss"] >= 2
     assert seen["node_loss_error"] is None and seen["success"]
-    assert seen["committed_before_loss"] >= 2
     assert seen["ids"] == [1200, 1200, 0, 1199] and seen["temp_files"] == 0
     assert seen["output_rows"] == 1200
-    assert seen["retried_units"] == seen["manifest_units_retried"] >= 1  # the lost one(s)
+    assert seen["retried_units"] == seen["manifest_units_retried"]
     # The model in object storage: each node downloaded its own copy, with the run's hash.
     for node in seen["node_models"]:
         assert [content for _, content in node] == [seen["model_hash"]]
