@@ -8,16 +8,16 @@ import json
 
 from sbertray.search import SearchError, SearchResult
 
+_DESCRIPTION = (
+    "Embeds each query with the model and backend the output's manifest records and prints the "
+    "nearest rows: id, cosine score and the output's other columns. A Lance output "
+    "(`output.format: lance`) is searched through its vector index, a Parquet output exactly."
+)
+
 
 def add_search_command(sub) -> None:
-    p = sub.add_parser(
-        "search",
-        help="the rows of an embed output nearest to query texts",
-        description="Embeds each query with the model and backend the output's manifest "
-        "records and prints the nearest rows: id, cosine score and the output's other columns. "
-        "A Lance output (`output.format: lance`) is searched through its vector index, a "
-        "Parquet output exactly.",
-    )
+    help_line = "the rows of an embed output nearest to query texts"
+    p = sub.add_parser("search", help=help_line, description=_DESCRIPTION)
     p.add_argument("output", help="an embed run's `output.path`, local or s3://")
     p.add_argument("query", nargs="?", help="the text to search for")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
