@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ray_heads import free_ports
 from scipy.stats import spearmanr
@@ -166,7 +167,8 @@ def test_matryoshka_training_makes_the_first_dimensions_carry_more(
     """The first 128 and 64 dimensions keep a larger share of the full vectors' dev Spearman
     than the base model's do. Plain cosine training barely moves that share (measured here:
     128d 87.4% -> 89.4%, 64d 80.9% -> 81.5%); Matryoshka training raised it to 97.2% and
-    93.7%."""
+    93.7%. The rotation fitted at the end is a layer before Normalize that leaves every
+    full-width cosine as the trained encoder had it."""
     nested = tmp_path / "nested"
     result = train(
         _recipe(
@@ -179,6 +181,7 @@ def test_matryoshka_training_makes_the_first_dimensions_carry_more(
     )
     card = (nested / "README.md").read_text()
     assert "loss:MatryoshkaLoss" in card and "first dimensions only: 128d " in card
+    assert "Matryoshka rotation (the `Dense` layer): fitted to 719 training examples" in card
     dev, base = result.dev_metrics, result.eval_log[0]
     assert dev["spearman_cosine"] > base[DEV_SPEARMAN]
     # The dev evaluation scores each trained width below the model's (384 is the model's own).
@@ -190,6 +193,22 @@ def test_matryoshka_training_makes_the_first_dimensions_carry_more(
         assert dev["spearman_cosine_by_dim"][str(dims)] == pytest.approx(nested_score, abs=2e-3)
         base_share = base[f"stsb-dev-{dims}d_spearman_cosine"] / base[DEV_SPEARMAN]
         assert nested_score / full > base_share + 0.05, (dims, nested_score / full, base_share)
+    fit = result.rotation
+    assert fit["rows"] == 719 and fit["epochs"] >= 1
+    assert fit["held_out_loss"][fit["epochs"]] < fit["held_out_loss"][0]
+    _assert_rotation_keeps_full_width_cosines(nested, stsb_dev)
+
+
+def _assert_rotation_keeps_full_width_cosines(model_dir: Path, stsb_dev) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    rotated = SentenceTransformer(str(model_dir), device="cpu")
+    assert [type(m).__name__ for m in rotated] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    sentences = stsb_dev[0][:50]
+    with_rotation = rotated.encode(sentences)
+    del rotated[2]
+    without = rotated.encode(sentences)
+    np.testing.assert_allclose(with_rotation @ with_rotation.T, without @ without.T, atol=1e-5)
 
 
 def test_matryoshka_dims_are_checked_before_training(stsb_dir, tmp_path, tiny_model_path):

@@ -78,6 +78,10 @@ class TrainingConfig(Strict):
     # Each dim's weight in the summed loss (default 1 each): more on a small width makes its
     # truncated vectors keep more of the full score.
     matryoshka_weights: list[float] | None = None
+    # With matryoshka_dims: after training, fit an orthogonal rotation of the vectors that puts
+    # their meaning first (a Dense layer before Normalize; full-width cosines unchanged). On by
+    # default; false keeps the model's own layers.
+    matryoshka_rotation: bool | None = None
     batch_size: int = Field(16, gt=0)  # global batch per optimizer step, split across workers
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
@@ -125,7 +129,17 @@ class TrainingConfig(Strict):
                 f"`training.matryoshka_weights` {weights}: one positive weight per "
                 f"`training.matryoshka_dims` entry ({dims})"
             )
+        if self.matryoshka_rotation and not dims:
+            raise ValueError(
+                "`training.matryoshka_rotation` rotates for the `training.matryoshka_dims` "
+                "widths: set those too, e.g. [384, 256, 128, 64]"
+            )
         return self
+
+    @property
+    def rotates(self) -> bool:
+        """Whether training ends by fitting a Matryoshka rotation (``rotation.py``)."""
+        return bool(self.matryoshka_dims) and self.matryoshka_rotation is not False
 
 
 class ScalingConfigSpec(Strict):

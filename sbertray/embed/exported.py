@@ -9,8 +9,10 @@ The runtimes that run the export are backends of their own (``backends/openvino.
 ``backends/onnx.py``); this module builds and caches what they share: the graph (fp32, and int8
 on request), the tokenizer and the spec.
 
-Supported models: a Transformer followed by mean Pooling, optionally Normalize (the
-all-MiniLM-L6-v2 family); ``unsupported_reason`` says why not for anything else.
+Supported models: a Transformer followed by mean Pooling, then optionally linear ``Dense``
+layers (a Matryoshka rotation) and Normalize (the all-MiniLM-L6-v2 family);
+``unsupported_reason`` says why not for anything else. A linear layer commutes with the mean
+over tokens, so the graph applies it to every token's output and the pooling stays in numpy.
 """
 
 from __future__ import annotations
@@ -44,16 +46,31 @@ def unsupported_reason(model) -> str | None:
     """None when ``model`` can be exported, else why not."""
     names = [type(m).__name__ for m in model]
     pooling = getattr(model[1], "pooling_mode", None) if len(names) > 1 else None
+    layers = list(model)[2:]
+    while layers and type(layers[-1]).__name__ == "Normalize":
+        layers.pop()
     if (
         names[:2] != ["Transformer", "Pooling"]
         or pooling != "mean"
-        or any(n != "Normalize" for n in names[2:])
+        or not all(_is_linear(layer) for layer in layers)
     ):
         return (
-            f"exported backends (onnx, openvino) run Transformer + mean Pooling (+ Normalize) "
-            f"models; this one is {names} with pooling {pooling!r}. Use `backend: torch`"
+            f"exported backends (onnx, openvino) run Transformer + mean Pooling (+ linear "
+            f"Dense) (+ Normalize) models; this one is {names} with pooling {pooling!r}. "
+            "Use `backend: torch`"
         )
     return None
+
+
+def _is_linear(module) -> bool:
+    """A ``Dense`` layer without activation or residual: it commutes with mean pooling."""
+    import torch
+
+    return (
+        type(module).__name__ == "Dense"
+        and isinstance(module.activation_function, torch.nn.Identity)
+        and not getattr(module, "use_residual", False)
+    )
 
 
 def artifact_dir(model_dir: str, digest: str | None = None) -> Path:
@@ -98,6 +115,29 @@ def _write_atomic(target: Path, write) -> None:
             os.unlink(tmp)
 
 
+def _per_token_graph(model):
+    """The module the export traces: the transformer, then the model's linear layers applied
+    to each token's output (they commute with the mean pooling done after the graph)."""
+    import torch
+
+    class _Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = model[0].auto_model.eval().float().to("cpu")
+            dense = [m.float().to("cpu") for m in model if type(m).__name__ == "Dense"]
+            self.linear_layers = torch.nn.ModuleList(dense)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.transformer(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            for layer in self.linear_layers:
+                hidden = layer.linear(hidden)
+            return hidden
+
+    return _Encoder()
+
+
 def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
     """Exports ``model`` (loaded from ``model_dir``) to ``model_fp32.onnx`` with its tokenizer
     and spec into ``out`` (default ``artifact_dir(model_dir)``), unless already there. Raises
@@ -111,18 +151,6 @@ def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
     out.mkdir(parents=True, exist_ok=True)
     if cached := _read_spec(out):
         return cached
-    transformer = model[0].auto_model.eval().float().to("cpu")
-
-    class _Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.transformer(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
     sample = model.tokenizer(
         ["an example", "another example sentence"], padding=True, return_tensors="pt"
     )
@@ -137,7 +165,7 @@ def export(model, model_dir: str, out: Path | None = None) -> ModelSpec:
         _write_atomic(
             out / "model_fp32.onnx",
             lambda tmp: torch.onnx.export(
-                _Encoder(),
+                _per_token_graph(model),
                 tuple(sample[k] for k in _INPUTS),
                 tmp,
                 input_names=list(_INPUTS),

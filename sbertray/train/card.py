@@ -38,6 +38,11 @@ def add_run_to_card(model: storage.Location, summary: dict, command: str | None 
     ]
     if dev:
         lines.append(f"- {dev_scores_line(dev)}")
+    if rotation := summary.get("rotation"):
+        lines.append(
+            f"- Matryoshka rotation (the `Dense` layer): fitted to {rotation['rows']:,} training "
+            "examples; orthogonal, so the full-width cosines are the trained encoder's"
+        )
     block = "\n".join(lines) + "\n\n"
     marker = "### Framework Versions"
     card = card.replace(marker, block + marker, 1) if marker in card else card + "\n" + block

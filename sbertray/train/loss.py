@@ -97,3 +97,15 @@ def build_loss(model, training: TrainingConfig) -> nn.Module:
             matryoshka_weights=training.matryoshka_weights,
         )
     return loss
+
+
+def rotation_loss(model, training: TrainingConfig):
+    """The loss the Matryoshka rotation (``rotation.py``) is fitted with, as a function of
+    embeddings already computed (one tensor per text column) and labels. Labelled pairs:
+    CoSENT, whatever the recipe's loss, since it asks only that a batch's truncated cosines
+    rank as the labels do, which is what the dev Spearman scores; cosine's MSE also asks them
+    to match the labels' scale, and kept less of the full score (README, "Matryoshka").
+    Unlabelled: MNRL over the batch in hand, in one process."""
+    if training.loss in LOSSES:
+        return stock.CoSENTLoss(model).compute_loss_from_embeddings
+    return stock.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings

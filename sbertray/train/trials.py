@@ -56,7 +56,9 @@ def _trial_training(config: TrainConfig, params: dict) -> dict:
     for key, value in params.items():
         if key == "matryoshka":
             if not value:
-                training.update(matryoshka_dims=None, matryoshka_weights=None)
+                training.update(
+                    matryoshka_dims=None, matryoshka_weights=None, matryoshka_rotation=None
+                )
         else:
             training[key] = value
     training.update(

@@ -53,6 +53,7 @@ class LoopResult:
     dev_metrics: dict | None
     loss_log: list[dict]  # {step, epoch, loss} every `logging_steps`
     eval_log: list[dict]  # dev metrics after each epoch
+    rotation: dict | None  # the Matryoshka rotation's fit (``rotation.py``), where there is one
 
 
 def run_base(config: TrainConfig) -> str:
@@ -128,10 +129,11 @@ def train_worker(loop_config: dict) -> None:
     stream = _stream(job, world, rank, resumed_from)
     trainer = _trainer(job, model, dev, local_root, stream, rank, store)
     trainer.train(resume_from_checkpoint=resume_path)
-    dev_metrics = _final_dev_score(model, trainer, dev) if rank == 0 else None
+    rotation = _rotate(job, model) if rank == 0 and job.config.training.rotates else None
+    dev_metrics = _final_dev_score(model, trainer, dev, rotation) if rank == 0 else None
     if rank == 0:
         _card_counts_every_row(model.model_card_data, job.train.rows)
-        outcome = _loop_result(trainer, resumed_from, stream, dev_metrics)
+        outcome = _loop_result(trainer, resumed_from, stream, dev_metrics, rotation)
         _save_model(job.config, model, outcome, local_root / "model")
     # With the kept model's dev scores: a Tune trial's every report carries its metric (Ray
     # Train keeps rank 0's metrics; the other ranks need not score the model again).
@@ -262,13 +264,21 @@ def _keep_in_driver(job: WorkerJob) -> int | None:
     return job.config.training.keep_checkpoints if job.config.scaling.in_driver else None
 
 
-def _final_dev_score(model, trainer, dev) -> dict | None:
+def _rotate(job: WorkerJob, model) -> dict:
+    from sbertray.train.rotation import rotate
+
+    return rotate(model, job.train.shards, job.config.storage, job.config.training)
+
+
+def _final_dev_score(model, trainer, dev, rotation: dict | None) -> dict | None:
     """The final dev score, also set as the model card's evaluation table. The trainer's own
     evaluation of the model in hand (the last epoch's, or the best epoch it loaded back) is
-    reused: scoring it again took a whole dev pass more per run."""
+    reused: scoring it again took a whole dev pass more per run. A rotated model is scored
+    again: its truncated vectors changed."""
     if dev is None:
         return None
-    results = _logged_dev_results(trainer, dev.name) or dev.evaluator(model)
+    logged = None if rotation else _logged_dev_results(trainer, dev.name)
+    results = logged or dev.evaluator(model)
     model.model_card_data.set_evaluation_metrics(
         dev.evaluator, results, epoch=trainer.state.epoch, step=trainer.state.global_step
     )
@@ -302,7 +312,7 @@ def _card_counts_every_row(card, rows: int) -> None:
     card.add_tags(f"dataset_size:{rows}")
 
 
-def _loop_result(trainer, resumed_from: int, stream, dev_metrics) -> LoopResult:
+def _loop_result(trainer, resumed_from: int, stream, dev_metrics, rotation) -> LoopResult:
     history = trainer.state.log_history
     step = trainer.state.global_step
     return LoopResult(
@@ -327,6 +337,7 @@ def _loop_result(trainer, resumed_from: int, stream, dev_metrics) -> LoopResult:
             for e in history
             if any(k.endswith("_spearman_cosine") for k in e)
         ],
+        rotation=rotation,
     )
 
 

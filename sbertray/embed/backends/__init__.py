@@ -130,7 +130,8 @@ def resolve(compute, device: str, *, exportable: bool) -> tuple[Backend, str]:
         if backend.runs_export and not exportable:
             raise ValueError(
                 f"backend {backend.name} runs the model exported to ONNX, which covers local "
-                "Transformer + mean Pooling (+ Normalize) models; use backend torch (or auto)"
+                "Transformer + mean Pooling (+ linear Dense, Normalize) models; use backend torch "
+                "(or auto)"
             )
     else:
         fitting = [
