@@ -214,6 +214,18 @@ def load_model(
     return model
 
 
+def is_linear_layer(module) -> bool:
+    """A ``Dense`` layer without activation or residual: a linear map, which commutes with
+    mean pooling (the export folds it in) and composes with another (a Matryoshka rotation)."""
+    import torch
+
+    return (
+        type(module).__name__ == "Dense"
+        and isinstance(module.activation_function, torch.nn.Identity)
+        and not getattr(module, "use_residual", False)
+    )
+
+
 def model_hash(path: str | Path) -> str:
     """The content hash of a local model directory (weights, config, tokenizer), stable across
     copies; for a hub id, a hash of the id. It keys exports, output prefixes and reruns."""

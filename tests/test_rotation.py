@@ -97,3 +97,19 @@ def test_matryoshka_rotation_needs_matryoshka_dims():
     assert not parse_config(TrainingConfig, {}).rotates
     with pytest.raises(ConfigError, match="`training.matryoshka_rotation` rotates for"):
         parse_config(TrainingConfig, {"matryoshka_rotation": True})
+
+
+def test_a_layer_that_is_not_a_rotation_is_not_turned_further(tiny_model):
+    """A residual Dense is no linear map: the rotation goes after it, and the export refuses it."""
+    import copy
+
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = copy.deepcopy(tiny_model)
+    del model[2]  # Normalize
+    model.append(Dense(384, 384, bias=False, activation_function=None, use_residual=True))
+    residual = model[2].linear.weight.detach().clone()
+    append_rotation(model, torch.eye(384))
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Dense"]
+    assert torch.equal(model[2].linear.weight, residual)
+    assert "Use `backend: torch`" in unsupported_reason(model)

@@ -33,6 +33,7 @@ from sbertray.modeling import (
     SPEC_FORMAT,
     ModelSpec,
     cache_root,
+    is_linear_layer,
     load_model,
     model_hash,
     node_lock,
@@ -52,7 +53,7 @@ def unsupported_reason(model) -> str | None:
     if (
         names[:2] != ["Transformer", "Pooling"]
         or pooling != "mean"
-        or not all(_is_linear(layer) for layer in layers)
+        or not all(is_linear_layer(layer) for layer in layers)
     ):
         return (
             f"exported backends (onnx, openvino) run Transformer + mean Pooling (+ linear "
@@ -60,17 +61,6 @@ def unsupported_reason(model) -> str | None:
             "Use `backend: torch`"
         )
     return None
-
-
-def _is_linear(module) -> bool:
-    """A ``Dense`` layer without activation or residual: it commutes with mean pooling."""
-    import torch
-
-    return (
-        type(module).__name__ == "Dense"
-        and isinstance(module.activation_function, torch.nn.Identity)
-        and not getattr(module, "use_residual", False)
-    )
 
 
 def artifact_dir(model_dir: str, digest: str | None = None) -> Path:
@@ -124,7 +114,7 @@ def _per_token_graph(model):
         def __init__(self):
             super().__init__()
             self.transformer = model[0].auto_model.eval().float().to("cpu")
-            dense = [m.float().to("cpu") for m in model if type(m).__name__ == "Dense"]
+            dense = [m.float().to("cpu") for m in model if is_linear_layer(m)]
             self.linear_layers = torch.nn.ModuleList(dense)
 
         def forward(self, input_ids, attention_mask, token_type_ids):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sbertray.modeling import is_linear_layer
+
 LossFromEmbeddings = Callable[[list[Tensor], Tensor], Tensor]
 
 
@@ -167,7 +169,7 @@ def append_rotation(model, rotation: Tensor) -> None:
 
     rotation = rotation.to(next(model.parameters()).device)
     last = [m for m in model if not isinstance(m, Normalize)][-1]
-    if isinstance(last, Dense) and _is_rotation(last):
+    if _is_rotation(last):
         with torch.no_grad():
             last.linear.weight.copy_(rotation @ last.linear.weight)
         return
@@ -182,10 +184,5 @@ def append_rotation(model, rotation: Tensor) -> None:
         model.append(Normalize())
 
 
-def _is_rotation(dense) -> bool:
-    weight = dense.linear.weight
-    return (
-        not dense.bias
-        and isinstance(dense.activation_function, torch.nn.Identity)
-        and weight.shape[0] == weight.shape[1]
-    )
+def _is_rotation(layer) -> bool:
+    return is_linear_layer(layer) and not layer.bias and layer.in_features == layer.out_features
